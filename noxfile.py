@@ -1,0 +1,63 @@
+"""Sessions that CI and developers share: `nox -s tests`, `nox -s lint`, `nox -s digits`, ..."""
+
+import os
+
+import nox
+
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "venv"
+
+PYTHON = "3.11"
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The test suite with jaxtyping + beartype shape checking on (slow tests excluded)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "not slow", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def slow(session: nox.Session) -> None:
+    """End-to-end runs marked `slow` (the digits job's quality bar, long trainings)."""
+    session.install("-e", ".[test,examples]")
+    session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting."""
+    session.install("ruff==0.17.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHON)
+def digits(session: nox.Session) -> None:
+    """The main job: train a small PixelDiT on scikit-learn's digits and sample a grid."""
+    session.install("-e", ".[examples]")
+    session.run("python", "examples/digits.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Speed, compile time and memory benchmark; prints a table (see README)."""
+    session.install("-e", ".[test]")
+    session.run("python", "tests/benchmarks/bench.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def notebooks(session: nox.Session) -> None:
+    """Re-execute the example notebooks with small settings through nbmake."""
+    session.install("-e", ".[test,examples,notebooks]")
+    env = {"PIXELDIT_NOTEBOOK_SMALL": "1"}
+    session.run(
+        "pytest",
+        "--nbmake",
+        "-p",
+        "no:jaxtyping",
+        "examples/",
+        env=env | dict(os.environ),
+    )

@@ -1,0 +1,50 @@
+"""PixelDiT, NVIDIA's pixel-space diffusion transformer, in Equinox.
+
+Typed, shape-checked, one example per call (`jax.vmap` for batches), and equal to the
+PyTorch reference; loads the released checkpoints without torch.
+"""
+
+from . import modules as modules
+from ._attention import (
+    JointAttention as JointAttention,
+    RotaryAttention as RotaryAttention,
+)
+from ._blocks import (
+    BlockStack as BlockStack,
+    DiTBlock as DiTBlock,
+    MMDiTBlock as MMDiTBlock,
+    PiTBlock as PiTBlock,
+)
+from ._convert import (
+    load_reference as load_reference,
+    load_state_dict as load_state_dict,
+    save_safetensors as save_safetensors,
+    state_dict as state_dict,
+    StateDictError as StateDictError,
+)
+from ._model import build as build, PixelDiT as PixelDiT, PixelDiTT2I as PixelDiTT2I
+from ._presets import PRESETS as PRESETS
+from ._rope import apply_rope as apply_rope, rope_1d as rope_1d, rope_2d as rope_2d
+from ._tokens import (
+    ClassEmbedder as ClassEmbedder,
+    PatchEmbedder as PatchEmbedder,
+    patchify as patchify,
+    PixelEmbedder as PixelEmbedder,
+    TextEmbedder as TextEmbedder,
+    unpatchify as unpatchify,
+)
+from .modules import (
+    Buffer as Buffer,
+    cast_params as cast_params,
+    FinalLayer as FinalLayer,
+    get_2d_sincos_pos_embed as get_2d_sincos_pos_embed,
+    PixelMLP as PixelMLP,
+    RMSNorm as RMSNorm,
+    SwiGLU as SwiGLU,
+    timestep_embedding as timestep_embedding,
+    TimestepConditioner as TimestepConditioner,
+    trainable as trainable,
+)
+
+
+__version__ = "0.1.0"

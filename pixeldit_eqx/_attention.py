@@ -1,0 +1,149 @@
+"""Rotary self-attention (reference `modules.RotaryAttention`) and the MMDiT joint
+text-image attention (`pixeldit_t2i.MMDiTJointAttention`), on
+`jax.nn.dot_product_attention` so that a GPU gets its fused kernel."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+
+from ._rope import apply_rope
+from .modules import RMSNorm, token_wise
+
+
+def _check_heads(dim: int, heads: int, what: str) -> int:
+    if heads < 1 or dim < 1 or dim % heads:
+        raise ValueError(
+            f"{what}: width {dim} must be a positive multiple of the number of heads, got heads={heads}."
+        )
+    return dim // heads
+
+
+def attend(
+    q: Float[Array, "S heads hd"],
+    k: Float[Array, "S heads hd"],
+    v: Float[Array, "S heads hd"],
+    key_mask: Bool[Array, " S"] | None = None,
+) -> Float[Array, "S heads hd"]:
+    """Softmax attention scaled by `1/sqrt(hd)`; `key_mask` False removes a key.
+
+    No mask array is materialised when `key_mask` is None.
+    """
+    mask = (
+        None
+        if key_mask is None
+        else jnp.broadcast_to(
+            key_mask[None, None, :], (q.shape[1], q.shape[0], k.shape[0])
+        )
+    )
+    # `dot_product_attention` promotes internally; under strict dtype promotion that
+    # raises for bf16 inputs, so this one call runs under standard promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+class RotaryAttention(eqx.Module):
+    """Multi-head self-attention with per-head q/k RMSNorm and rope on q and k.
+
+    Reference: `modules.RotaryAttention(dim, num_heads, qkv_bias=False)`: `qkv` Linear
+    (no bias) split as `(3, heads, hd)`, `q_norm`/`k_norm` over hd, `proj` biased.
+    """
+
+    qkv: eqx.nn.Linear
+    q_norm: RMSNorm
+    k_norm: RMSNorm
+    proj: eqx.nn.Linear
+    heads: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, heads: int, dtype: Any = None, *, key: PRNGKeyArray):
+        hd = _check_heads(dim, heads, "RotaryAttention")
+        k1, k2 = jr.split(key)
+        self.qkv = eqx.nn.Linear(dim, 3 * dim, use_bias=False, dtype=dtype, key=k1)
+        self.q_norm = RMSNorm(hd, dtype=dtype)
+        self.k_norm = RMSNorm(hd, dtype=dtype)
+        self.proj = eqx.nn.Linear(dim, dim, dtype=dtype, key=k2)
+        self.heads = heads
+
+    def qkv_heads(
+        self, x: Float[Array, "N dim"], angles: Float[Array, "N hd2"]
+    ) -> tuple[Array, Array, Array]:
+        """Project, split, normalise and rotate: `q, k, v` of shape `(N, heads, hd)`."""
+        n, dim = x.shape
+        qkv = token_wise(self.qkv, x).reshape(n, 3, self.heads, dim // self.heads)
+        q = apply_rope(token_wise(self.q_norm, qkv[:, 0]), angles)
+        k = apply_rope(token_wise(self.k_norm, qkv[:, 1]), angles)
+        return q, k, qkv[:, 2]
+
+    def __call__(
+        self,
+        x: Float[Array, "N dim"],
+        angles: Float[Array, "N hd2"],
+        key_mask: Bool[Array, " N"] | None = None,
+    ) -> Float[Array, "N dim"]:
+        q, k, v = self.qkv_heads(x, angles)
+        out = attend(q, k, v, key_mask).reshape(x.shape)
+        return token_wise(self.proj, out)
+
+
+class JointAttention(eqx.Module):
+    """MMDiT joint attention: per-stream qkv, q/k norms and projections, one softmax
+    over the concatenation `[text, image]` (text first).
+
+    Reference: `pixeldit_t2i.MMDiTJointAttention`. 2D rope on the image stream, 1D rope
+    on the text stream when `text_angles` is given. `text_mask` False removes a text
+    token as a key (deliberate deviation: the reference builds its boolean SDPA mask as
+    `mask == 0`, which would keep only padding; the released models run without a mask).
+    """
+
+    qkv_x: eqx.nn.Linear
+    qkv_y: eqx.nn.Linear
+    q_norm_x: RMSNorm
+    k_norm_x: RMSNorm
+    q_norm_y: RMSNorm
+    k_norm_y: RMSNorm
+    proj_x: eqx.nn.Linear
+    proj_y: eqx.nn.Linear
+    heads: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, heads: int, dtype: Any = None, *, key: PRNGKeyArray):
+        hd = _check_heads(dim, heads, "JointAttention")
+        k1, k2, k3, k4 = jr.split(key, 4)
+        self.qkv_x = eqx.nn.Linear(dim, 3 * dim, use_bias=False, dtype=dtype, key=k1)
+        self.qkv_y = eqx.nn.Linear(dim, 3 * dim, use_bias=False, dtype=dtype, key=k2)
+        self.q_norm_x = RMSNorm(hd, dtype=dtype)
+        self.k_norm_x = RMSNorm(hd, dtype=dtype)
+        self.q_norm_y = RMSNorm(hd, dtype=dtype)
+        self.k_norm_y = RMSNorm(hd, dtype=dtype)
+        self.proj_x = eqx.nn.Linear(dim, dim, dtype=dtype, key=k3)
+        self.proj_y = eqx.nn.Linear(dim, dim, dtype=dtype, key=k4)
+        self.heads = heads
+
+    def __call__(
+        self,
+        x: Float[Array, "L dim"],
+        y: Float[Array, "T dim"],
+        image_angles: Float[Array, "L hd2"],
+        text_angles: Float[Array, "T hd2"] | None = None,
+        text_mask: Bool[Array, " T"] | None = None,
+    ) -> tuple[Float[Array, "L dim"], Float[Array, "T dim"]]:
+        (n_x, dim), n_y = x.shape, y.shape[0]
+        hd = dim // self.heads
+        qkv_x = token_wise(self.qkv_x, x).reshape(n_x, 3, self.heads, hd)
+        qkv_y = token_wise(self.qkv_y, y).reshape(n_y, 3, self.heads, hd)
+        qx = apply_rope(token_wise(self.q_norm_x, qkv_x[:, 0]), image_angles)
+        kx = apply_rope(token_wise(self.k_norm_x, qkv_x[:, 1]), image_angles)
+        qy = token_wise(self.q_norm_y, qkv_y[:, 0])
+        ky = token_wise(self.k_norm_y, qkv_y[:, 1])
+        if text_angles is not None:
+            qy, ky = apply_rope(qy, text_angles), apply_rope(ky, text_angles)
+        key_mask = None
+        if text_mask is not None:
+            key_mask = jnp.concatenate([text_mask, jnp.ones((n_x,), bool)])
+        q = jnp.concatenate([qy, qx])
+        k = jnp.concatenate([ky, kx])
+        v = jnp.concatenate([qkv_y[:, 2], qkv_x[:, 2]])
+        out = attend(q, k, v, key_mask).reshape(n_y + n_x, dim)
+        return token_wise(self.proj_x, out[n_y:]), token_wise(self.proj_y, out[:n_y])

@@ -1,0 +1,322 @@
+"""Transformer blocks (DiT, MMDiT, PiT) and `BlockStack`, the scanned stack of
+identical blocks (built with `eqx.filter_vmap`, run with `lax.scan`)."""
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
+
+from ._attention import _check_heads, JointAttention, RotaryAttention
+from .modules import PixelMLP, RMSNorm, SwiGLU, token_wise
+
+
+_Block = TypeVar("_Block", bound=eqx.Module)
+
+
+def _modulate(x: Array, shift: Array, scale: Array) -> Array:
+    """`x * (1 + scale) + shift` (reference `modules.apply_adaln`), explicit broadcast."""
+    if shift.ndim < x.ndim:
+        shift = shift.reshape((1,) * (x.ndim - shift.ndim) + shift.shape)
+        scale = scale.reshape((1,) * (x.ndim - scale.ndim) + scale.shape)
+    return x * (1 + scale) + shift
+
+
+def _gate(gate: Array, x: Array) -> Array:
+    return gate.reshape((1,) * (x.ndim - gate.ndim) + gate.shape) * x
+
+
+class DiTBlock(eqx.Module):
+    """Patch-level block of the class-conditional model, adaLN-modulated.
+
+    Reference: `pixeldit_c2i.AugmentedDiTBlock`: `adaLN_modulation.0` is Linear(D -> 6D)
+    with no SiLU inside (the conditioning arrives activated); chunks shift, scale, gate
+    (attention) then shift, scale, gate (SwiGLU).
+    """
+
+    norm1: RMSNorm
+    attn: RotaryAttention
+    norm2: RMSNorm
+    mlp: SwiGLU
+    adaln: eqx.nn.Linear
+
+    _torch_names: ClassVar[dict[str, str]] = {"adaln": "adaLN_modulation.0"}
+
+    def __init__(
+        self,
+        hidden_size: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dtype: Any = None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        k1, k2, k3 = jr.split(key, 3)
+        self.norm1 = RMSNorm(hidden_size, dtype=dtype)
+        self.attn = RotaryAttention(hidden_size, heads, dtype=dtype, key=k1)
+        self.norm2 = RMSNorm(hidden_size, dtype=dtype)
+        self.mlp = SwiGLU(hidden_size, mlp_ratio, dtype=dtype, key=k2)
+        self.adaln = eqx.nn.Linear(hidden_size, 6 * hidden_size, dtype=dtype, key=k3)
+
+    def __call__(
+        self,
+        x: Float[Array, "L D"],
+        c: Float[Array, " D"],
+        angles: Float[Array, "L hd2"],
+    ) -> Float[Array, "L D"]:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
+            self.adaln(c), 6
+        )
+        x = x + _gate(
+            gate_msa,
+            self.attn(
+                _modulate(token_wise(self.norm1, x), shift_msa, scale_msa), angles
+            ),
+        )
+        h = _modulate(token_wise(self.norm2, x), shift_mlp, scale_mlp)
+        return x + _gate(gate_mlp, token_wise(self.mlp, h))
+
+
+class MMDiTBlock(eqx.Module):
+    """Patch-level block of the text-to-image model: image and text streams with their
+    own norms, SwiGLUs and adaLN, joined in one attention over `[text, image]`.
+
+    Reference: `pixeldit_t2i.MMDiTBlockT2I`. Called on the carry `(x, y)`.
+    """
+
+    norm_x1: RMSNorm
+    norm_y1: RMSNorm
+    attn: JointAttention
+    norm_x2: RMSNorm
+    norm_y2: RMSNorm
+    mlp_x: SwiGLU
+    mlp_y: SwiGLU
+    adaln_img: eqx.nn.Linear
+    adaln_txt: eqx.nn.Linear
+
+    _torch_names: ClassVar[dict[str, str]] = {
+        "adaln_img": "adaLN_modulation_img.0",
+        "adaln_txt": "adaLN_modulation_txt.0",
+    }
+
+    def __init__(
+        self,
+        hidden_size: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dtype: Any = None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        k1, k2, k3, k4, k5 = jr.split(key, 5)
+        self.norm_x1 = RMSNorm(hidden_size, dtype=dtype)
+        self.norm_y1 = RMSNorm(hidden_size, dtype=dtype)
+        self.attn = JointAttention(hidden_size, heads, dtype=dtype, key=k1)
+        self.norm_x2 = RMSNorm(hidden_size, dtype=dtype)
+        self.norm_y2 = RMSNorm(hidden_size, dtype=dtype)
+        self.mlp_x = SwiGLU(hidden_size, mlp_ratio, dtype=dtype, key=k2)
+        self.mlp_y = SwiGLU(hidden_size, mlp_ratio, dtype=dtype, key=k3)
+        self.adaln_img = eqx.nn.Linear(
+            hidden_size, 6 * hidden_size, dtype=dtype, key=k4
+        )
+        self.adaln_txt = eqx.nn.Linear(
+            hidden_size, 6 * hidden_size, dtype=dtype, key=k5
+        )
+
+    def __call__(
+        self,
+        xy: tuple[Float[Array, "L D"], Float[Array, "T D"]],
+        c: Float[Array, " D"],
+        image_angles: Float[Array, "L hd2"],
+        text_angles: Float[Array, "T hd2"] | None = None,
+        text_mask: Bool[Array, " T"] | None = None,
+    ) -> tuple[Float[Array, "L D"], Float[Array, "T D"]]:
+        x, y = xy
+        sx_msa, cx_msa, gx_msa, sx_mlp, cx_mlp, gx_mlp = jnp.split(self.adaln_img(c), 6)
+        sy_msa, cy_msa, gy_msa, sy_mlp, cy_mlp, gy_mlp = jnp.split(self.adaln_txt(c), 6)
+        x_in = _modulate(token_wise(self.norm_x1, x), sx_msa, cx_msa)
+        y_in = _modulate(token_wise(self.norm_y1, y), sy_msa, cy_msa)
+        attn_x, attn_y = self.attn(x_in, y_in, image_angles, text_angles, text_mask)
+        x = x + _gate(gx_msa, attn_x)
+        y = y + _gate(gy_msa, attn_y)
+        x = x + _gate(
+            gx_mlp,
+            token_wise(
+                self.mlp_x, _modulate(token_wise(self.norm_x2, x), sx_mlp, cx_mlp)
+            ),
+        )
+        y = y + _gate(
+            gy_mlp,
+            token_wise(
+                self.mlp_y, _modulate(token_wise(self.norm_y2, y), sy_mlp, cy_mlp)
+            ),
+        )
+        return x, y
+
+
+class PiTBlock(eqx.Module):
+    """Pixel-level block: pixel-wise AdaLN from the per-patch conditioning, attention on
+    compacted tokens (one per patch), a per-pixel GELU MLP.
+
+    Reference: `pixeldit_c2i.PiTBlock`. `adaLN_modulation.0` maps each patch's
+    conditioning to `n_mod * D_pix` numbers for every one of its `p*p` pixels. *Pre*
+    modulation (`post_modulation=False`, 6 chunks in DiT order) modulates the norms'
+    outputs and gates the branches; *post* (4 chunks: scale1, shift1, scale2, shift2)
+    modulates the branches' outputs.
+    """
+
+    compress_to_attn: eqx.nn.Linear
+    expand_from_attn: eqx.nn.Linear
+    norm1: RMSNorm
+    attn: RotaryAttention
+    norm2: RMSNorm
+    mlp: PixelMLP
+    adaln: eqx.nn.Linear
+    patch_size: int = eqx.field(static=True)
+    post_modulation: bool = eqx.field(static=True)
+
+    _torch_names: ClassVar[dict[str, str]] = {"adaln": "adaLN_modulation.0"}
+
+    def __init__(
+        self,
+        pixel_size: int,
+        cond_size: int,
+        patch_size: int,
+        attn_size: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        post_modulation: bool = False,
+        dtype: Any = None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        _check_heads(attn_size, heads, "PiTBlock attention")
+        if patch_size < 1:
+            raise ValueError(f"PiTBlock: `patch_size` must be >= 1, got {patch_size}.")
+        p2 = patch_size * patch_size
+        n_mod = 4 if post_modulation else 6
+        k1, k2, k3, k4, k5 = jr.split(key, 5)
+        self.compress_to_attn = eqx.nn.Linear(
+            p2 * pixel_size, attn_size, dtype=dtype, key=k1
+        )
+        self.expand_from_attn = eqx.nn.Linear(
+            attn_size, p2 * pixel_size, dtype=dtype, key=k2
+        )
+        self.norm1 = RMSNorm(pixel_size, dtype=dtype)
+        self.attn = RotaryAttention(attn_size, heads, dtype=dtype, key=k3)
+        self.norm2 = RMSNorm(pixel_size, dtype=dtype)
+        self.mlp = PixelMLP(pixel_size, mlp_ratio, dtype=dtype, key=k4)
+        self.adaln = eqx.nn.Linear(
+            cond_size, n_mod * pixel_size * p2, dtype=dtype, key=k5
+        )
+        self.patch_size = patch_size
+        self.post_modulation = post_modulation
+
+    def __call__(
+        self,
+        x: Float[Array, "L p2 D_pix"],
+        s_cond: Float[Array, "L D"],
+        angles: Float[Array, "L hd2"],
+    ) -> Float[Array, "L p2 D_pix"]:
+        n, p2, d = x.shape
+        n_mod = 4 if self.post_modulation else 6
+        mod = jnp.split(
+            token_wise(self.adaln, s_cond).reshape(n, p2, n_mod * d), n_mod, axis=-1
+        )
+        h = token_wise(self.norm1, x)
+        if not self.post_modulation:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+            h = _modulate(h, shift_msa, scale_msa)
+        compact = token_wise(self.compress_to_attn, h.reshape(n, p2 * d))
+        expanded = token_wise(
+            self.expand_from_attn, self.attn(compact, angles)
+        ).reshape(n, p2, d)
+        if self.post_modulation:
+            scale1, shift1, scale2, shift2 = mod
+            x = x + _modulate(expanded, shift1, scale1)
+            return x + _modulate(
+                token_wise(self.mlp, token_wise(self.norm2, x)), shift2, scale2
+            )
+        x = x + gate_msa * expanded
+        return x + gate_mlp * token_wise(
+            self.mlp, _modulate(token_wise(self.norm2, x), shift_mlp, scale_mlp)
+        )
+
+
+class BlockStack(eqx.Module, Generic[_Block]):
+    """`depth` identical blocks stored as one block whose arrays carry a leading layer
+    axis, applied with `lax.scan`: compile time does not grow with depth.
+
+    Each block is called as `block(carry, *args) -> carry`; `args` (tables,
+    conditioning) are shared by all layers and closed over, not stacked. With
+    `checkpoint=True` the scan body is rematerialised in the backward pass (less memory,
+    one more forward).
+    """
+
+    blocks: _Block  # stacked: every array has a leading axis of size `depth`
+    depth: int = eqx.field(static=True)
+    checkpoint: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        make_block: Callable[[PRNGKeyArray], _Block] | None = None,
+        depth: int = 1,
+        *,
+        key: PRNGKeyArray | None = None,
+        checkpoint: bool = False,
+        blocks: _Block | None = None,
+    ):
+        if blocks is None:
+            if make_block is None or key is None:
+                raise ValueError(
+                    "BlockStack needs `make_block` and `key`, or stacked `blocks`."
+                )
+            if depth < 1:
+                raise ValueError(f"BlockStack: `depth` must be >= 1, got {depth}.")
+            blocks = eqx.filter_vmap(make_block)(jr.split(key, depth))
+        else:
+            sizes = {
+                x.shape[0]
+                for x in jax.tree.leaves(eqx.filter(blocks, eqx.is_array))
+                if x.ndim > 0
+            }
+            if sizes != {depth}:
+                raise ValueError(
+                    f"BlockStack: stacked `blocks` must have leading axis `depth`={depth}, got {sorted(sizes)}."
+                )
+        self.blocks = blocks
+        self.depth = depth
+        self.checkpoint = checkpoint
+
+    @classmethod
+    def from_layers(
+        cls, layers: Sequence[_Block], checkpoint: bool = False
+    ) -> "BlockStack[_Block]":
+        """Stack separately built blocks (all of one structure) into a `BlockStack`."""
+        params = [eqx.filter(layer, eqx.is_array) for layer in layers]
+        static = eqx.filter(layers[0], eqx.is_array, inverse=True)
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params)
+        return cls(
+            blocks=eqx.combine(stacked, static),
+            depth=len(layers),
+            checkpoint=checkpoint,
+        )
+
+    def layer(self, i: int) -> _Block:
+        """Block `i` on its own (arrays without the layer axis)."""
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+        return eqx.combine(jax.tree.map(lambda x: x[i], params), static)
+
+    def __call__(self, carry: PyTree[Array], *args: Any) -> PyTree[Array]:
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+
+        def body(carry, layer_params):
+            return eqx.combine(layer_params, static)(carry, *args), None
+
+        if self.checkpoint:
+            body = jax.checkpoint(body)
+        carry, _ = jax.lax.scan(body, carry, params)
+        return carry

@@ -1,0 +1,279 @@
+"""PyTorch state dicts <-> Equinox modules, with strict accounting.
+
+Every array of a module has one reference key, derived from its path: field names are
+the reference's unless a class renames them in `_torch_names`; a `BlockStack` exports
+its layer `i` as `<stack>.<i>.*`; `Buffer`s are never exported. Loading checks every
+key and shape first and reports all problems at once; nothing is half-loaded.
+"""
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._blocks import BlockStack
+from ._model import build, PixelDiT, PixelDiTT2I
+from .modules import Buffer
+
+
+class StateDictError(ValueError):
+    """A state dict does not fit the module: lists every missing, unexpected,
+    mis-shaped or non-finite entry."""
+
+
+def _is_leaf_array(x: Any) -> bool:
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _entries(module: eqx.Module) -> list[tuple[int, str, int | None]]:
+    """`(leaf index, key pattern, stack depth or None)` for every array of `module`.
+
+    A key pattern of a stacked leaf holds `{i}` where the layer index goes.
+    """
+    leaves_with_path = jax.tree_util.tree_flatten_with_path(
+        module, is_leaf=_is_leaf_array
+    )[0]
+    out = []
+    for index, (path, leaf) in enumerate(leaves_with_path):
+        if not _is_leaf_array(leaf):
+            continue
+        node, names, depth = module, [], None
+        for entry in path:
+            if isinstance(node, Buffer):
+                break
+            if not isinstance(entry, jax.tree_util.GetAttrKey):
+                raise TypeError(
+                    f"cannot name array at {jax.tree_util.keystr(path)} in a reference state dict."
+                )
+            name = entry.name
+            if isinstance(node, BlockStack) and name == "blocks":
+                names.append("{i}")
+                depth = node.depth
+            else:
+                names.append(getattr(type(node), "_torch_names", {}).get(name, name))
+            node = getattr(node, name)
+        else:
+            out.append((index, ".".join(names), depth))
+    return out
+
+
+def _torch_shape(
+    module: eqx.Module, key: str, shape: tuple[int, ...]
+) -> tuple[int, ...]:
+    return (
+        (1, *shape) if key in getattr(type(module), "_torch_leading_one", ()) else shape
+    )
+
+
+def _expected(
+    module: eqx.Module,
+) -> dict[str, tuple[int, int | None, tuple[int, ...], Any]]:
+    """Reference key -> `(leaf index, layer or None, reference shape, port dtype)`."""
+    leaves = jax.tree_util.tree_leaves(module, is_leaf=_is_leaf_array)
+    expected = {}
+    for index, pattern, depth in _entries(module):
+        leaf = leaves[index]
+        if depth is None:
+            expected[pattern] = (
+                index,
+                None,
+                _torch_shape(module, pattern, tuple(leaf.shape)),
+                leaf.dtype,
+            )
+        else:
+            for i in range(depth):
+                expected[pattern.format(i=i)] = (
+                    index,
+                    i,
+                    tuple(leaf.shape[1:]),
+                    leaf.dtype,
+                )
+    return expected
+
+
+def state_dict(module: eqx.Module) -> dict[str, np.ndarray]:
+    """Export `module`'s arrays under the reference's key names (PyTorch layout).
+
+    Stacked blocks are unstacked to `<stack>.<i>.*`; `Buffer`s are left out. A module
+    built under `eqx.filter_eval_shape` exports `jax.ShapeDtypeStruct`s instead.
+    """
+    leaves = jax.tree_util.tree_leaves(module, is_leaf=_is_leaf_array)
+    out: dict[str, Any] = {}
+    for key, (index, layer, shape, dtype) in _expected(module).items():
+        leaf = leaves[index]
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            out[key] = jax.ShapeDtypeStruct(shape, dtype)
+        else:
+            value = np.asarray(leaf if layer is None else leaf[layer])
+            out[key] = value.reshape(shape)
+    return out
+
+
+def load_state_dict(
+    module: eqx.Module, state_dict: Mapping[str, Any], *, allow_nonfinite: bool = False
+) -> Any:
+    """Return `module` with its arrays replaced from a reference state dict.
+
+    `state_dict` maps the reference's key names, relative to this module (e.g.
+    `w1.weight` for a `SwiGLU`), to arrays (numpy, jax, or anything `np.asarray`
+    takes; bf16/fp16 are cast to the module's dtypes). Per-layer keys fill the stacked
+    blocks. Any missing, unexpected or mis-shaped key, or a non-finite tensor, raises
+    one `StateDictError` listing them all; then nothing is loaded. `module` may be a
+    skeleton from `eqx.filter_eval_shape`.
+    """
+    expected = _expected(module)
+    problems = []
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    problems += [
+        f"missing key {k!r} (expected shape {expected[k][2]})" for k in missing
+    ]
+    problems += [
+        f"unexpected key {k!r} (shape {tuple(np.shape(state_dict[k]))})"
+        for k in unexpected
+    ]
+    arrays = {}
+    for key in sorted(set(expected) & set(state_dict)):
+        value = state_dict[key]
+        shape = tuple(np.shape(value))
+        want = expected[key][2]
+        if shape != want:
+            problems.append(f"key {key!r}: expected shape {want}, got {shape}")
+            continue
+        value = np.asarray(value)
+        if not (
+            np.issubdtype(value.dtype, np.floating)
+            or value.dtype.kind == "V"
+            or "float" in value.dtype.name
+        ):
+            problems.append(
+                f"key {key!r}: expected a floating tensor, got dtype {value.dtype}"
+            )
+            continue
+        if not allow_nonfinite and not np.isfinite(value.astype(np.float32)).all():
+            problems.append(f"key {key!r}: has non-finite values (nan/inf)")
+            continue
+        arrays[key] = value
+    if problems:
+        raise StateDictError(
+            f"state dict does not fit {type(module).__name__} ({len(problems)} problem(s)); nothing was loaded:\n  "
+            + "\n  ".join(problems)
+        )
+    flat, treedef = jax.tree_util.tree_flatten(module, is_leaf=_is_leaf_array)
+    per_leaf: dict[int, dict[int | None, np.ndarray]] = {}
+    for key, (index, layer, _, _) in expected.items():
+        per_leaf.setdefault(index, {})[layer] = arrays[key]
+    for index, layers in per_leaf.items():
+        dtype = flat[index].dtype
+        if None in layers:
+            value = layers[None].reshape(flat[index].shape)
+        else:
+            value = np.stack([layers[i] for i in range(len(layers))])
+        flat[index] = jnp.asarray(value, dtype=dtype)
+    return jax.tree_util.tree_unflatten(treedef, flat)
+
+
+_PREFIXES = ("ema_denoiser.", "denoiser.", "model.", "module.", "")
+
+
+def _read(source: Any) -> Mapping[str, Any]:
+    if isinstance(source, Mapping):
+        return source
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path!r}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.numpy import load_file
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "reading .safetensors needs `pip install pixeldit-eqx[safetensors]`."
+            ) from e
+        try:
+            return load_file(path)
+        except Exception as e:
+            raise ValueError(
+                f"{path!r} is not a readable .safetensors file: {e}"
+            ) from e
+    from ._torch_pickle import load_torch_file
+
+    return load_torch_file(path)
+
+
+def _select_weights(
+    raw: Mapping[str, Any], prefix: str | None, expected: set[str]
+) -> dict[str, Any]:
+    """Find the model's weights in a loaded checkpoint (plain or Lightning-style)."""
+    if "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
+        raw = raw["state_dict"]
+    tensors = {k: v for k, v in raw.items() if isinstance(k, str)}
+    if prefix is None:
+        counts = {
+            p: sum(k.startswith(p) and k[len(p) :] in expected for k in tensors)
+            for p in _PREFIXES
+        }
+        prefix = max(_PREFIXES, key=lambda p: (counts[p], -_PREFIXES.index(p)))
+    if prefix == "":
+        return dict(tensors)
+    chosen = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not chosen:
+        found = sorted({k.split(".", 1)[0] + "." for k in tensors if "." in k})
+        raise StateDictError(
+            f"no weights under prefix {prefix!r}; prefixes present: {found}"
+        )
+    return chosen
+
+
+def load_reference(
+    source: Mapping[str, Any] | str | os.PathLike,
+    config: Mapping[str, Any] | str,
+    variant: str | None = None,
+    *,
+    prefix: str | None = None,
+    dtype: Any = None,
+    compute_dtype: Any = None,
+    checkpoint: bool = False,
+) -> PixelDiT | PixelDiTT2I:
+    """Build a model from `config` and load reference weights into it.
+
+    **Arguments:**
+
+    - `source`: a state dict of arrays, or a path to a `.safetensors`, `.pt`/`.pth` or
+      Lightning `.ckpt` file (read without torch, by a restricted unpickler).
+    - `config`: the reference constructor arguments or a preset name.
+    - `variant`: `"c2i"` or `"t2i"` (default: the preset's, else `"c2i"`).
+    - `prefix`: where the weights sit in the checkpoint (`"ema_denoiser."`,
+      `"denoiser."`, ...). Default: the first of `ema_denoiser.`, `denoiser.`, `model.`,
+      `module.`, none that holds the most matching keys, so a Lightning checkpoint
+      loads its EMA weights. Keys outside the prefix are ignored; inside it, the
+      accounting is strict.
+    - `dtype`, `compute_dtype`, `checkpoint`: as for `build`.
+    """
+    skeleton = eqx.filter_eval_shape(
+        lambda: build(
+            config,
+            variant,
+            key=jax.random.key(0),
+            dtype=dtype,
+            compute_dtype=compute_dtype,
+            checkpoint=checkpoint,
+        )
+    )
+    weights = _select_weights(_read(source), prefix, set(_expected(skeleton)))
+    return load_state_dict(skeleton, weights)
+
+
+def save_safetensors(path: str | os.PathLike, module_or_state_dict: Any) -> None:
+    """Write a module's reference state dict (or a state dict) as `.safetensors`."""
+    from safetensors.numpy import save_file
+
+    sd = (
+        module_or_state_dict
+        if isinstance(module_or_state_dict, Mapping)
+        else state_dict(module_or_state_dict)
+    )
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, os.fspath(path))

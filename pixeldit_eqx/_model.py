@@ -1,0 +1,518 @@
+"""The two PixelDiT networks: class-conditional `PixelDiT` (reference
+`pixeldit_c2i.PixDiT`) and text-conditional `PixelDiTT2I` (`pixeldit_t2i.PixDiT_T2I`),
+plus `build`, which takes the reference's constructor arguments."""
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+
+from ._blocks import BlockStack, DiTBlock, MMDiTBlock, PiTBlock
+from ._custom_types import Image, LabelLike, TimeLike
+from ._rope import rope_1d, rope_2d
+from ._tokens import (
+    check_image_size,
+    ClassEmbedder,
+    PatchEmbedder,
+    patchify,
+    PixelEmbedder,
+    TextEmbedder,
+    unpatchify,
+)
+from .modules import (
+    cast_params,
+    FinalLayer,
+    TimestepConditioner,
+    token_wise,
+    zero_linear,
+)
+
+
+def _positive(**kwargs: int) -> None:
+    for name, value in kwargs.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def _check_rope_width(width: int, heads: int, what: str, heads_name: str) -> None:
+    if width % heads:
+        raise ValueError(
+            f"`{what}`={width} must be divisible by `{heads_name}`={heads}."
+        )
+    if (width // heads) % 4:
+        raise ValueError(
+            f"2D rope needs a head dim divisible by 4: `{what}` / `{heads_name}` = {width} / {heads} = {width // heads}."
+        )
+
+
+def _frozen(**kwargs: Any) -> tuple:
+    return tuple(kwargs.items())
+
+
+class _PixelDiTBase(eqx.Module):
+    """What both variants share: tokens, the pixel-level stack and the output head."""
+
+    pixel_embedder: eqx.AbstractVar[PixelEmbedder]
+    s_embedder: eqx.AbstractVar[PatchEmbedder]
+    t_embedder: eqx.AbstractVar[TimestepConditioner]
+    pixel_blocks: eqx.AbstractVar[BlockStack[PiTBlock]]
+    final_layer: eqx.AbstractVar[FinalLayer]
+    in_channels: eqx.AbstractVar[int]
+    patch_size: eqx.AbstractVar[int]
+    hidden_size: eqx.AbstractVar[int]
+    num_groups: eqx.AbstractVar[int]
+    pixel_attn_hidden_size: eqx.AbstractVar[int]
+    pixel_num_groups: eqx.AbstractVar[int]
+    compute_dtype: eqx.AbstractVar[Any]
+    _config: eqx.AbstractVar[tuple]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (reference names) this model was built with."""
+        return dict(self._config)
+
+    def _check_image(self, x: Array) -> tuple[int, int]:
+        if x.shape[0] != self.in_channels:
+            raise ValueError(
+                f"`x`: expected {self.in_channels} channels (C, H, W), got shape {tuple(x.shape)}."
+            )
+        return check_image_size(x.shape[1], x.shape[2], self.patch_size)
+
+    def _compute_view(self, x: Array) -> tuple[Any, Array]:
+        """The model and image in the compute dtype (parameters keep their own dtype)."""
+        dtype = self.compute_dtype or self.s_embedder.proj.weight.dtype
+        model = self if self.compute_dtype is None else cast_params(self, dtype)
+        return model, x.astype(dtype)
+
+    def _pixel_level(self, x: Array, s_cond: Array) -> Array:
+        """Pixel tokens through the PiT stack and the final layer, back to `(C, H, W)`."""
+        _, h, w = x.shape
+        hs, ws = h // self.patch_size, w // self.patch_size
+        angles = rope_2d(self.pixel_attn_hidden_size // self.pixel_num_groups, hs, ws)
+        pix = self.pixel_blocks(self.pixel_embedder(x, self.patch_size), s_cond, angles)
+        # float32 island: the output head runs in (at least) float32.
+        out_dtype = jnp.promote_types(pix.dtype, jnp.float32)
+        final = cast_params(self.final_layer, out_dtype)
+        return unpatchify(
+            token_wise(final, pix.astype(out_dtype)), self.patch_size, h, w
+        )
+
+
+class PixelDiT(_PixelDiTBase):
+    """Class-conditional PixelDiT: patch-level DiT blocks for semantics, pixel-level PiT
+    blocks for detail, in pixel space.
+
+    Reference: `pixeldit_c2i.PixDiT`; argument names and defaults are the reference's.
+    Init as the reference: adaLN and final Linears zero, patch embedder xavier, class
+    table and timestep MLP normal(0.02).
+
+    **Arguments:**
+
+    - `in_channels`, `patch_size`: image channels and patch side `p`.
+    - `num_groups`, `hidden_size`, `patch_depth`: heads, width `D` and depth of the
+      patch-level stack; `pixel_hidden_size` (`D_pix`), `pixel_depth`: the pixel level.
+    - `num_classes`: labels `0..num_classes-1`; `num_classes` is the null class.
+    - `use_pixel_abs_pos`: add the 2D sincos table to pixel tokens.
+    - `pit_adaln_post_modulation`: the PiT blocks' post-modulation variant.
+    - `dtype`: parameter dtype; `compute_dtype`: dtype of activations (e.g.
+      `jnp.bfloat16`; norms, rope, softmax and the output head stay float32).
+    - `checkpoint`: rematerialise each block in the backward pass (memory for compute).
+    - `key`: a PRNG key.
+
+    Call on one example; `jax.vmap` for batches:
+
+    ```python
+    model = PixelDiT(patch_size=4, num_groups=4, hidden_size=64, pixel_hidden_size=8,
+                     patch_depth=2, pixel_depth=2, num_classes=10, key=jr.key(0))
+    v = jax.vmap(model)(x, t, y)  # x (B, 3, H, W), t (B,), y (B,) -> (B, 3, H, W)
+    ```
+    """
+
+    pixel_embedder: PixelEmbedder
+    s_embedder: PatchEmbedder
+    t_embedder: TimestepConditioner
+    y_embedder: ClassEmbedder
+    patch_blocks: BlockStack[DiTBlock]
+    pixel_blocks: BlockStack[PiTBlock]
+    final_layer: FinalLayer
+    in_channels: int = eqx.field(static=True)
+    patch_size: int = eqx.field(static=True)
+    hidden_size: int = eqx.field(static=True)
+    num_groups: int = eqx.field(static=True)
+    pixel_hidden_size: int = eqx.field(static=True)
+    num_classes: int = eqx.field(static=True)
+    pixel_attn_hidden_size: int = eqx.field(static=True)
+    pixel_num_groups: int = eqx.field(static=True)
+    _config: tuple = eqx.field(static=True)
+    compute_dtype: Any = eqx.field(static=True)
+
+    variant: ClassVar[str] = "c2i"
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        num_groups: int = 12,
+        hidden_size: int = 1152,
+        pixel_hidden_size: int = 64,
+        patch_depth: int = 18,
+        pixel_depth: int = 4,
+        patch_size: int = 2,
+        num_classes: int = 1000,
+        use_pixel_abs_pos: bool = True,
+        pit_adaln_post_modulation: bool = False,
+        mlp_ratio: float = 4.0,
+        *,
+        dtype: Any = None,
+        compute_dtype: Any = None,
+        checkpoint: bool = False,
+        key: PRNGKeyArray,
+    ):
+        _positive(
+            in_channels=in_channels,
+            num_groups=num_groups,
+            hidden_size=hidden_size,
+            pixel_hidden_size=pixel_hidden_size,
+            patch_depth=patch_depth,
+            pixel_depth=pixel_depth,
+            patch_size=patch_size,
+            num_classes=num_classes,
+        )
+        _check_rope_width(hidden_size, num_groups, "hidden_size", "num_groups")
+        self._config = _frozen(
+            in_channels=in_channels,
+            num_groups=num_groups,
+            hidden_size=hidden_size,
+            pixel_hidden_size=pixel_hidden_size,
+            patch_depth=patch_depth,
+            pixel_depth=pixel_depth,
+            patch_size=patch_size,
+            num_classes=num_classes,
+            use_pixel_abs_pos=bool(use_pixel_abs_pos),
+            pit_adaln_post_modulation=bool(pit_adaln_post_modulation),
+            mlp_ratio=float(mlp_ratio),
+        )
+        kp, ks, kt, ky, kb, kx, kf = jr.split(key, 7)
+        self.pixel_embedder = PixelEmbedder(
+            in_channels, pixel_hidden_size, use_pixel_abs_pos, dtype, key=kp
+        )
+        self.s_embedder = PatchEmbedder(
+            in_channels * patch_size**2, hidden_size, dtype, key=ks
+        )
+        self.t_embedder = TimestepConditioner(hidden_size, dtype=dtype, key=kt)
+        self.y_embedder = ClassEmbedder(num_classes, hidden_size, dtype, key=ky)
+
+        def make_patch_block(k):
+            block = DiTBlock(hidden_size, num_groups, mlp_ratio, dtype, key=k)
+            return eqx.tree_at(lambda b: b.adaln, block, zero_linear(block.adaln))
+
+        def make_pixel_block(k):
+            block = PiTBlock(
+                pixel_hidden_size, hidden_size, patch_size, hidden_size, num_groups, mlp_ratio,
+                pit_adaln_post_modulation, dtype, key=k,
+            )  # fmt: skip
+            return eqx.tree_at(lambda b: b.adaln, block, zero_linear(block.adaln))
+
+        self.patch_blocks = BlockStack(
+            make_patch_block, patch_depth, key=kb, checkpoint=checkpoint
+        )
+        self.pixel_blocks = BlockStack(
+            make_pixel_block, pixel_depth, key=kx, checkpoint=checkpoint
+        )
+        self.final_layer = FinalLayer(pixel_hidden_size, in_channels, dtype, key=kf)
+        self.in_channels = in_channels
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.num_groups = num_groups
+        self.pixel_hidden_size = pixel_hidden_size
+        self.num_classes = num_classes
+        self.pixel_attn_hidden_size = hidden_size
+        self.pixel_num_groups = num_groups
+        self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
+
+    def patch_level(
+        self, x: Image, t: TimeLike, y: LabelLike
+    ) -> Float[Array, "L {self.hidden_size}"]:
+        """The per-patch conditioning `silu(t_emb + s)` that feeds the pixel blocks."""
+        self._check_image(x)
+        model, x = self._compute_view(x)
+        return model._patch_level(x, t, y)
+
+    def _patch_level(self, x: Array, t: TimeLike, y: LabelLike) -> Array:
+        hs, ws = self._check_image(x)
+        y = jnp.asarray(y)
+        y = eqx.error_if(
+            y,
+            (y < 0) | (y > self.num_classes),
+            f"`y`: class labels must lie in [0, {self.num_classes}] (the last is the null class).",
+        )
+        t_emb = self.t_embedder(t)
+        c = jax.nn.silu(t_emb + self.y_embedder(y))
+        s = self.s_embedder(patchify(x, self.patch_size))
+        s = self.patch_blocks(
+            s, c, rope_2d(self.hidden_size // self.num_groups, hs, ws)
+        )
+        return jax.nn.silu(t_emb[None, :] + s)
+
+    def __call__(
+        self, x: Image, t: TimeLike, y: LabelLike
+    ) -> Float[Array, "{self.in_channels} H W"]:
+        """Velocity `(C, H, W)` for image `x` at time `t` (0 noise, 1 data), label `y`."""
+        self._check_image(x)
+        model, xc = self._compute_view(x)
+        return model._pixel_level(xc, model._patch_level(xc, t, y))
+
+
+class PixelDiTT2I(_PixelDiTBase):
+    """Text-conditional PixelDiT: MMDiT patch blocks attend jointly over text and image.
+
+    Reference: `pixeldit_t2i.PixDiT_T2I`; argument names and defaults are the
+    reference's. Only the final Linear is zero-initialised. The conditioning is
+    `silu(t_emb)`; text tokens are `norm(proj(text)) + y_pos_embedding[:T]`, text longer
+    than `txt_max_length` is truncated to it (as the reference does).
+
+    **Arguments:** as `PixelDiT` without `num_classes`, plus `pixel_attn_hidden_size`,
+    `pixel_num_groups` (width and heads of the pixel-level attention; default the patch
+    level's), `txt_embed_dim`, `txt_max_length`, `use_text_rope`, `text_rope_theta`.
+
+    ```python
+    v = jax.vmap(model)(x, t, text, text_mask)  # text (B, T, txt), mask (B, T) bool
+    ```
+    """
+
+    pixel_embedder: PixelEmbedder
+    s_embedder: PatchEmbedder
+    t_embedder: TimestepConditioner
+    y_embedder: TextEmbedder
+    y_pos_embedding: Float[Array, "max_len D"]
+    patch_blocks: BlockStack[MMDiTBlock]
+    pixel_blocks: BlockStack[PiTBlock]
+    final_layer: FinalLayer
+    in_channels: int = eqx.field(static=True)
+    patch_size: int = eqx.field(static=True)
+    hidden_size: int = eqx.field(static=True)
+    num_groups: int = eqx.field(static=True)
+    pixel_hidden_size: int = eqx.field(static=True)
+    pixel_attn_hidden_size: int = eqx.field(static=True)
+    pixel_num_groups: int = eqx.field(static=True)
+    txt_embed_dim: int = eqx.field(static=True)
+    txt_max_length: int = eqx.field(static=True)
+    use_text_rope: bool = eqx.field(static=True)
+    text_rope_theta: float = eqx.field(static=True)
+    _config: tuple = eqx.field(static=True)
+    compute_dtype: Any = eqx.field(static=True)
+
+    variant: ClassVar[str] = "t2i"
+    # The reference stores the text position table as (1, max_len, D).
+    _torch_leading_one: ClassVar[tuple[str, ...]] = ("y_pos_embedding",)
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_groups: int = 16,
+        hidden_size: int = 1152,
+        pixel_hidden_size: int = 64,
+        pixel_attn_hidden_size: int | None = None,
+        pixel_num_groups: int | None = None,
+        patch_depth: int = 26,
+        pixel_depth: int = 2,
+        patch_size: int = 16,
+        txt_embed_dim: int = 4096,
+        txt_max_length: int = 1024,
+        use_text_rope: bool = True,
+        text_rope_theta: float = 10000.0,
+        use_pixel_abs_pos: bool = True,
+        pit_adaln_post_modulation: bool = False,
+        mlp_ratio: float = 4.0,
+        *,
+        dtype: Any = None,
+        compute_dtype: Any = None,
+        checkpoint: bool = False,
+        key: PRNGKeyArray,
+    ):
+        attn_size = (
+            hidden_size if pixel_attn_hidden_size is None else pixel_attn_hidden_size
+        )
+        pixel_heads = num_groups if pixel_num_groups is None else pixel_num_groups
+        _positive(
+            in_channels=in_channels,
+            num_groups=num_groups,
+            hidden_size=hidden_size,
+            pixel_hidden_size=pixel_hidden_size,
+            pixel_attn_hidden_size=attn_size,
+            pixel_num_groups=pixel_heads,
+            patch_depth=patch_depth,
+            pixel_depth=pixel_depth,
+            patch_size=patch_size,
+            txt_embed_dim=txt_embed_dim,
+            txt_max_length=txt_max_length,
+        )
+        _check_rope_width(hidden_size, num_groups, "hidden_size", "num_groups")
+        _check_rope_width(
+            attn_size, pixel_heads, "pixel_attn_hidden_size", "pixel_num_groups"
+        )
+        self._config = _frozen(
+            in_channels=in_channels,
+            num_groups=num_groups,
+            hidden_size=hidden_size,
+            pixel_hidden_size=pixel_hidden_size,
+            pixel_attn_hidden_size=pixel_attn_hidden_size,
+            pixel_num_groups=pixel_num_groups,
+            patch_depth=patch_depth,
+            pixel_depth=pixel_depth,
+            patch_size=patch_size,
+            txt_embed_dim=txt_embed_dim,
+            txt_max_length=txt_max_length,
+            use_text_rope=bool(use_text_rope),
+            text_rope_theta=float(text_rope_theta),
+            use_pixel_abs_pos=bool(use_pixel_abs_pos),
+            pit_adaln_post_modulation=bool(pit_adaln_post_modulation),
+            mlp_ratio=float(mlp_ratio),
+        )
+        kp, ks, kt, ky, kpos, kb, kx, kf = jr.split(key, 8)
+        self.pixel_embedder = PixelEmbedder(
+            in_channels, pixel_hidden_size, use_pixel_abs_pos, dtype, key=kp
+        )
+        self.s_embedder = PatchEmbedder(
+            in_channels * patch_size**2, hidden_size, dtype, key=ks
+        )
+        self.t_embedder = TimestepConditioner(hidden_size, dtype=dtype, key=kt)
+        self.y_embedder = TextEmbedder(txt_embed_dim, hidden_size, dtype, key=ky)
+        self.y_pos_embedding = jr.normal(
+            kpos, (txt_max_length, hidden_size), dtype or jnp.float32
+        )
+        self.patch_blocks = BlockStack(
+            lambda k: MMDiTBlock(hidden_size, num_groups, mlp_ratio, dtype, key=k),
+            patch_depth,
+            key=kb,
+            checkpoint=checkpoint,
+        )
+        self.pixel_blocks = BlockStack(
+            lambda k: PiTBlock(
+                pixel_hidden_size, hidden_size, patch_size, attn_size, pixel_heads, mlp_ratio,
+                pit_adaln_post_modulation, dtype, key=k,
+            ),
+            pixel_depth,
+            key=kx,
+            checkpoint=checkpoint,
+        )  # fmt: skip
+        self.final_layer = FinalLayer(pixel_hidden_size, in_channels, dtype, key=kf)
+        self.in_channels = in_channels
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.num_groups = num_groups
+        self.pixel_hidden_size = pixel_hidden_size
+        self.pixel_attn_hidden_size = attn_size
+        self.pixel_num_groups = pixel_heads
+        self.txt_embed_dim = txt_embed_dim
+        self.txt_max_length = txt_max_length
+        self.use_text_rope = bool(use_text_rope)
+        self.text_rope_theta = float(text_rope_theta)
+        self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
+
+    def _check_text(self, text: Array, text_mask: Array | None) -> None:
+        if text.ndim != 2 or text.shape[1] != self.txt_embed_dim:
+            raise ValueError(
+                f"`text`: expected shape (T, {self.txt_embed_dim}), got {tuple(text.shape)}."
+            )
+        if text.shape[0] < 1:
+            raise ValueError("`text`: needs at least one token, got T=0.")
+        if text_mask is not None and text_mask.shape != (text.shape[0],):
+            raise ValueError(
+                f"`text_mask`: expected shape ({text.shape[0]},) to match `text`, got {tuple(text_mask.shape)}."
+            )
+
+    def patch_level(
+        self,
+        x: Image,
+        t: TimeLike,
+        text: Float[Array, "T txt"],
+        text_mask: Bool[Array, " T"] | None = None,
+    ) -> Float[Array, "L {self.hidden_size}"]:
+        """The per-patch conditioning `silu(t_emb + s)` that feeds the pixel blocks."""
+        self._check_image(x)
+        model, x = self._compute_view(x)
+        return model._patch_level(x, t, text, text_mask)
+
+    def _patch_level(
+        self, x: Array, t: TimeLike, text: Array, text_mask: Array | None
+    ) -> Array:
+        hs, ws = self._check_image(x)
+        self._check_text(text, text_mask)
+        n_txt = min(text.shape[0], self.txt_max_length)
+        text = text[:n_txt].astype(x.dtype)
+        if text_mask is not None:
+            text_mask = text_mask[:n_txt]
+        y = self.y_embedder(text)
+        y = y + self.y_pos_embedding[:n_txt].astype(y.dtype)
+        t_emb = self.t_embedder(t)
+        hd = self.hidden_size // self.num_groups
+        text_angles = (
+            rope_1d(hd, n_txt, self.text_rope_theta) if self.use_text_rope else None
+        )
+        s = self.s_embedder(patchify(x, self.patch_size))
+        s, _ = self.patch_blocks(
+            (s, y), jax.nn.silu(t_emb), rope_2d(hd, hs, ws), text_angles, text_mask
+        )
+        return jax.nn.silu(t_emb[None, :] + s)
+
+    def __call__(
+        self,
+        x: Image,
+        t: TimeLike,
+        text: Float[Array, "T txt"],
+        text_mask: Bool[Array, " T"] | None = None,
+    ) -> Float[Array, "{self.in_channels} H W"]:
+        """Velocity `(C, H, W)` at time `t` for text embeddings `(T, txt_embed_dim)`;
+        `text_mask` False marks padding tokens, which then take no part as keys."""
+        self._check_image(x)
+        model, xc = self._compute_view(x)
+        return model._pixel_level(xc, model._patch_level(xc, t, text, text_mask))
+
+
+VARIANTS: dict[str, type[_PixelDiTBase]] = {"c2i": PixelDiT, "t2i": PixelDiTT2I}
+
+
+def build(
+    config: Mapping[str, Any] | str,
+    variant: Literal["c2i", "t2i"] | None = None,
+    *,
+    key: PRNGKeyArray | None = None,
+    dtype: Any = None,
+    compute_dtype: Any = None,
+    checkpoint: bool = False,
+) -> PixelDiT | PixelDiTT2I:
+    """Build a model from the reference's constructor arguments (a released YAML's
+    `init_args`) or a preset name (see `pixeldit_eqx.presets`).
+
+    `variant` defaults to the preset's, else `"c2i"`. Unknown arguments raise
+    `ValueError`. `key` defaults to `jr.key(0)`.
+    """
+    from ._presets import resolve
+
+    config, preset_variant = resolve(config)
+    variant = variant or preset_variant or "c2i"
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"`variant` must be one of {sorted(VARIANTS)}, got {variant!r}."
+        )
+    cls = VARIANTS[variant]
+    allowed = set(
+        cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount]
+    )
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise ValueError(
+            f"`config`: unknown argument(s) {unknown} for variant {variant!r}; accepted: {sorted(allowed)}."
+        )
+    key = jr.key(0) if key is None else key
+    return cls(
+        **config,
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        checkpoint=checkpoint,
+        key=key,
+    )

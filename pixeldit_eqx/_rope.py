@@ -1,0 +1,68 @@
+"""Rotary position tables (reference `modules.precompute_freqs_cis_2d`,
+`PixDiT_T2I.fetch_pos_text`) and their application (`modules.apply_rotary_emb`).
+
+Tables are angles `(N, hd/2)` (the reference stores `exp(i angle)`), computed with
+`jnp` from static ints so that any grid works and nothing is baked into programs.
+"""
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+
+def _torch_linspace(start: float, end: float, steps: int) -> Float[Array, " {steps}"]:
+    """`torch.linspace` in float32, bit for bit: the first half counts up from `start`,
+    the second half down from `end`."""
+    if steps == 1:
+        return jnp.full((1,), start, jnp.float32)
+    step = jnp.float32((end - start) / (steps - 1))
+    i = jnp.arange(steps, dtype=jnp.float32)
+    up = jnp.float32(start) + step * i
+    down = jnp.float32(end) - step * (jnp.float32(steps - 1) - i)
+    return jnp.where(jnp.arange(steps) < steps // 2, up, down)
+
+
+def rope_2d(
+    head_dim: int, height: int, width: int, theta: float = 10000.0, scale: float = 16.0
+) -> Float[Array, "{height*width} {head_dim//2}"]:
+    """Axial 2D rope angles on fractional positions `linspace(0, scale, n)`.
+
+    Rows are the `height*width` grid positions, row-major over (y, x). Pair `j` of the
+    head dim turns by `x * f[j//2]` when `j` is even and `y * f[j//2]` when odd, with
+    `f = 1/theta^(arange(0, hd, 4)[:hd//4] / hd)`.
+    """
+    if head_dim % 4:
+        raise ValueError(
+            f"2D rope needs a head dim divisible by 4, got head_dim={head_dim}."
+        )
+    x = _torch_linspace(0.0, scale, width)
+    y = _torch_linspace(0.0, scale, height)
+    freqs = 1.0 / (
+        theta
+        ** (jnp.arange(0, head_dim, 4, dtype=jnp.float32)[: head_dim // 4] / head_dim)
+    )
+    x_ang = jnp.tile(x, height)[:, None] * freqs[None, :]
+    y_ang = jnp.repeat(y, width)[:, None] * freqs[None, :]
+    return jnp.stack([x_ang, y_ang], axis=-1).reshape(height * width, head_dim // 2)
+
+
+def rope_1d(
+    head_dim: int, length: int, theta: float = 10000.0
+) -> Float[Array, "{length} {head_dim//2}"]:
+    """1D rope angles on integer positions `0..length-1`, `f = 1/theta^(arange(0, hd, 2)/hd)`."""
+    if head_dim % 2:
+        raise ValueError(f"1D rope needs an even head dim, got head_dim={head_dim}.")
+    freqs = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    return jnp.arange(length, dtype=jnp.float32)[:, None] * freqs[None, :]
+
+
+def apply_rope(
+    x: Float[Array, "N heads hd"], angles: Float[Array, "N hd//2"]
+) -> Float[Array, "N heads hd"]:
+    """Rotate consecutive pairs `(x[2j], x[2j+1])` by `angles[:, j]`, in float32, cast back."""
+    n, heads, hd = x.shape
+    pairs = x.astype(jnp.float32).reshape(n, heads, hd // 2, 2)
+    cos = jnp.cos(angles)[:, None, :]
+    sin = jnp.sin(angles)[:, None, :]
+    a, b = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1)
+    return out.reshape(n, heads, hd).astype(x.dtype)

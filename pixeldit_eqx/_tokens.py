@@ -1,0 +1,171 @@
+"""Tokens: patch and pixel tokens of a channel-first image, class and text tokens.
+
+References: `torch.nn.functional.unfold`/`fold` as the models use them,
+`pixeldit_c2i.PixelTokenEmbedder`, `modules.PatchTokenEmbedder`, `modules.ClassEmbedder`.
+"""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ._custom_types import Image
+from .modules import RMSNorm, sincos_2d, token_wise
+
+
+def check_image_size(
+    height: int, width: int, patch_size: int, what: str = "x"
+) -> tuple[int, int]:
+    """`(H/p, W/p)`, or a `ValueError` naming `what` when a side is not a multiple of p."""
+    if height < 1 or width < 1 or height % patch_size or width % patch_size:
+        raise ValueError(
+            f"`{what}`: image height and width must be positive multiples of the patch size "
+            f"{patch_size}, got (H, W) = ({height}, {width})."
+        )
+    return height // patch_size, width // patch_size
+
+
+def patchify(
+    x: Image, patch_size: int
+) -> Float[Array, "L C*{patch_size}*{patch_size}"]:
+    """`(C, H, W)` -> `(L, C*p*p)`: patches row-major, each flattened channel-major
+    `(C, p_row, p_col)` like PyTorch's `unfold`."""
+    c, h, w = x.shape
+    hs, ws = check_image_size(h, w, patch_size)
+    p = patch_size
+    return (
+        x.reshape(c, hs, p, ws, p).transpose(1, 3, 0, 2, 4).reshape(hs * ws, c * p * p)
+    )
+
+
+def unpatchify(
+    tokens: Float[Array, "L p2 C"], patch_size: int, height: int, width: int
+) -> Image:
+    """Per-patch pixels `(L, p*p, C)` (row-major inside each patch) -> image `(C, H, W)`."""
+    hs, ws = check_image_size(height, width, patch_size, "height/width")
+    p, c = patch_size, tokens.shape[-1]
+    return (
+        tokens.reshape(hs, ws, p, p, c)
+        .transpose(4, 0, 2, 1, 3)
+        .reshape(c, height, width)
+    )
+
+
+class PatchEmbedder(eqx.Module):
+    """Linear patch embedding `C*p*p -> D`; xavier-uniform weight, zero bias.
+
+    Reference: `modules.PatchTokenEmbedder` as `s_embedder` (key `proj.*`).
+    """
+
+    proj: eqx.nn.Linear
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_size: int,
+        dtype: Any = None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        proj = eqx.nn.Linear(in_features, hidden_size, dtype=dtype, key=key)
+        weight = jax.nn.initializers.glorot_uniform()(
+            key, proj.weight.shape, proj.weight.dtype
+        )
+        self.proj = eqx.tree_at(
+            lambda m: (m.weight, m.bias), proj, (weight, jnp.zeros_like(proj.bias))
+        )
+
+    def __call__(self, patches: Float[Array, "L in"]) -> Float[Array, "L D"]:
+        return token_wise(self.proj, patches)
+
+
+class PixelEmbedder(eqx.Module):
+    """Per-pixel Linear `C -> D_pix` (+ the 2D sincos table), grouped per patch.
+
+    Reference: `pixeldit_c2i.PixelTokenEmbedder` (key `proj.*`). Returns
+    `(L, p*p, D_pix)`, patches row-major, pixels row-major inside each patch.
+    """
+
+    proj: eqx.nn.Linear
+    use_abs_pos: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_channels: int,
+        pixel_size: int,
+        use_abs_pos: bool = True,
+        dtype: Any = None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        if use_abs_pos and pixel_size % 4:
+            raise ValueError(
+                f"`pixel_hidden_size` must be divisible by 4 for the sincos table, got {pixel_size}."
+            )
+        self.proj = eqx.nn.Linear(in_channels, pixel_size, dtype=dtype, key=key)
+        self.use_abs_pos = use_abs_pos
+
+    def __call__(
+        self, x: Image, patch_size: int
+    ) -> Float[Array, "L {patch_size*patch_size} D_pix"]:
+        c, h, w = x.shape
+        hs, ws = check_image_size(h, w, patch_size)
+        p = patch_size
+        pix = token_wise(self.proj, x.transpose(1, 2, 0))  # (H, W, D_pix)
+        d = pix.shape[-1]
+        if self.use_abs_pos:
+            pix = pix + sincos_2d(d, h, w).reshape(h, w, d).astype(pix.dtype)
+        return (
+            pix.reshape(hs, p, ws, p, d)
+            .transpose(0, 2, 1, 3, 4)
+            .reshape(hs * ws, p * p, d)
+        )
+
+
+class ClassEmbedder(eqx.Module):
+    """Class-label table with one extra row, label `num_classes`, the null class.
+
+    Reference: `modules.ClassEmbedder(num_classes + 1, D)` (key `embedding_table.weight`),
+    initialised normal(0.02).
+    """
+
+    embedding_table: eqx.nn.Embedding
+
+    def __init__(
+        self,
+        num_classes: int,
+        hidden_size: int,
+        dtype: Any = None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        weight = 0.02 * jr.normal(
+            key, (num_classes + 1, hidden_size), dtype=dtype or jnp.float32
+        )
+        self.embedding_table = eqx.nn.Embedding(weight=weight)
+
+    def __call__(self, label: Int[Array, ""]) -> Float[Array, " D"]:
+        return self.embedding_table(label)
+
+
+class TextEmbedder(eqx.Module):
+    """Text embedding `norm(proj(text))`: Linear `txt -> D` then RMSNorm.
+
+    Reference: `modules.PatchTokenEmbedder(txt_dim, D, norm_layer=RMSNorm)` as the
+    t2i `y_embedder` (keys `proj.*`, `norm.weight`).
+    """
+
+    proj: eqx.nn.Linear
+    norm: RMSNorm
+
+    def __init__(
+        self, text_dim: int, hidden_size: int, dtype: Any = None, *, key: PRNGKeyArray
+    ):
+        self.proj = eqx.nn.Linear(text_dim, hidden_size, dtype=dtype, key=key)
+        self.norm = RMSNorm(hidden_size, dtype=dtype)
+
+    def __call__(self, text: Float[Array, "T txt"]) -> Float[Array, "T D"]:
+        return token_wise(lambda v: self.norm(self.proj(v)), text)
