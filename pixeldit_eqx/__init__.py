@@ -33,6 +33,11 @@ from ._tokens import (
     TextEmbedder as TextEmbedder,
     unpatchify as unpatchify,
 )
+from ._torch_pickle import (
+    CheckpointFormatError as CheckpointFormatError,
+    load_torch_file as load_torch_file,
+    UnsafeCheckpointError as UnsafeCheckpointError,
+)
 from .modules import (
     Buffer as Buffer,
     cast_params as cast_params,

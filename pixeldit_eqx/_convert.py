@@ -34,9 +34,7 @@ def _entries(module: eqx.Module) -> list[tuple[int, str, int | None]]:
 
     A key pattern of a stacked leaf holds `{i}` where the layer index goes.
     """
-    leaves_with_path = jax.tree_util.tree_flatten_with_path(
-        module, is_leaf=_is_leaf_array
-    )[0]
+    leaves_with_path = jax.tree_util.tree_flatten_with_path(module, is_leaf=_is_leaf_array)[0]
     out = []
     for index, (path, leaf) in enumerate(leaves_with_path):
         if not _is_leaf_array(leaf):
@@ -46,9 +44,7 @@ def _entries(module: eqx.Module) -> list[tuple[int, str, int | None]]:
             if isinstance(node, Buffer):
                 break
             if not isinstance(entry, jax.tree_util.GetAttrKey):
-                raise TypeError(
-                    f"cannot name array at {jax.tree_util.keystr(path)} in a reference state dict."
-                )
+                raise TypeError(f"cannot name array at {jax.tree_util.keystr(path)} in a reference state dict.")
             name = entry.name
             if isinstance(node, BlockStack) and name == "blocks":
                 names.append("{i}")
@@ -61,12 +57,8 @@ def _entries(module: eqx.Module) -> list[tuple[int, str, int | None]]:
     return out
 
 
-def _torch_shape(
-    module: eqx.Module, key: str, shape: tuple[int, ...]
-) -> tuple[int, ...]:
-    return (
-        (1, *shape) if key in getattr(type(module), "_torch_leading_one", ()) else shape
-    )
+def _torch_shape(module: eqx.Module, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (1, *shape) if key in getattr(type(module), "_torch_leading_one", ()) else shape
 
 
 def _expected(
@@ -95,7 +87,7 @@ def _expected(
     return expected
 
 
-def state_dict(module: eqx.Module) -> dict[str, np.ndarray]:
+def state_dict(module: eqx.Module) -> dict[str, np.ndarray | jax.ShapeDtypeStruct]:
     """Export `module`'s arrays under the reference's key names (PyTorch layout).
 
     Stacked blocks are unstacked to `<stack>.<i>.*`; `Buffer`s are left out. A module
@@ -113,9 +105,7 @@ def state_dict(module: eqx.Module) -> dict[str, np.ndarray]:
     return out
 
 
-def load_state_dict(
-    module: eqx.Module, state_dict: Mapping[str, Any], *, allow_nonfinite: bool = False
-) -> Any:
+def load_state_dict(module: eqx.Module, state_dict: Mapping[str, Any], *, allow_nonfinite: bool = False) -> Any:
     """Return `module` with its arrays replaced from a reference state dict.
 
     `state_dict` maps the reference's key names, relative to this module (e.g.
@@ -129,13 +119,8 @@ def load_state_dict(
     problems = []
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    problems += [
-        f"missing key {k!r} (expected shape {expected[k][2]})" for k in missing
-    ]
-    problems += [
-        f"unexpected key {k!r} (shape {tuple(np.shape(state_dict[k]))})"
-        for k in unexpected
-    ]
+    problems += [f"missing key {k!r} (expected shape {expected[k][2]})" for k in missing]
+    problems += [f"unexpected key {k!r} (shape {tuple(np.shape(state_dict[k]))})" for k in unexpected]
     arrays = {}
     for key in sorted(set(expected) & set(state_dict)):
         value = state_dict[key]
@@ -145,14 +130,8 @@ def load_state_dict(
             problems.append(f"key {key!r}: expected shape {want}, got {shape}")
             continue
         value = np.asarray(value)
-        if not (
-            np.issubdtype(value.dtype, np.floating)
-            or value.dtype.kind == "V"
-            or "float" in value.dtype.name
-        ):
-            problems.append(
-                f"key {key!r}: expected a floating tensor, got dtype {value.dtype}"
-            )
+        if not (np.issubdtype(value.dtype, np.floating) or value.dtype.kind == "V" or "float" in value.dtype.name):
+            problems.append(f"key {key!r}: expected a floating tensor, got dtype {value.dtype}")
             continue
         if not allow_nonfinite and not np.isfinite(value.astype(np.float32)).all():
             problems.append(f"key {key!r}: has non-finite values (nan/inf)")
@@ -190,41 +169,30 @@ def _read(source: Any) -> Mapping[str, Any]:
         try:
             from safetensors.numpy import load_file
         except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "reading .safetensors needs `pip install pixeldit-eqx[safetensors]`."
-            ) from e
+            raise ImportError("reading .safetensors needs `pip install pixeldit-eqx[safetensors]`.") from e
         try:
             return load_file(path)
         except Exception as e:
-            raise ValueError(
-                f"{path!r} is not a readable .safetensors file: {e}"
-            ) from e
+            raise ValueError(f"{path!r} is not a readable .safetensors file: {e}") from e
     from ._torch_pickle import load_torch_file
 
     return load_torch_file(path)
 
 
-def _select_weights(
-    raw: Mapping[str, Any], prefix: str | None, expected: set[str]
-) -> dict[str, Any]:
+def _select_weights(raw: Mapping[str, Any], prefix: str | None, expected: set[str]) -> dict[str, Any]:
     """Find the model's weights in a loaded checkpoint (plain or Lightning-style)."""
     if "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
         raw = raw["state_dict"]
     tensors = {k: v for k, v in raw.items() if isinstance(k, str)}
     if prefix is None:
-        counts = {
-            p: sum(k.startswith(p) and k[len(p) :] in expected for k in tensors)
-            for p in _PREFIXES
-        }
+        counts = {p: sum(k.startswith(p) and k[len(p) :] in expected for k in tensors) for p in _PREFIXES}
         prefix = max(_PREFIXES, key=lambda p: (counts[p], -_PREFIXES.index(p)))
     if prefix == "":
         return dict(tensors)
     chosen = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     if not chosen:
         found = sorted({k.split(".", 1)[0] + "." for k in tensors if "." in k})
-        raise StateDictError(
-            f"no weights under prefix {prefix!r}; prefixes present: {found}"
-        )
+        raise StateDictError(f"no weights under prefix {prefix!r}; prefixes present: {found}")
     return chosen
 
 
@@ -271,9 +239,5 @@ def save_safetensors(path: str | os.PathLike, module_or_state_dict: Any) -> None
     """Write a module's reference state dict (or a state dict) as `.safetensors`."""
     from safetensors.numpy import save_file
 
-    sd = (
-        module_or_state_dict
-        if isinstance(module_or_state_dict, Mapping)
-        else state_dict(module_or_state_dict)
-    )
+    sd = module_or_state_dict if isinstance(module_or_state_dict, Mapping) else state_dict(module_or_state_dict)
     save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, os.fspath(path))

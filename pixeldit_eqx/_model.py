@@ -2,6 +2,7 @@
 `pixeldit_c2i.PixDiT`) and text-conditional `PixelDiTT2I` (`pixeldit_t2i.PixDiT_T2I`),
 plus `build`, which takes the reference's constructor arguments."""
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -40,9 +41,7 @@ def _positive(**kwargs: int) -> None:
 
 def _check_rope_width(width: int, heads: int, what: str, heads_name: str) -> None:
     if width % heads:
-        raise ValueError(
-            f"`{what}`={width} must be divisible by `{heads_name}`={heads}."
-        )
+        raise ValueError(f"`{what}`={width} must be divisible by `{heads_name}`={heads}.")
     if (width // heads) % 4:
         raise ValueError(
             f"2D rope needs a head dim divisible by 4: `{what}` / `{heads_name}` = {width} / {heads} = {width // heads}."
@@ -77,9 +76,7 @@ class _PixelDiTBase(eqx.Module):
 
     def _check_image(self, x: Array) -> tuple[int, int]:
         if x.shape[0] != self.in_channels:
-            raise ValueError(
-                f"`x`: expected {self.in_channels} channels (C, H, W), got shape {tuple(x.shape)}."
-            )
+            raise ValueError(f"`x`: expected {self.in_channels} channels (C, H, W), got shape {tuple(x.shape)}.")
         return check_image_size(x.shape[1], x.shape[2], self.patch_size)
 
     def _compute_view(self, x: Array) -> tuple[Any, Array]:
@@ -97,9 +94,7 @@ class _PixelDiTBase(eqx.Module):
         # float32 island: the output head runs in (at least) float32.
         out_dtype = jnp.promote_types(pix.dtype, jnp.float32)
         final = cast_params(self.final_layer, out_dtype)
-        return unpatchify(
-            token_wise(final, pix.astype(out_dtype)), self.patch_size, h, w
-        )
+        return unpatchify(token_wise(final, pix.astype(out_dtype)), self.patch_size, h, w)
 
 
 class PixelDiT(_PixelDiTBase):
@@ -196,12 +191,8 @@ class PixelDiT(_PixelDiTBase):
             mlp_ratio=float(mlp_ratio),
         )
         kp, ks, kt, ky, kb, kx, kf = jr.split(key, 7)
-        self.pixel_embedder = PixelEmbedder(
-            in_channels, pixel_hidden_size, use_pixel_abs_pos, dtype, key=kp
-        )
-        self.s_embedder = PatchEmbedder(
-            in_channels * patch_size**2, hidden_size, dtype, key=ks
-        )
+        self.pixel_embedder = PixelEmbedder(in_channels, pixel_hidden_size, use_pixel_abs_pos, dtype, key=kp)
+        self.s_embedder = PatchEmbedder(in_channels * patch_size**2, hidden_size, dtype, key=ks)
         self.t_embedder = TimestepConditioner(hidden_size, dtype=dtype, key=kt)
         self.y_embedder = ClassEmbedder(num_classes, hidden_size, dtype, key=ky)
 
@@ -216,12 +207,8 @@ class PixelDiT(_PixelDiTBase):
             )  # fmt: skip
             return eqx.tree_at(lambda b: b.adaln, block, zero_linear(block.adaln))
 
-        self.patch_blocks = BlockStack(
-            make_patch_block, patch_depth, key=kb, checkpoint=checkpoint
-        )
-        self.pixel_blocks = BlockStack(
-            make_pixel_block, pixel_depth, key=kx, checkpoint=checkpoint
-        )
+        self.patch_blocks = BlockStack(make_patch_block, patch_depth, key=kb, checkpoint=checkpoint)
+        self.pixel_blocks = BlockStack(make_pixel_block, pixel_depth, key=kx, checkpoint=checkpoint)
         self.final_layer = FinalLayer(pixel_hidden_size, in_channels, dtype, key=kf)
         self.in_channels = in_channels
         self.patch_size = patch_size
@@ -233,9 +220,7 @@ class PixelDiT(_PixelDiTBase):
         self.pixel_num_groups = num_groups
         self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
 
-    def patch_level(
-        self, x: Image, t: TimeLike, y: LabelLike
-    ) -> Float[Array, "L {self.hidden_size}"]:
+    def patch_level(self, x: Image, t: TimeLike, y: LabelLike) -> Float[Array, "L {self.hidden_size}"]:
         """The per-patch conditioning `silu(t_emb + s)` that feeds the pixel blocks."""
         self._check_image(x)
         model, x = self._compute_view(x)
@@ -252,14 +237,10 @@ class PixelDiT(_PixelDiTBase):
         t_emb = self.t_embedder(t)
         c = jax.nn.silu(t_emb + self.y_embedder(y))
         s = self.s_embedder(patchify(x, self.patch_size))
-        s = self.patch_blocks(
-            s, c, rope_2d(self.hidden_size // self.num_groups, hs, ws)
-        )
+        s = self.patch_blocks(s, c, rope_2d(self.hidden_size // self.num_groups, hs, ws))
         return jax.nn.silu(t_emb[None, :] + s)
 
-    def __call__(
-        self, x: Image, t: TimeLike, y: LabelLike
-    ) -> Float[Array, "{self.in_channels} H W"]:
+    def __call__(self, x: Image, t: TimeLike, y: LabelLike) -> Float[Array, "{self.in_channels} H W"]:
         """Velocity `(C, H, W)` for image `x` at time `t` (0 noise, 1 data), label `y`."""
         self._check_image(x)
         model, xc = self._compute_view(x)
@@ -333,9 +314,7 @@ class PixelDiTT2I(_PixelDiTBase):
         checkpoint: bool = False,
         key: PRNGKeyArray,
     ):
-        attn_size = (
-            hidden_size if pixel_attn_hidden_size is None else pixel_attn_hidden_size
-        )
+        attn_size = hidden_size if pixel_attn_hidden_size is None else pixel_attn_hidden_size
         pixel_heads = num_groups if pixel_num_groups is None else pixel_num_groups
         _positive(
             in_channels=in_channels,
@@ -351,9 +330,7 @@ class PixelDiTT2I(_PixelDiTBase):
             txt_max_length=txt_max_length,
         )
         _check_rope_width(hidden_size, num_groups, "hidden_size", "num_groups")
-        _check_rope_width(
-            attn_size, pixel_heads, "pixel_attn_hidden_size", "pixel_num_groups"
-        )
+        _check_rope_width(attn_size, pixel_heads, "pixel_attn_hidden_size", "pixel_num_groups")
         self._config = _frozen(
             in_channels=in_channels,
             num_groups=num_groups,
@@ -373,17 +350,11 @@ class PixelDiTT2I(_PixelDiTBase):
             mlp_ratio=float(mlp_ratio),
         )
         kp, ks, kt, ky, kpos, kb, kx, kf = jr.split(key, 8)
-        self.pixel_embedder = PixelEmbedder(
-            in_channels, pixel_hidden_size, use_pixel_abs_pos, dtype, key=kp
-        )
-        self.s_embedder = PatchEmbedder(
-            in_channels * patch_size**2, hidden_size, dtype, key=ks
-        )
+        self.pixel_embedder = PixelEmbedder(in_channels, pixel_hidden_size, use_pixel_abs_pos, dtype, key=kp)
+        self.s_embedder = PatchEmbedder(in_channels * patch_size**2, hidden_size, dtype, key=ks)
         self.t_embedder = TimestepConditioner(hidden_size, dtype=dtype, key=kt)
         self.y_embedder = TextEmbedder(txt_embed_dim, hidden_size, dtype, key=ky)
-        self.y_pos_embedding = jr.normal(
-            kpos, (txt_max_length, hidden_size), dtype or jnp.float32
-        )
+        self.y_pos_embedding = jr.normal(kpos, (txt_max_length, hidden_size), dtype or jnp.float32)
         self.patch_blocks = BlockStack(
             lambda k: MMDiTBlock(hidden_size, num_groups, mlp_ratio, dtype, key=k),
             patch_depth,
@@ -415,9 +386,7 @@ class PixelDiTT2I(_PixelDiTBase):
 
     def _check_text(self, text: Array, text_mask: Array | None) -> None:
         if text.ndim != 2 or text.shape[1] != self.txt_embed_dim:
-            raise ValueError(
-                f"`text`: expected shape (T, {self.txt_embed_dim}), got {tuple(text.shape)}."
-            )
+            raise ValueError(f"`text`: expected shape (T, {self.txt_embed_dim}), got {tuple(text.shape)}.")
         if text.shape[0] < 1:
             raise ValueError("`text`: needs at least one token, got T=0.")
         if text_mask is not None and text_mask.shape != (text.shape[0],):
@@ -437,9 +406,7 @@ class PixelDiTT2I(_PixelDiTBase):
         model, x = self._compute_view(x)
         return model._patch_level(x, t, text, text_mask)
 
-    def _patch_level(
-        self, x: Array, t: TimeLike, text: Array, text_mask: Array | None
-    ) -> Array:
+    def _patch_level(self, x: Array, t: TimeLike, text: Array, text_mask: Array | None) -> Array:
         hs, ws = self._check_image(x)
         self._check_text(text, text_mask)
         n_txt = min(text.shape[0], self.txt_max_length)
@@ -450,13 +417,9 @@ class PixelDiTT2I(_PixelDiTBase):
         y = y + self.y_pos_embedding[:n_txt].astype(y.dtype)
         t_emb = self.t_embedder(t)
         hd = self.hidden_size // self.num_groups
-        text_angles = (
-            rope_1d(hd, n_txt, self.text_rope_theta) if self.use_text_rope else None
-        )
+        text_angles = rope_1d(hd, n_txt, self.text_rope_theta) if self.use_text_rope else None
         s = self.s_embedder(patchify(x, self.patch_size))
-        s, _ = self.patch_blocks(
-            (s, y), jax.nn.silu(t_emb), rope_2d(hd, hs, ws), text_angles, text_mask
-        )
+        s, _ = self.patch_blocks((s, y), jax.nn.silu(t_emb), rope_2d(hd, hs, ws), text_angles, text_mask)
         return jax.nn.silu(t_emb[None, :] + s)
 
     def __call__(
@@ -496,13 +459,10 @@ def build(
     config, preset_variant = resolve(config)
     variant = variant or preset_variant or "c2i"
     if variant not in VARIANTS:
-        raise ValueError(
-            f"`variant` must be one of {sorted(VARIANTS)}, got {variant!r}."
-        )
+        raise ValueError(f"`variant` must be one of {sorted(VARIANTS)}, got {variant!r}.")
     cls = VARIANTS[variant]
-    allowed = set(
-        cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount]
-    )
+    params = inspect.signature(cls.__init__).parameters.values()
+    allowed = {p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD} - {"self"}
     unknown = sorted(set(config) - allowed)
     if unknown:
         raise ValueError(

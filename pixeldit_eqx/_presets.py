@@ -41,21 +41,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         variant="c2i",
         config=_XL_C2I,
         resolution=256,
-        sampling=dict(
-            num_steps=100, guidance=2.75, guidance_interval=(0.1, 0.9), shift=1.0
-        ),
+        sampling=dict(num_steps=100, guidance=2.75, guidance_interval=(0.1, 0.9), shift=1.0),
     ),
     "pixeldit-xl-c2i-512": dict(
         variant="c2i",
         config=_XL_C2I,
         resolution=512,
-        sampling=dict(
-            num_steps=100, guidance=3.5, guidance_interval=(0.1, 1.0), shift=2.0
-        ),
+        sampling=dict(num_steps=100, guidance=3.5, guidance_interval=(0.1, 1.0), shift=2.0),
     ),
-    "pixeldit-t2i-1024": dict(
-        variant="t2i", config=_T2I_1024, resolution=1024, sampling=None
-    ),
+    "pixeldit-t2i-1024": dict(variant="t2i", config=_T2I_1024, resolution=1024, sampling=None),
 }
 
 
@@ -63,9 +57,7 @@ def resolve(config: Mapping[str, Any] | str) -> tuple[dict[str, Any], str | None
     """A config mapping, or a preset name -> `(constructor kwargs, variant or None)`."""
     if isinstance(config, str):
         if config not in PRESETS:
-            raise ValueError(
-                f"`config`: unknown preset {config!r}; presets are {sorted(PRESETS)}."
-            )
+            raise ValueError(f"`config`: unknown preset {config!r}; presets are {sorted(PRESETS)}.")
         preset = PRESETS[config]
         return dict(preset["config"]), preset["variant"]
     if not isinstance(config, Mapping):

@@ -1,0 +1,299 @@
+"""The seed's building blocks: reference parity, Buffer semantics, state dicts, typing."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ._reference import load_case, load_weights, MANIFEST, rel_err
+
+
+def _seed_modules(key):
+    import pixeldit_eqx as px
+
+    k = jax.random.split(key, 5)
+    return {
+        "rmsnorm": (px.RMSNorm(32), 32),
+        "timestep_conditioner": (px.TimestepConditioner(32, key=k[0]), None),
+        "feedforward_swiglu": (px.SwiGLU(48, key=k[1]), 48),
+        "mlp_gelu": (px.PixelMLP(16, key=k[2]), 16),
+        "final_layer": (px.FinalLayer(32, 3, key=k[3]), 32),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "rmsnorm",
+        "timestep_conditioner",
+        "feedforward_swiglu",
+        "mlp_gelu",
+        "final_layer",
+    ],
+)
+def test_seed_module_parity(case, getkey):
+    import pixeldit_eqx as px
+
+    module, _ = _seed_modules(getkey())[case]
+    module = px.load_state_dict(module, load_weights(case))
+    data = load_case(case)
+    x = jnp.asarray(data["in_0"])
+    if case == "timestep_conditioner":
+        out = jax.vmap(module)(x)
+    else:
+        out = jax.vmap(jax.vmap(module))(x)
+    assert rel_err(out, data["out"]) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["timestep_embedding_d256", "timestep_embedding_d33"])
+def test_timestep_embedding(case):
+    import pixeldit_eqx as px
+
+    data = load_case(case)
+    dim = MANIFEST[case]["call"]["dim"]
+    out = jax.vmap(lambda t: px.timestep_embedding(t, dim))(jnp.asarray(data["in_t"]))
+    assert out.dtype == jnp.float32
+    assert rel_err(out, data["out_emb"]) <= 1e-5
+    if dim % 2:
+        assert np.all(np.asarray(out[:, -1]) == 0)
+
+
+def test_timestep_embedding_is_float32_from_python_and_bf16():
+    import pixeldit_eqx as px
+
+    assert px.timestep_embedding(0.5, 8).dtype == jnp.float32
+    assert px.timestep_embedding(jnp.bfloat16(0.5), 8).dtype == jnp.float32
+
+
+def test_sincos_square_and_nonsquare():
+    import pixeldit_eqx as px
+    from pixeldit_eqx.modules import sincos_2d
+
+    square = load_case("sincos_2d_square")["out_table"]
+    table = px.get_2d_sincos_pos_embed(16, 6)
+    assert table.dtype == np.float32 and table.shape == (36, 16)
+    assert rel_err(table, square) <= 1e-6
+    assert rel_err(sincos_2d(16, 6, 6), square) <= 1e-5
+
+    nonsquare = load_case("sincos_2d_nonsquare")["out_table"]
+    assert rel_err(px.get_2d_sincos_pos_embed(16, 4, 6), nonsquare) <= 1e-6
+    assert rel_err(sincos_2d(16, 4, 6), nonsquare) <= 1e-5
+
+
+def test_one_d_sincos_helper():
+    from pixeldit_eqx.modules import get_1d_sincos_pos_embed_from_grid
+
+    emb = get_1d_sincos_pos_embed_from_grid(8, np.arange(3.0))
+    omega = 1.0 / 10000 ** (np.arange(4) / 4.0)
+    np.testing.assert_allclose(emb[2], np.concatenate([np.sin(2 * omega), np.cos(2 * omega)]))
+
+
+def test_init_as_reference(getkey):
+    import pixeldit_eqx as px
+
+    final = px.FinalLayer(16, 3, key=getkey())
+    assert not np.any(np.asarray(final.linear.weight)) and not np.any(np.asarray(final.linear.bias))
+    out = final(jax.random.normal(getkey(), (16,)))
+    assert np.all(np.asarray(out) == 0)
+    cond = px.TimestepConditioner(512, key=getkey())
+    std = float(jnp.std(cond.linear1.weight))
+    assert 0.018 < std < 0.022
+    swiglu = px.SwiGLU(48, key=getkey())
+    assert swiglu.w1.weight.shape == (128, 48) and swiglu.w1.bias is None
+
+
+def test_dtype_argument(getkey):
+    import pixeldit_eqx as px
+
+    norm = px.RMSNorm(8, dtype=jnp.bfloat16)
+    assert norm.weight.dtype == jnp.bfloat16
+    mlp = px.PixelMLP(8, dtype=jnp.bfloat16, key=getkey())
+    assert mlp(jnp.ones(8, jnp.bfloat16)).dtype == jnp.bfloat16
+    cond = px.TimestepConditioner(16, dtype=jnp.bfloat16, key=getkey())
+    assert cond(0.3).dtype == jnp.bfloat16
+
+
+def test_rmsnorm_statistics_in_float32():
+    import pixeldit_eqx as px
+
+    x = jnp.full((4,), 300.0, jnp.bfloat16)  # x^2 = 90000 overflows nothing in f32
+    out = px.RMSNorm(4, dtype=jnp.bfloat16)(x)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), 1.0, rtol=1e-2)
+
+
+# --- Buffer ---------------------------------------------------------------------------
+
+
+class _WithBuffer(eqx.Module):
+    linear: eqx.nn.Linear
+    table: "object"
+
+    def __call__(self, x):
+        return self.linear(x) + self.table.value
+
+
+def test_buffer_gradient_is_zero_and_outside_trainable(getkey):
+    import pixeldit_eqx as px
+
+    model = _WithBuffer(eqx.nn.Linear(3, 2, key=getkey()), px.Buffer(jnp.ones(2)))
+    grads = jax.grad(lambda m: jnp.sum(m(jnp.ones(3)) ** 2))(model)
+    assert np.all(np.asarray(grads.table.array) == 0)
+    assert np.any(np.asarray(grads.linear.weight) != 0)
+
+    spec = px.trainable(model)
+    assert spec.table.array is False and spec.linear.weight is True
+    params, _ = eqx.partition(model, spec)
+    assert params.table.array is None
+
+
+def test_cast_params_leaves_buffers_and_ints(getkey):
+    import pixeldit_eqx as px
+
+    tree = {"w": jnp.ones(2), "b": px.Buffer(jnp.ones(2)), "i": jnp.arange(3)}
+    cast = px.cast_params(tree, jnp.bfloat16)
+    assert cast["w"].dtype == jnp.bfloat16
+    assert cast["b"].array.dtype == jnp.float32
+    assert cast["i"].dtype == tree["i"].dtype
+
+
+def test_buffer_survives_serialisation(tmp_path, getkey):
+    import pixeldit_eqx as px
+
+    model = _WithBuffer(eqx.nn.Linear(3, 2, key=getkey()), px.Buffer(jnp.arange(2.0)))
+    eqx.tree_serialise_leaves(tmp_path / "m.eqx", model)
+    like = _WithBuffer(eqx.nn.Linear(3, 2, key=getkey()), px.Buffer(jnp.zeros(2)))
+    back = eqx.tree_deserialise_leaves(tmp_path / "m.eqx", like)
+    np.testing.assert_array_equal(back.table.value, [0.0, 1.0])
+    np.testing.assert_array_equal(back.linear.weight, model.linear.weight)
+
+
+def test_buffer_is_never_exported():
+    import pixeldit_eqx as px
+
+    class WithTable(eqx.Module):
+        norm: px.RMSNorm
+        table: px.Buffer
+
+    sd = px.state_dict(WithTable(px.RMSNorm(4), px.Buffer(jnp.ones(3))))
+    assert list(sd) == ["norm.weight"]
+
+
+# --- State dicts ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "rmsnorm",
+        "timestep_conditioner",
+        "feedforward_swiglu",
+        "mlp_gelu",
+        "final_layer",
+    ],
+)
+def test_state_dict_round_trip_is_exact(case, getkey):
+    import pixeldit_eqx as px
+
+    module, _ = _seed_modules(getkey())[case]
+    sd = load_weights(case)
+    out = px.state_dict(px.load_state_dict(module, sd))
+    assert sorted(out) == sorted(sd)
+    for key in sd:
+        assert out[key].dtype == sd[key].dtype
+        np.testing.assert_array_equal(out[key], sd[key])
+
+
+def test_timestep_conditioner_keys(getkey):
+    import pixeldit_eqx as px
+
+    sd = px.state_dict(px.TimestepConditioner(8, key=getkey()))
+    assert {k: v.shape for k, v in sd.items()} == {
+        "mlp.0.weight": (8, 256),
+        "mlp.0.bias": (8,),
+        "mlp.2.weight": (8, 8),
+        "mlp.2.bias": (8,),
+    }
+
+
+def test_bad_state_dict_lists_every_problem_and_loads_nothing(getkey):
+    import pixeldit_eqx as px
+
+    module = px.SwiGLU(48, key=getkey())
+    sd = dict(load_weights("feedforward_swiglu"))
+    del sd["w3.weight"]
+    sd["w2.weight"] = sd["w2.weight"][:, :5]
+    sd["extra.bias"] = np.zeros(3, np.float32)
+    with pytest.raises(px.StateDictError) as info:
+        px.load_state_dict(module, sd)
+    message = str(info.value)
+    assert "missing key 'w3.weight' (expected shape (128, 48))" in message
+    assert "unexpected key 'extra.bias' (shape (3,))" in message
+    assert "key 'w2.weight': expected shape (48, 128), got (48, 5)" in message
+    assert "nothing was loaded" in message
+
+
+def test_non_finite_tensor_is_refused(getkey):
+    import pixeldit_eqx as px
+
+    sd = dict(load_weights("rmsnorm"))
+    sd["weight"] = sd["weight"].copy()
+    sd["weight"][3] = np.nan
+    with pytest.raises(px.StateDictError, match="non-finite"):
+        px.load_state_dict(px.RMSNorm(32), sd)
+
+
+def test_load_casts_to_module_dtype():
+    import ml_dtypes
+
+    import pixeldit_eqx as px
+
+    sd = {"weight": np.arange(4, dtype=np.float32).astype(ml_dtypes.bfloat16)}
+    norm = px.load_state_dict(px.RMSNorm(4), sd)
+    assert norm.weight.dtype == jnp.float32
+    np.testing.assert_array_equal(norm.weight, [0.0, 1.0, 2.0, 3.0])
+
+
+# --- Typing, jit, vmap ----------------------------------------------------------------
+
+
+def test_wrong_shape_raises_under_the_hook(getkey):
+    import pixeldit_eqx as px
+
+    norm = px.RMSNorm(8)
+    with pytest.raises(Exception, match="Type-check error"):
+        norm(jnp.ones((2, 8)))  # a batch, not one example
+    with pytest.raises(Exception, match="Type-check error"):
+        px.timestep_embedding(jnp.ones(3), 8)  # t must be a scalar
+    with pytest.raises(Exception, match="Type-check error"):
+        px.SwiGLU(8, key=getkey())(jnp.ones(8, jnp.int32))  # floats only
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "rmsnorm",
+        "timestep_conditioner",
+        "feedforward_swiglu",
+        "mlp_gelu",
+        "final_layer",
+    ],
+)
+def test_jit_and_vmap_equal_eager(case, getkey):
+    module, dim = _seed_modules(getkey())[case]
+    x = jnp.linspace(0.0, 1.0, 4) if dim is None else jax.random.normal(getkey(), (4, dim))
+    eager = jnp.stack([module(xi) for xi in x])
+    batched = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))(module, x)
+    np.testing.assert_allclose(batched, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_constructor_errors_name_the_argument(getkey):
+    import pixeldit_eqx as px
+
+    with pytest.raises(ValueError, match="`dim` must be >= 1, got 0"):
+        px.RMSNorm(0)
+    with pytest.raises(ValueError, match="`embed_dim` must be divisible by 4, got 6"):
+        px.get_2d_sincos_pos_embed(6, 3)
+    with pytest.raises(ValueError, match="`dim` must be >= 1"):
+        px.timestep_embedding(0.1, 0)
