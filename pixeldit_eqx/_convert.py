@@ -105,6 +105,10 @@ def state_dict(module: eqx.Module) -> dict[str, np.ndarray | jax.ShapeDtypeStruc
     return out
 
 
+# A key only one variant has: found in a state dict loaded into the other, it names the mix-up.
+_VARIANT_MARKERS = {"c2i": "y_embedder.embedding_table.weight", "t2i": "y_pos_embedding"}
+
+
 def load_state_dict(module: eqx.Module, state_dict: Mapping[str, Any], *, allow_nonfinite: bool = False) -> Any:
     """Return `module` with its arrays replaced from a reference state dict.
 
@@ -115,6 +119,11 @@ def load_state_dict(module: eqx.Module, state_dict: Mapping[str, Any], *, allow_
     one `StateDictError` listing them all; then nothing is loaded. `module` may be a
     skeleton from `eqx.filter_eval_shape`.
     """
+    if not isinstance(state_dict, Mapping):
+        raise StateDictError(
+            f"`state_dict` must be a mapping of reference key -> array, got {type(state_dict).__name__}; "
+            "to read a checkpoint file use `pixeldit_eqx.load_reference`."
+        )
     expected = _expected(module)
     problems = []
     missing = sorted(set(expected) - set(state_dict))
@@ -138,8 +147,17 @@ def load_state_dict(module: eqx.Module, state_dict: Mapping[str, Any], *, allow_
             continue
         arrays[key] = value
     if problems:
+        own = getattr(type(module), "variant", None)
+        hints = [
+            f"\n  hint: key {marker!r} belongs to a {other!r} model: these look like {other} weights "
+            f"(load them with variant={other!r} and a {other} config)"
+            for other, marker in _VARIANT_MARKERS.items()
+            if own is not None and other != own and marker in state_dict
+        ]
         raise StateDictError(
-            f"state dict does not fit {type(module).__name__} ({len(problems)} problem(s)); nothing was loaded:\n  "
+            f"state dict does not fit {type(module).__name__} ({len(problems)} problem(s)); nothing was loaded:"
+            + "".join(hints)
+            + "\n  "
             + "\n  ".join(problems)
         )
     flat, treedef = jax.tree_util.tree_flatten(module, is_leaf=_is_leaf_array)
@@ -162,6 +180,10 @@ _PREFIXES = ("ema_denoiser.", "denoiser.", "model.", "module.", "")
 def _read(source: Any) -> Mapping[str, Any]:
     if isinstance(source, Mapping):
         return source
+    if not isinstance(source, str | os.PathLike):
+        raise ValueError(
+            f"`source` must be a state dict (a mapping) or a checkpoint path, got {type(source).__name__}."
+        )
     path = os.fspath(source)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
@@ -181,6 +203,10 @@ def _read(source: Any) -> Mapping[str, Any]:
 
 def _select_weights(raw: Mapping[str, Any], prefix: str | None, expected: set[str]) -> dict[str, Any]:
     """Find the model's weights in a loaded checkpoint (plain or Lightning-style)."""
+    if not isinstance(raw, Mapping):
+        raise StateDictError(
+            f"the checkpoint holds a {type(raw).__name__}, not a state dict (a mapping of key -> tensor)."
+        )
     if "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
         raw = raw["state_dict"]
     tensors = {k: v for k, v in raw.items() if isinstance(k, str)}

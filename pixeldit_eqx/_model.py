@@ -3,13 +3,16 @@
 plus `build`, which takes the reference's constructor arguments."""
 
 import inspect
+import types
+import typing
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ._blocks import BlockStack, DiTBlock, MMDiTBlock, PiTBlock
@@ -48,6 +51,29 @@ def _check_rope_width(width: int, heads: int, what: str, heads_name: str) -> Non
         )
 
 
+def _check_time(t: Any) -> None:
+    t = jnp.asarray(t)
+    if t.shape != ():
+        raise ValueError(f"`t`: expected one scalar time (batch with `jax.vmap`), got shape {tuple(t.shape)}.")
+    if not (jnp.issubdtype(t.dtype, jnp.floating) or jnp.issubdtype(t.dtype, jnp.integer)):
+        raise ValueError(f"`t`: expected a real time in [0, 1], got dtype {t.dtype}.")
+
+
+def _check_label(y: Any, num_classes: int) -> Array:
+    """`y` as an integer scalar array; out-of-range values raise at run time (under jit
+    and vmap too) instead of silently reading a clamped table row."""
+    y = jnp.asarray(y)
+    if y.shape != ():
+        raise ValueError(f"`y`: expected one class label (batch with `jax.vmap`), got shape {tuple(y.shape)}.")
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+        raise ValueError(f"`y`: class labels must be integers, got dtype {y.dtype}; cast with `.astype(jnp.int32)`.")
+    return eqx.error_if(
+        y,
+        (y < 0) | (y > num_classes),
+        f"`y`: class labels must lie in [0, {num_classes}] (the last is the null class).",
+    )
+
+
 def _frozen(**kwargs: Any) -> tuple:
     return tuple(kwargs.items())
 
@@ -75,6 +101,12 @@ class _PixelDiTBase(eqx.Module):
         return dict(self._config)
 
     def _check_image(self, x: Array) -> tuple[int, int]:
+        if x.ndim != 3:
+            raise ValueError(
+                f"`x`: expected one image of shape (C, H, W) (batch with `jax.vmap`), got shape {tuple(x.shape)}."
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"`x`: expected a floating-point image, got dtype {x.dtype}.")
         if x.shape[0] != self.in_channels:
             raise ValueError(f"`x`: expected {self.in_channels} channels (C, H, W), got shape {tuple(x.shape)}.")
         return check_image_size(x.shape[1], x.shape[2], self.patch_size)
@@ -91,8 +123,10 @@ class _PixelDiTBase(eqx.Module):
         hs, ws = h // self.patch_size, w // self.patch_size
         angles = rope_2d(self.pixel_attn_hidden_size // self.pixel_num_groups, hs, ws)
         pix = self.pixel_blocks(self.pixel_embedder(x, self.patch_size), s_cond, angles)
-        # float32 island: the output head runs in (at least) float32.
-        out_dtype = jnp.promote_types(pix.dtype, jnp.float32)
+        # float32 island: the output head runs in (at least) float32. `promote_types`
+        # obeys the promotion mode, and strict mode has no bf16 -> f32 path.
+        with jax.numpy_dtype_promotion("standard"):
+            out_dtype = jnp.promote_types(pix.dtype, jnp.float32)
         final = cast_params(self.final_layer, out_dtype)
         return unpatchify(token_wise(final, pix.astype(out_dtype)), self.patch_size, h, w)
 
@@ -228,12 +262,8 @@ class PixelDiT(_PixelDiTBase):
 
     def _patch_level(self, x: Array, t: TimeLike, y: LabelLike) -> Array:
         hs, ws = self._check_image(x)
-        y = jnp.asarray(y)
-        y = eqx.error_if(
-            y,
-            (y < 0) | (y > self.num_classes),
-            f"`y`: class labels must lie in [0, {self.num_classes}] (the last is the null class).",
-        )
+        _check_time(t)
+        y = _check_label(y, self.num_classes)
         t_emb = self.t_embedder(t)
         c = jax.nn.silu(t_emb + self.y_embedder(y))
         s = self.s_embedder(patchify(x, self.patch_size))
@@ -389,6 +419,12 @@ class PixelDiTT2I(_PixelDiTBase):
             raise ValueError(f"`text`: expected shape (T, {self.txt_embed_dim}), got {tuple(text.shape)}.")
         if text.shape[0] < 1:
             raise ValueError("`text`: needs at least one token, got T=0.")
+        if not jnp.issubdtype(text.dtype, jnp.floating):
+            raise ValueError(f"`text`: expected floating-point text embeddings, got dtype {text.dtype}.")
+        if text_mask is not None and text_mask.dtype != jnp.bool_:
+            raise ValueError(
+                f"`text_mask`: expected a boolean mask (True on real tokens), got dtype {text_mask.dtype}."
+            )
         if text_mask is not None and text_mask.shape != (text.shape[0],):
             raise ValueError(
                 f"`text_mask`: expected shape ({text.shape[0]},) to match `text`, got {tuple(text_mask.shape)}."
@@ -408,6 +444,7 @@ class PixelDiTT2I(_PixelDiTBase):
 
     def _patch_level(self, x: Array, t: TimeLike, text: Array, text_mask: Array | None) -> Array:
         hs, ws = self._check_image(x)
+        _check_time(t)
         self._check_text(text, text_mask)
         n_txt = min(text.shape[0], self.txt_max_length)
         text = text[:n_txt].astype(x.dtype)
@@ -430,7 +467,11 @@ class PixelDiTT2I(_PixelDiTBase):
         text_mask: Bool[Array, " T"] | None = None,
     ) -> Float[Array, "{self.in_channels} H W"]:
         """Velocity `(C, H, W)` at time `t` for text embeddings `(T, txt_embed_dim)`;
-        `text_mask` False marks padding tokens, which then take no part as keys."""
+        `text_mask` False marks padding tokens, which then take no part as keys.
+
+        Text longer than `txt_max_length` tokens is truncated to its first
+        `txt_max_length` tokens (and `text_mask` with it), silently, as the reference
+        does: the position table has no rows beyond."""
         self._check_image(x)
         model, xc = self._compute_view(x)
         return model._pixel_level(xc, model._patch_level(xc, t, text, text_mask))
@@ -438,10 +479,37 @@ class PixelDiTT2I(_PixelDiTBase):
 
 VARIANTS: dict[str, type[_PixelDiTBase]] = {"c2i": PixelDiT, "t2i": PixelDiTT2I}
 
+_CONFIG_TYPE_NAMES = {bool: "a bool", int: "an int", float: "a number", type(None): "None"}
+
+
+def _annotation_options(annotation: Any) -> tuple[Any, ...]:
+    return typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+
+
+def _config_value_fits(annotation: Any, value: Any) -> bool:
+    """Whether a config value has the plain Python type a constructor argument needs
+    (a YAML `64.0` or `"64"` for an int, a `"no"` for a bool, are refused)."""
+    for option in _annotation_options(annotation):
+        if option not in _CONFIG_TYPE_NAMES:
+            return True  # not a plain type: left to the constructor
+        if option is type(None) and value is None:
+            return True
+        if option is bool and isinstance(value, bool | np.bool_):
+            return True
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return True
+    return False
+
+
+def _describe_annotation(annotation: Any) -> str:
+    return " or ".join(_CONFIG_TYPE_NAMES.get(o, str(o)) for o in _annotation_options(annotation))
+
 
 def build(
     config: Mapping[str, Any] | str,
-    variant: Literal["c2i", "t2i"] | None = None,
+    variant: str | None = None,
     *,
     key: PRNGKeyArray | None = None,
     dtype: Any = None,
@@ -451,15 +519,22 @@ def build(
     """Build a model from the reference's constructor arguments (a released YAML's
     `init_args`) or a preset name (see `pixeldit_eqx.presets`).
 
-    `variant` defaults to the preset's, else `"c2i"`. Unknown arguments raise
-    `ValueError`. `key` defaults to `jr.key(0)`.
+    `variant` (`"c2i"` or `"t2i"`; a plain `str` so that a wrong one gets the
+    `ValueError` below, not a type-checker error) defaults to the preset's, else
+    `"c2i"`. Unknown or wrongly typed arguments raise `ValueError`. `key` defaults to `jr.key(0)`.
     """
     from ._presets import resolve
 
+    preset = config if isinstance(config, str) else None
     config, preset_variant = resolve(config)
-    variant = variant or preset_variant or "c2i"
-    if variant not in VARIANTS:
+    if variant is not None and variant not in VARIANTS:
         raise ValueError(f"`variant` must be one of {sorted(VARIANTS)}, got {variant!r}.")
+    if variant is not None and preset_variant is not None and variant != preset_variant:
+        raise ValueError(
+            f"`variant`={variant!r} contradicts the preset {preset!r}, which is a {preset_variant!r} model; "
+            "leave `variant` out."
+        )
+    variant = variant or preset_variant or "c2i"
     cls = VARIANTS[variant]
     params = inspect.signature(cls.__init__).parameters.values()
     allowed = {p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD} - {"self"}
@@ -468,6 +543,13 @@ def build(
         raise ValueError(
             f"`config`: unknown argument(s) {unknown} for variant {variant!r}; accepted: {sorted(allowed)}."
         )
+    for p in params:
+        if p.name in config and not _config_value_fits(p.annotation, config[p.name]):
+            value = config[p.name]
+            raise ValueError(
+                f"`config`: `{p.name}` must be {_describe_annotation(p.annotation)}, "
+                f"got {value!r} of type {type(value).__name__}."
+            )
     key = jr.key(0) if key is None else key
     return cls(
         **config,

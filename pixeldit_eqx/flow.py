@@ -77,6 +77,13 @@ def _pair_conditions(cond: PyTree, null_cond: PyTree) -> tuple[PyTree, PyTree]:
     return jtu.tree_unflatten(cond_def, conds), jtu.tree_unflatten(cond_def, nulls)
 
 
+def _check_floating(name: str, x: Any) -> None:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        got = f"dtype {dtype}" if dtype is not None else type(x).__name__
+        raise ValueError(f"`{name}` must be a floating-point array, got {got}.")
+
+
 def _check_velocity(v: Any, x: Array) -> Array:
     if not hasattr(v, "shape") or v.shape != x.shape:
         raise ValueError(
@@ -152,6 +159,7 @@ def interpolate(
 
     `(x_t, target)`, both shaped like `x`.
     """
+    _check_floating("x", x)
     if eps.dtype != x.dtype:
         raise ValueError(f"`eps` must have the dtype of `x`: expected {x.dtype}, got {eps.dtype}.")
     t = jnp.asarray(t, dtype=x.dtype)
@@ -246,6 +254,7 @@ def flow_matching_loss(
         return jnp.mean(jax.vmap(loss)(xs, ys, keys))
     ```
     """
+    _check_floating("x", x)
     _check_shift(shift)
     drop = _concrete_float(drop_prob)
     if drop is not None and not 0.0 <= drop <= 1.0:
@@ -377,8 +386,11 @@ def sample(
     images = eqx.filter_jit(jax.vmap(run))(noise, labels)
     ```
     """
+    _check_floating("noise", noise)
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {_METHODS}, got method={method!r}.")
+    if jnp.ndim(guidance) != 0:
+        raise ValueError(f"`guidance` must be a scalar, got shape {jnp.shape(guidance)}.")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"`num_steps` must be an integer >= 1, got num_steps={num_steps!r}.")
     if exact and method != "heun":
