@@ -177,7 +177,7 @@ def load_state_dict(module: eqx.Module, state_dict: Mapping[str, Any], *, allow_
 _PREFIXES = ("ema_denoiser.", "denoiser.", "model.", "module.", "")
 
 
-def _read(source: Any) -> Mapping[str, Any]:
+def _read(source: Any) -> Any:
     if isinstance(source, Mapping):
         return source
     if not isinstance(source, str | os.PathLike):
@@ -201,7 +201,7 @@ def _read(source: Any) -> Mapping[str, Any]:
     return load_torch_file(path)
 
 
-def _select_weights(raw: Mapping[str, Any], prefix: str | None, expected: set[str]) -> dict[str, Any]:
+def _select_weights(raw: Any, prefix: str | None, expected: set[str]) -> dict[str, Any]:
     """Find the model's weights in a loaded checkpoint (plain or Lightning-style)."""
     if not isinstance(raw, Mapping):
         raise StateDictError(
