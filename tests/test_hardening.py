@@ -3,7 +3,7 @@ finite, serialisation is bit-exact, and `docs/troubleshooting.md` quotes every e
 message verbatim.
 
 The messages in the doc are produced by `SCENARIOS` below, run the way a user runs them
-(a plain interpreter: no jaxtyping import hook, standard dtype promotion). Regenerate the
+(no jaxtyping runtime checks, JAX's default promotion: see `as_a_user`). Regenerate the
 doc's quoted blocks after changing a message with
 
     python -m tests.test_hardening --write-docs
