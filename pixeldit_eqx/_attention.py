@@ -11,14 +11,12 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ._rope import apply_rope
-from .modules import RMSNorm, token_wise
+from .modules import keep, linear, RMSNorm
 
 
 def _check_heads(dim: int, heads: int, what: str) -> int:
     if heads < 1 or dim < 1 or dim % heads:
-        raise ValueError(
-            f"{what}: width {dim} must be a positive multiple of the number of heads, got heads={heads}."
-        )
+        raise ValueError(f"{what}: width {dim} must be a positive multiple of the number of heads, got heads={heads}.")
     return dim // heads
 
 
@@ -30,19 +28,15 @@ def attend(
 ) -> Float[Array, "S heads hd"]:
     """Softmax attention scaled by `1/sqrt(hd)`; `key_mask` False removes a key.
 
-    No mask array is materialised when `key_mask` is None.
+    The mask goes to `jax.nn.dot_product_attention` as a `(1, 1, S)` array that
+    broadcasts over heads and queries: no `(S, S)` mask is built, and none at all when
+    `key_mask` is None. The logits and the softmax are float32 for any input dtype.
     """
-    mask = (
-        None
-        if key_mask is None
-        else jnp.broadcast_to(
-            key_mask[None, None, :], (q.shape[1], q.shape[0], k.shape[0])
-        )
-    )
+    mask = None if key_mask is None else key_mask[None, None, :]
     # `dot_product_attention` promotes internally; under strict dtype promotion that
     # raises for bf16 inputs, so this one call runs under standard promotion.
     with jax.numpy_dtype_promotion("standard"):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return keep(jax.nn.dot_product_attention(q, k, v, mask=mask))
 
 
 class RotaryAttention(eqx.Module):
@@ -67,14 +61,12 @@ class RotaryAttention(eqx.Module):
         self.proj = eqx.nn.Linear(dim, dim, dtype=dtype, key=k2)
         self.heads = heads
 
-    def qkv_heads(
-        self, x: Float[Array, "N dim"], angles: Float[Array, "N hd2"]
-    ) -> tuple[Array, Array, Array]:
+    def qkv_heads(self, x: Float[Array, "N dim"], angles: Float[Array, "N hd2"]) -> tuple[Array, Array, Array]:
         """Project, split, normalise and rotate: `q, k, v` of shape `(N, heads, hd)`."""
         n, dim = x.shape
-        qkv = token_wise(self.qkv, x).reshape(n, 3, self.heads, dim // self.heads)
-        q = apply_rope(token_wise(self.q_norm, qkv[:, 0]), angles)
-        k = apply_rope(token_wise(self.k_norm, qkv[:, 1]), angles)
+        qkv = keep(linear(self.qkv, x)).reshape(n, 3, self.heads, dim // self.heads)
+        q = apply_rope(self.q_norm.apply(qkv[:, 0]), angles)
+        k = apply_rope(self.k_norm.apply(qkv[:, 1]), angles)
         return q, k, qkv[:, 2]
 
     def __call__(
@@ -85,7 +77,7 @@ class RotaryAttention(eqx.Module):
     ) -> Float[Array, "N dim"]:
         q, k, v = self.qkv_heads(x, angles)
         out = attend(q, k, v, key_mask).reshape(x.shape)
-        return token_wise(self.proj, out)
+        return keep(linear(self.proj, out))
 
 
 class JointAttention(eqx.Module):
@@ -131,12 +123,12 @@ class JointAttention(eqx.Module):
     ) -> tuple[Float[Array, "L dim"], Float[Array, "T dim"]]:
         (n_x, dim), n_y = x.shape, y.shape[0]
         hd = dim // self.heads
-        qkv_x = token_wise(self.qkv_x, x).reshape(n_x, 3, self.heads, hd)
-        qkv_y = token_wise(self.qkv_y, y).reshape(n_y, 3, self.heads, hd)
-        qx = apply_rope(token_wise(self.q_norm_x, qkv_x[:, 0]), image_angles)
-        kx = apply_rope(token_wise(self.k_norm_x, qkv_x[:, 1]), image_angles)
-        qy = token_wise(self.q_norm_y, qkv_y[:, 0])
-        ky = token_wise(self.k_norm_y, qkv_y[:, 1])
+        qkv_x = keep(linear(self.qkv_x, x)).reshape(n_x, 3, self.heads, hd)
+        qkv_y = keep(linear(self.qkv_y, y)).reshape(n_y, 3, self.heads, hd)
+        qx = apply_rope(self.q_norm_x.apply(qkv_x[:, 0]), image_angles)
+        kx = apply_rope(self.k_norm_x.apply(qkv_x[:, 1]), image_angles)
+        qy = self.q_norm_y.apply(qkv_y[:, 0])
+        ky = self.k_norm_y.apply(qkv_y[:, 1])
         if text_angles is not None:
             qy, ky = apply_rope(qy, text_angles), apply_rope(ky, text_angles)
         key_mask = None
@@ -146,4 +138,4 @@ class JointAttention(eqx.Module):
         k = jnp.concatenate([ky, kx])
         v = jnp.concatenate([qkv_y[:, 2], qkv_x[:, 2]])
         out = attend(q, k, v, key_mask).reshape(n_y + n_x, dim)
-        return token_wise(self.proj_x, out[n_y:]), token_wise(self.proj_y, out[:n_y])
+        return keep(linear(self.proj_x, out[n_y:])), keep(linear(self.proj_y, out[:n_y]))

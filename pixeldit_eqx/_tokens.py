@@ -13,12 +13,10 @@ import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._custom_types import Image
-from .modules import RMSNorm, sincos_2d, token_wise
+from .modules import linear, RMSNorm, sincos_at, token_wise
 
 
-def check_image_size(
-    height: int, width: int, patch_size: int, what: str = "x"
-) -> tuple[int, int]:
+def check_image_size(height: int, width: int, patch_size: int, what: str = "x") -> tuple[int, int]:
     """`(H/p, W/p)`, or a `ValueError` naming `what` when a side is not a multiple of p."""
     if height < 1 or width < 1 or height % patch_size or width % patch_size:
         raise ValueError(
@@ -28,30 +26,20 @@ def check_image_size(
     return height // patch_size, width // patch_size
 
 
-def patchify(
-    x: Image, patch_size: int
-) -> Float[Array, "L C*{patch_size}*{patch_size}"]:
+def patchify(x: Image, patch_size: int) -> Float[Array, "L C*{patch_size}*{patch_size}"]:
     """`(C, H, W)` -> `(L, C*p*p)`: patches row-major, each flattened channel-major
     `(C, p_row, p_col)` like PyTorch's `unfold`."""
     c, h, w = x.shape
     hs, ws = check_image_size(h, w, patch_size)
     p = patch_size
-    return (
-        x.reshape(c, hs, p, ws, p).transpose(1, 3, 0, 2, 4).reshape(hs * ws, c * p * p)
-    )
+    return x.reshape(c, hs, p, ws, p).transpose(1, 3, 0, 2, 4).reshape(hs * ws, c * p * p)
 
 
-def unpatchify(
-    tokens: Float[Array, "L p2 C"], patch_size: int, height: int, width: int
-) -> Image:
+def unpatchify(tokens: Float[Array, "L p2 C"], patch_size: int, height: int, width: int) -> Image:
     """Per-patch pixels `(L, p*p, C)` (row-major inside each patch) -> image `(C, H, W)`."""
     hs, ws = check_image_size(height, width, patch_size, "height/width")
     p, c = patch_size, tokens.shape[-1]
-    return (
-        tokens.reshape(hs, ws, p, p, c)
-        .transpose(4, 0, 2, 1, 3)
-        .reshape(c, height, width)
-    )
+    return tokens.reshape(hs, ws, p, p, c).transpose(4, 0, 2, 1, 3).reshape(c, height, width)
 
 
 class PatchEmbedder(eqx.Module):
@@ -71,12 +59,8 @@ class PatchEmbedder(eqx.Module):
         key: PRNGKeyArray,
     ):
         proj = eqx.nn.Linear(in_features, hidden_size, dtype=dtype, key=key)
-        weight = jax.nn.initializers.glorot_uniform()(
-            key, proj.weight.shape, proj.weight.dtype
-        )
-        self.proj = eqx.tree_at(
-            lambda m: (m.weight, m.bias), proj, (weight, jnp.zeros_like(proj.bias))
-        )
+        weight = jax.nn.initializers.glorot_uniform()(key, proj.weight.shape, proj.weight.dtype)
+        self.proj = eqx.tree_at(lambda m: (m.weight, m.bias), proj, (weight, jnp.zeros_like(proj.bias)))
 
     def __call__(self, patches: Float[Array, "L in"]) -> Float[Array, "L D"]:
         return token_wise(self.proj, patches)
@@ -102,27 +86,32 @@ class PixelEmbedder(eqx.Module):
         key: PRNGKeyArray,
     ):
         if use_abs_pos and pixel_size % 4:
-            raise ValueError(
-                f"`pixel_hidden_size` must be divisible by 4 for the sincos table, got {pixel_size}."
-            )
+            raise ValueError(f"`pixel_hidden_size` must be divisible by 4 for the sincos table, got {pixel_size}.")
         self.proj = eqx.nn.Linear(in_channels, pixel_size, dtype=dtype, key=key)
         self.use_abs_pos = use_abs_pos
 
-    def __call__(
-        self, x: Image, patch_size: int
-    ) -> Float[Array, "L {patch_size*patch_size} D_pix"]:
+    def __call__(self, x: Image, patch_size: int) -> Float[Array, "L {patch_size*patch_size} D_pix"]:
         c, h, w = x.shape
         hs, ws = check_image_size(h, w, patch_size)
         p = patch_size
-        pix = token_wise(self.proj, x.transpose(1, 2, 0))  # (H, W, D_pix)
-        d = pix.shape[-1]
+        # Group the pixels per patch before embedding them: the transpose then moves
+        # the C input channels of each pixel rather than its D_pix features.
+        pixels = x.reshape(c, hs, p, ws, p).transpose(1, 3, 2, 4, 0)
+        pix = linear(self.proj, pixels.reshape(hs * ws, p * p, c))
         if self.use_abs_pos:
-            pix = pix + sincos_2d(d, h, w).reshape(h, w, d).astype(pix.dtype)
-        return (
-            pix.reshape(hs, p, ws, p, d)
-            .transpose(0, 2, 1, 3, 4)
-            .reshape(hs * ws, p * p, d)
-        )
+            d = pix.shape[-1]
+            # The table's rows for the same pixels, in the same (patch, pixel) order.
+            shape = (hs, ws, p, p)
+            within = jnp.arange(p, dtype=jnp.float32)
+            rows = jnp.arange(hs, dtype=jnp.float32)[:, None, None, None] * p
+            rows = rows + within[None, None, :, None]
+            cols = jnp.arange(ws, dtype=jnp.float32)[None, :, None, None] * p
+            cols = cols + within[None, None, None, :]
+            rows = jnp.broadcast_to(rows, shape).reshape(-1)
+            cols = jnp.broadcast_to(cols, shape).reshape(-1)
+            table = sincos_at(d, cols, rows).reshape(hs * ws, p * p, d)
+            pix = pix + table.astype(pix.dtype)
+        return pix
 
 
 class ClassEmbedder(eqx.Module):
@@ -142,9 +131,7 @@ class ClassEmbedder(eqx.Module):
         *,
         key: PRNGKeyArray,
     ):
-        weight = 0.02 * jr.normal(
-            key, (num_classes + 1, hidden_size), dtype=dtype or jnp.float32
-        )
+        weight = 0.02 * jr.normal(key, (num_classes + 1, hidden_size), dtype=dtype or jnp.float32)
         self.embedding_table = eqx.nn.Embedding(weight=weight)
 
     def __call__(self, label: Int[Array, ""]) -> Float[Array, " D"]:
@@ -161,11 +148,9 @@ class TextEmbedder(eqx.Module):
     proj: eqx.nn.Linear
     norm: RMSNorm
 
-    def __init__(
-        self, text_dim: int, hidden_size: int, dtype: Any = None, *, key: PRNGKeyArray
-    ):
+    def __init__(self, text_dim: int, hidden_size: int, dtype: Any = None, *, key: PRNGKeyArray):
         self.proj = eqx.nn.Linear(text_dim, hidden_size, dtype=dtype, key=key)
         self.norm = RMSNorm(hidden_size, dtype=dtype)
 
     def __call__(self, text: Float[Array, "T txt"]) -> Float[Array, "T D"]:
-        return token_wise(lambda v: self.norm(self.proj(v)), text)
+        return self.norm.apply(linear(self.proj, text))

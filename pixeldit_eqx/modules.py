@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 
 from ._custom_types import TimeLike
@@ -103,9 +104,7 @@ def cast_params(tree: PyTree, dtype: Any) -> PyTree:
 # ---------------------------------------------------------------------------------------
 
 
-def timestep_embedding(
-    t: TimeLike, dim: int, max_period: float = 10.0
-) -> Float[Array, " {dim}"]:
+def timestep_embedding(t: TimeLike, dim: int, max_period: float = 10.0) -> Float[Array, " {dim}"]:
     """Sinusoidal embedding of a scalar time, `[cos(t f), sin(t f)]`, always float32.
 
     Reference: `TimestepConditioner.timestep_embedding`. Frequencies are
@@ -158,9 +157,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, h: int, w: int | None = None) -> np.
     w = h if w is None else w
     if embed_dim % 4:
         raise ValueError(f"`embed_dim` must be divisible by 4, got {embed_dim}.")
-    grid = np.stack(
-        np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    )
+    grid = np.stack(np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32)))
     return get_2d_sincos_pos_embed_from_grid(embed_dim, grid).astype(np.float32)
 
 
@@ -170,15 +167,24 @@ def sincos_2d(embed_dim: int, h: int, w: int) -> Float[Array, "{h*w} {embed_dim}
     Deliberate deviation: the reference computes in float64 and casts; float32 here
     (JAX's default precision) differs by at most a few ulp of the arguments.
     """
+    cols = jnp.tile(jnp.arange(w, dtype=jnp.float32), h)
+    rows = jnp.repeat(jnp.arange(h, dtype=jnp.float32), w)
+    return sincos_at(embed_dim, cols, rows)
+
+
+def sincos_at(embed_dim: int, cols: Float[Array, " N"], rows: Float[Array, " N"]) -> Float[Array, "N {embed_dim}"]:
+    """The rows of the 2D sincos table for pixels at `(rows[i], cols[i])`, float32.
+
+    `sincos_2d(D, h, w)` is this at the row-major grid; any other order of the same
+    positions gives the same rows, permuted (the pixel embedder asks for patch order).
+    """
     if embed_dim % 4:
         raise ValueError(f"`embed_dim` must be divisible by 4, got {embed_dim}.")
     quarter = embed_dim // 4
     omega = 1.0 / 10000 ** (jnp.arange(quarter, dtype=jnp.float32) / quarter)
-    cols = jnp.tile(jnp.arange(w, dtype=jnp.float32), h)
-    rows = jnp.repeat(jnp.arange(h, dtype=jnp.float32), w)
 
     def embed(pos):
-        out = pos[:, None] * omega[None, :]
+        out = pos.astype(jnp.float32)[:, None] * omega[None, :]
         return jnp.concatenate([jnp.sin(out), jnp.cos(out)], axis=1)
 
     return jnp.concatenate([embed(cols), embed(rows)], axis=1)
@@ -189,9 +195,7 @@ def sincos_2d(embed_dim: int, h: int, w: int) -> Float[Array, "{h*w} {embed_dim}
 # ---------------------------------------------------------------------------------------
 
 
-def _normal_weight(
-    linear: eqx.nn.Linear, std: float, key: PRNGKeyArray
-) -> eqx.nn.Linear:
+def _normal_weight(linear: eqx.nn.Linear, std: float, key: PRNGKeyArray) -> eqx.nn.Linear:
     w = std * jr.normal(key, linear.weight.shape, linear.weight.dtype)
     return eqx.tree_at(lambda m: m.weight, linear, w)
 
@@ -202,6 +206,52 @@ def zero_linear(linear: eqx.nn.Linear) -> eqx.nn.Linear:
     if linear.bias is not None:
         linear = eqx.tree_at(lambda m: m.bias, linear, jnp.zeros_like(linear.bias))
     return linear
+
+
+def linear(layer: eqx.nn.Linear, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
+    """`layer` applied to the last axis of `x`, any leading axes, as one matmul.
+
+    The same numbers as `jax.vmap(layer)`, but `x @ W^T` is contracted on the last
+    axis so the result keeps the row-major `(..., out)` layout: a vmapped matrix-vector
+    product lowers to `W @ X^T` and pays a transpose of every activation.
+    """
+    weight = layer.weight
+    out = jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())))
+    if layer.bias is not None:
+        out = out + layer.bias.reshape((1,) * (out.ndim - 1) + layer.bias.shape)
+    return out
+
+
+RESIDUAL = "pixeldit_residual"
+
+
+def keep(x: Array) -> Array:
+    """Name `x` as a residual that `BlockStack` keeps for the backward pass.
+
+    An identity (`jax.ad_checkpoint.checkpoint_name`); it only matters inside a
+    `jax.checkpoint` whose policy saves this name. Everything a block does not `keep`
+    is recomputed in the backward pass from the kept values: elementwise work and the
+    tiny per-pixel matmuls, which cost more memory to store than time to redo.
+    """
+    return checkpoint_name(x, RESIDUAL)
+
+
+def _rms_normalise(x: Array, weight: Array, eps: float) -> Array:
+    """RMSNorm over the last axis of `x` (any leading axes), statistics in float32."""
+    x32 = x.astype(jnp.float32)
+    ms = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    normed = (x32 * jax.lax.rsqrt(ms + eps)).astype(x.dtype)
+    return weight.astype(x.dtype).reshape((1,) * (x.ndim - 1) + weight.shape) * normed
+
+
+def gelu(x: Array) -> Array:
+    """Exact (erf) GELU, `x/2 * (1 + erf(x/sqrt 2))`, the reference's `nn.GELU()`.
+
+    Equal to `jax.nn.gelu(x, approximate=False)` (which goes through `erfc`, a
+    two-branch approximation that costs several times more on CPU) to float rounding.
+    """
+    half = jnp.asarray(0.5, x.dtype)
+    return half * x * (1 + jax.lax.erf(x * jnp.asarray(math.sqrt(0.5), x.dtype)))
 
 
 class RMSNorm(eqx.Module):
@@ -222,9 +272,11 @@ class RMSNorm(eqx.Module):
         self.eps = eps
 
     def __call__(self, x: Float[Array, " dim"]) -> Float[Array, " dim"]:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32) + self.eps)
-        return self.weight.astype(x.dtype) * normed.astype(x.dtype)
+        return _rms_normalise(x, self.weight, self.eps)
+
+    def apply(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        """`__call__` on every vector of `x` (last axis), without `vmap`."""
+        return _rms_normalise(x, self.weight, self.eps)
 
 
 class SwiGLU(eqx.Module):
@@ -238,9 +290,7 @@ class SwiGLU(eqx.Module):
     w2: eqx.nn.Linear
     w3: eqx.nn.Linear
 
-    def __init__(
-        self, dim: int, mlp_ratio: float = 4.0, dtype: Any = None, *, key: PRNGKeyArray
-    ):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, dtype: Any = None, *, key: PRNGKeyArray):
         hidden = int(2 * int(dim * mlp_ratio) / 3)
         if dim < 1 or hidden < 1:
             raise ValueError(
@@ -252,7 +302,12 @@ class SwiGLU(eqx.Module):
         self.w3 = eqx.nn.Linear(dim, hidden, use_bias=False, dtype=dtype, key=k3)
 
     def __call__(self, x: Float[Array, " dim"]) -> Float[Array, " dim"]:
-        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+        return self.apply(x)
+
+    def apply(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        """`__call__` on every vector of `x` (last axis), as whole-array matmuls."""
+        gate, value = keep(linear(self.w1, x)), keep(linear(self.w3, x))
+        return keep(linear(self.w2, jax.nn.silu(gate) * value))
 
 
 class PixelMLP(eqx.Module):
@@ -264,9 +319,7 @@ class PixelMLP(eqx.Module):
     fc1: eqx.nn.Linear
     fc2: eqx.nn.Linear
 
-    def __init__(
-        self, dim: int, mlp_ratio: float = 4.0, dtype: Any = None, *, key: PRNGKeyArray
-    ):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, dtype: Any = None, *, key: PRNGKeyArray):
         hidden = int(dim * mlp_ratio)
         if dim < 1 or hidden < 1:
             raise ValueError(
@@ -277,7 +330,11 @@ class PixelMLP(eqx.Module):
         self.fc2 = eqx.nn.Linear(hidden, dim, dtype=dtype, key=k2)
 
     def __call__(self, x: Float[Array, " dim"]) -> Float[Array, " dim"]:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.apply(x)
+
+    def apply(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        """`__call__` on every vector of `x` (last axis), as whole-array matmuls."""
+        return linear(self.fc2, gelu(linear(self.fc1, x)))
 
 
 class TimestepConditioner(eqx.Module):
@@ -306,12 +363,8 @@ class TimestepConditioner(eqx.Module):
                 f"TimestepConditioner: `hidden_size` and `freq_dim` must be >= 1, got {hidden_size} and {freq_dim}."
             )
         k1, k2, k3, k4 = jr.split(key, 4)
-        self.linear1 = _normal_weight(
-            eqx.nn.Linear(freq_dim, hidden_size, dtype=dtype, key=k1), 0.02, k2
-        )
-        self.linear2 = _normal_weight(
-            eqx.nn.Linear(hidden_size, hidden_size, dtype=dtype, key=k3), 0.02, k4
-        )
+        self.linear1 = _normal_weight(eqx.nn.Linear(freq_dim, hidden_size, dtype=dtype, key=k1), 0.02, k2)
+        self.linear2 = _normal_weight(eqx.nn.Linear(hidden_size, hidden_size, dtype=dtype, key=k3), 0.02, k4)
         self.freq_dim = freq_dim
 
     def __call__(self, t: TimeLike) -> Float[Array, " hidden"]:
@@ -341,16 +394,26 @@ class FinalLayer(eqx.Module):
                 f"FinalLayer: `hidden_size` and `out_channels` must be >= 1, got {hidden_size} and {out_channels}."
             )
         self.norm = RMSNorm(hidden_size, dtype=dtype)
-        self.linear = zero_linear(
-            eqx.nn.Linear(hidden_size, out_channels, dtype=dtype, key=key)
-        )
+        self.linear = zero_linear(eqx.nn.Linear(hidden_size, out_channels, dtype=dtype, key=key))
 
     def __call__(self, x: Float[Array, " dim"]) -> Float[Array, " out"]:
-        return self.linear(self.norm(x))
+        return self.apply(x)
+
+    def apply(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch out"]:
+        """`__call__` on every vector of `x` (last axis), without `vmap`."""
+        return linear(self.linear, self.norm.apply(x))
 
 
 def token_wise(layer: Callable[..., Array], x: Array) -> Array:
-    """Apply a one-vector layer to every vector of `x` (all leading axes)."""
+    """Apply a one-vector layer to every vector of `x` (all leading axes).
+
+    Linears and the layers of this module with an `apply` method run as whole-array
+    operations on the last axis; anything else is `vmap`ped over the flattened rows.
+    """
+    if isinstance(layer, eqx.nn.Linear):
+        return linear(layer, x)
+    if isinstance(layer, RMSNorm | SwiGLU | PixelMLP | FinalLayer):
+        return layer.apply(x)
     flat = x.reshape(-1, x.shape[-1])
     out = jax.vmap(layer)(flat)
     return out.reshape(*x.shape[:-1], out.shape[-1])
