@@ -21,9 +21,11 @@ state, losses = train.fit(step, state, batches, num_steps=1000)
 train.save_model("digits.eqx", state.ema)
 ```
 
-Reference: the PixelDiT training loop (`c2i/src/diffusion.py` trainers with the
-Lightning EMA callback). Deviations: one pure step function with the jit boundary left
-to the caller; the EMA is a whole model (ready to sample), updated every step.
+The objective is the reference's rectified flow (`pixeldit_eqx.flow`: logit-normal
+times, label dropout for guidance). Design choices of this module: one pure step
+function with the jit boundary left to the caller; the EMA is a whole model (ready to
+sample), updated every step; the optimizer runs under standard dtype promotion (optax
+is not written for `jax_numpy_dtype_promotion="strict"`), the model does not.
 """
 
 import json
@@ -72,8 +74,8 @@ class TrainState(eqx.Module):
     **Fields:**
 
     - `model`: the model being trained.
-    - `ema`: an exponential moving average of `model` (the same structure: trainable
-        leaves averaged, the rest copied), ready to sample from.
+    - `ema`: an exponential moving average of `model`, of the same structure: its
+        trainable leaves are averaged, the others are the model's. Ready to sample from.
     - `opt_state`: the optax state of the trainable partition.
     - `step`: the number of steps taken, an int32 scalar.
     - `key`: a typed PRNG key, split at every step.
@@ -248,7 +250,7 @@ def make_train_step(
     - `optimizer`: the optax transformation `state.opt_state` was initialised with.
     - `ema_decay`: the EMA decay `d` in [0, 1], or a schedule `d(step)` called with the
         int32 number of steps taken before this one (for a warmup such as
-        `lambda s: jnp.minimum(0.999, (1 + s) / (10 + s))`).
+        `lambda s: jnp.minimum(0.999, (1 + s) / (10 + s))`, a float32 result).
 
     **Returns:**
 

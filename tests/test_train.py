@@ -1,0 +1,387 @@
+"""Tests of `pixeldit_eqx.train`: the step, EMA, clipping, the loop, checkpoints, model files."""
+
+import functools
+import io
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+from jaxtyping import Array, TypeCheckError
+
+
+def _tiny_c2i(key, **kwargs):
+    import pixeldit_eqx
+
+    config = dict(
+        in_channels=1,
+        num_groups=2,
+        hidden_size=16,
+        pixel_hidden_size=4,
+        patch_depth=1,
+        pixel_depth=1,
+        patch_size=2,
+        num_classes=2,
+    )
+    return pixeldit_eqx.PixelDiT(**config, key=key, **kwargs)
+
+
+def _tiny_t2i(key, **kwargs):
+    import pixeldit_eqx
+
+    config = dict(
+        in_channels=1,
+        num_groups=2,
+        hidden_size=16,
+        pixel_hidden_size=4,
+        patch_depth=1,
+        pixel_depth=1,
+        patch_size=2,
+        txt_embed_dim=8,
+        txt_max_length=4,
+    )
+    return pixeldit_eqx.PixelDiTT2I(**config, key=key, **kwargs)
+
+
+def _digit_batch(batch: int = 8) -> tuple[Array, Array]:
+    """Two fixed 4x4 patterns in [-1, 1], one per class (numpy: no eager compiles)."""
+    rng = np.random.default_rng(0)
+    patterns = np.sign(rng.standard_normal((2, 1, 4, 4))).astype(np.float32)
+    labels = np.arange(batch, dtype=np.int32) % 2
+    return jnp.asarray(patterns[labels]), jnp.asarray(labels)
+
+
+def _leaves_equal(a, b) -> bool:
+    la = jax.tree.leaves(eqx.filter(a, eqx.is_array))
+    lb = jax.tree.leaves(eqx.filter(b, eqx.is_array))
+    if len(la) != len(lb):
+        return False
+
+    def data(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jr.key_data(x)
+        return np.asarray(x)
+
+    return all(x.dtype == y.dtype and np.array_equal(data(x), data(y)) for x, y in zip(la, lb))
+
+
+class _Toy(eqx.Module):
+    linear: eqx.nn.Linear
+    scale: "object"  # a pixeldit_eqx.Buffer
+    count: Array
+
+    def __init__(self, key):
+        import pixeldit_eqx
+
+        self.linear = eqx.nn.Linear(3, 2, key=key)
+        self.scale = pixeldit_eqx.Buffer(jnp.array([2.0, 3.0]))
+        self.count = jnp.array(7, dtype=jnp.int32)
+
+    def __call__(self, x):
+        return self.linear(x) * self.scale.value
+
+
+def _toy_loss(model, batch, key):
+    del key
+    x, y = batch
+    pred = jax.vmap(model)(x)
+    return jnp.mean(jnp.square(pred - y))
+
+
+def _toy_batch():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((16, 3)).astype(np.float32)
+    y = rng.standard_normal((16, 2)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+# ----------------------------------------------------------------- the step
+
+
+@pytest.fixture(scope="module")
+def c2i_step():
+    """One optimizer and one jitted c2i step, shared so that they compile once."""
+    from pixeldit_eqx import train
+
+    optimizer = train.default_optimizer(1e-2, warmup_steps=2)
+    step = eqx.filter_jit(train.make_train_step(train.c2i_loss, optimizer, ema_decay=0.9))
+    return optimizer, step
+
+
+def test_steps_lower_the_loss(getkey, c2i_step):
+    from pixeldit_eqx import train
+
+    optimizer, step = c2i_step
+    start = train.init_train_state(_tiny_c2i(getkey()), optimizer, key=getkey())
+    batch = _digit_batch()
+    state, losses = train.fit(step, start, iter(lambda: batch, None), num_steps=40, progress=False)
+    assert losses.shape == (40,) and losses.dtype == np.float32
+    assert np.all(np.isfinite(losses))
+    assert int(state.step) == 40
+    # The step's loss is taken before its update: with the first step's key, it is the
+    # trained model's loss on the same noise and times as the first loss.
+    _, metrics = step(eqx.tree_at(lambda s: s.key, state, start.key), batch)
+    before, after = float(losses[0]), float(metrics["loss"])
+    assert after < 0.8 * before, (before, after)
+
+
+def test_only_trainable_leaves_change(getkey):
+    from pixeldit_eqx import train
+
+    model = _Toy(getkey())
+    optimizer = train.default_optimizer(1e-1, weight_decay=0.5)
+    state = train.init_train_state(model, optimizer, key=getkey())
+    step = eqx.filter_jit(train.make_train_step(_toy_loss, optimizer, ema_decay=0.5))
+    new, metrics = step(state, _toy_batch())
+    new, metrics = step(new, _toy_batch())
+    for m in (new.model, new.ema):
+        assert np.array_equal(np.asarray(m.scale.array), np.array([2.0, 3.0]))
+        assert m.count.dtype == jnp.int32 and int(m.count) == 7
+        assert not np.array_equal(np.asarray(m.linear.weight), np.asarray(model.linear.weight))
+    assert set(metrics) >= {"loss", "grad_norm"}
+    # The optimizer never saw the buffer: Adam's moments cover weight and bias only.
+    moments = [x for x in jax.tree.leaves(state.opt_state) if eqx.is_inexact_array(x)]
+    assert sorted(x.shape for x in moments) == [(2,), (2,), (2, 3), (2, 3)]
+    assert not jnp.array_equal(jr.key_data(new.key), jr.key_data(state.key))
+
+
+def test_ema_math(getkey):
+    from pixeldit_eqx import train
+
+    model = _Toy(getkey())
+    optimizer = optax.sgd(0.1)
+    state = train.init_train_state(model, optimizer, key=getkey())
+    batch = _toy_batch()
+    step = eqx.filter_jit(train.make_train_step(_toy_loss, optimizer, ema_decay=0.9))
+    s1, _ = step(state, batch)
+    s2, _ = step(s1, batch)
+    w0, w1, w2 = (np.asarray(s.model.linear.weight) for s in (state, s1, s2))
+    ema1 = 0.9 * w0 + 0.1 * w1
+    ema2 = 0.9 * ema1 + 0.1 * w2
+    np.testing.assert_allclose(np.asarray(s1.ema.linear.weight), ema1, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(s2.ema.linear.weight), ema2, rtol=1e-6)
+    # SGD: w1 = w0 - 0.1 grad.
+    grads = eqx.filter_grad(lambda m: _toy_loss(m, batch, None))(model)
+    np.testing.assert_allclose(w1, w0 - 0.1 * np.asarray(grads.linear.weight), rtol=1e-5, atol=1e-7)
+
+    # A schedule receives the number of steps taken before the update: 0, then 1.
+    sched = train.make_train_step(_toy_loss, optimizer, ema_decay=lambda s: 0.5 * s.astype(jnp.float32))
+    t1, _ = sched(state, batch)  # d = 0: the EMA is the new model
+    t2, _ = sched(t1, batch)  # d = 0.5
+    np.testing.assert_array_equal(np.asarray(t1.ema.linear.weight), np.asarray(t1.model.linear.weight))
+    np.testing.assert_allclose(
+        np.asarray(t2.ema.linear.weight),
+        0.5 * np.asarray(t1.model.linear.weight) + 0.5 * np.asarray(t2.model.linear.weight),
+        rtol=1e-6,
+    )
+    with pytest.raises(ValueError, match="ema_decay"):
+        train.make_train_step(_toy_loss, optimizer, ema_decay=1.5)
+
+
+def test_gradient_clipping_is_applied():
+    from pixeldit_eqx import train
+
+    params = {"w": jnp.zeros((4,), dtype=jnp.float32)}
+    g1 = {"w": jnp.array([60.0, 80.0, 0.0, 0.0])}  # norm 100
+    g2 = {"w": jnp.array([0.1, -0.2, 0.3, 0.0])}  # norm < 1: not clipped
+
+    def run(optimizer, grads):
+        state = optimizer.init(params)
+        p, out = params, []
+        for g in grads:
+            updates, state = optimizer.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+            out.append(np.asarray(p["w"]))
+        return out
+
+    clipped = run(train.default_optimizer(1e-2, clip=1.0), [g1, g2])
+    by_hand = run(train.default_optimizer(1e-2, clip=None), [{"w": g1["w"] / 100.0}, g2])
+    unclipped = run(train.default_optimizer(1e-2, clip=None), [g1, g2])
+    np.testing.assert_allclose(clipped[1], by_hand[1], rtol=1e-5)
+    assert not np.allclose(clipped[1], unclipped[1], rtol=1e-3)
+
+    # The step reports the norm before clipping.
+    model = _Toy(jr.key(0))
+    optimizer = train.default_optimizer(1e-3, clip=1e-6)
+    state = train.init_train_state(model, optimizer, key=jr.key(1))
+    step = train.make_train_step(_toy_loss, optimizer)
+    _, metrics = step(state, _toy_batch())
+    assert float(metrics["grad_norm"]) > 1e-3
+
+
+def test_default_optimizer_errors():
+    from pixeldit_eqx import train
+
+    with pytest.raises(ValueError, match="lr"):
+        train.default_optimizer(0.0)
+    with pytest.raises(ValueError, match="clip"):
+        train.default_optimizer(1e-3, clip=-1.0)
+    with pytest.raises(ValueError, match="decay_steps"):
+        train.default_optimizer(1e-3, warmup_steps=10, decay_steps=5)
+    schedule_opt = train.default_optimizer(1e-3, warmup_steps=2, decay_steps=10)
+    assert isinstance(schedule_opt, optax.GradientTransformation)
+
+
+def test_fit_errors_and_history():
+    from pixeldit_eqx import train
+
+    model = _Toy(jr.key(0))
+    optimizer = optax.sgd(1e-2)
+    state = train.init_train_state(model, optimizer, key=jr.PRNGKey(1))  # a raw key
+    assert jnp.issubdtype(state.key.dtype, jax.dtypes.prng_key)
+    step = eqx.filter_jit(train.make_train_step(_toy_loss, optimizer))
+    with pytest.raises(ValueError, match="ran out after 2"):
+        train.fit(step, state, [_toy_batch()] * 2, num_steps=3, progress=False)
+    with pytest.raises(ValueError, match="num_steps"):
+        train.fit(step, state, [], num_steps=-1)
+    out, history = train.fit(step, state, [_toy_batch()] * 5, num_steps=5)
+    assert history.shape == (5,) and int(out.step) == 5
+    assert history[-1] < history[0]
+
+
+# ----------------------------------------------------------------- losses
+
+
+def test_label_and_caption_dropout_use_the_null_condition(getkey):
+    from pixeldit_eqx import train
+
+    key = getkey()
+    model = _tiny_c2i(getkey())
+    # Make the class embedding matter: the zero-initialised model ignores its labels.
+    model = jax.tree.map(lambda x: x + 0.05 if eqx.is_inexact_array(x) else x, model)
+    x, y = _digit_batch(4)
+
+    @eqx.filter_jit
+    def c2i_losses(model):
+        dropped = train.c2i_loss(model, (x, y), key, drop_prob=1.0)
+        null = train.c2i_loss(model, (x, jnp.full_like(y, 2)), key, drop_prob=0.0)
+        kept = train.c2i_loss(model, (x, y), key, drop_prob=0.0)
+        return dropped, null, kept
+
+    dropped, null, kept = c2i_losses(model)
+    np.testing.assert_allclose(float(dropped), float(null), rtol=1e-6)
+    assert float(dropped) != float(kept)
+    # Without runtime type checking the library's own ValueError names the labels.
+    with pytest.raises((ValueError, TypeCheckError)):
+        train.c2i_loss(model, (x, y[:2]), key)
+
+    model = _tiny_t2i(getkey())
+    model = jax.tree.map(lambda x: x + 0.05 if eqx.is_inexact_array(x) else x, model)
+    text = jnp.asarray(np.random.default_rng(2).standard_normal((4, 3, 8)), jnp.float32)
+    mask = jnp.asarray(np.array([[True, True, False]] * 4))
+    loss = functools.partial(train.t2i_loss, key=key)
+
+    @eqx.filter_jit
+    def t2i_losses(model):
+        dropped = loss(model, (x, text, mask), drop_prob=1.0)
+        null = loss(model, (x, jnp.zeros_like(text), jnp.ones_like(mask)), drop_prob=0.0)
+        kept = loss(model, (x, text, mask), drop_prob=0.0)
+        return dropped, null, kept
+
+    dropped, null, kept = t2i_losses(model)
+    np.testing.assert_allclose(float(dropped), float(null), rtol=1e-6)
+    assert float(dropped) != float(kept)
+
+
+# ----------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_resume_is_bit_exact(tmp_path, getkey, c2i_step):
+    from pixeldit_eqx import train
+
+    model = _tiny_c2i(getkey())
+    optimizer, step = c2i_step
+    batches = [_digit_batch()] * 6
+    state = train.init_train_state(model, optimizer, key=getkey())
+    state, _ = train.fit(step, state, batches[:3], num_steps=3, progress=False)
+    path = tmp_path / "state.eqx"
+    train.save_checkpoint(path, state)
+    ran_on, losses_on = train.fit(step, state, batches[3:], num_steps=3)
+
+    # A fresh state of a different initialisation (and its abstract shape) as skeletons.
+    like = train.init_train_state(_tiny_c2i(getkey()), optimizer, key=getkey())
+    abstract = eqx.filter_eval_shape(train.init_train_state, _tiny_c2i(getkey()), optimizer, key=getkey())
+    for skeleton in (like, abstract):
+        loaded = train.load_checkpoint(path, skeleton)
+        assert _leaves_equal(loaded, state)
+        resumed, losses = train.fit(step, loaded, batches[3:], num_steps=3)
+        np.testing.assert_array_equal(losses, losses_on)
+        assert _leaves_equal(resumed, ran_on)
+        assert int(resumed.step) == 6
+
+    wrong = train.init_train_state(_Toy(getkey()), optimizer, key=getkey())
+    with pytest.raises(ValueError, match="does not fit"):
+        train.load_checkpoint(path, wrong)
+
+
+# ----------------------------------------------------------------- model files
+
+
+def test_model_file_round_trip(tmp_path, getkey):
+    import pixeldit_eqx
+    from pixeldit_eqx import train
+
+    model = _tiny_c2i(getkey())
+    model = jax.tree.map(lambda x: x + 0.01 if eqx.is_inexact_array(x) else x, model)
+    path = tmp_path / "model.eqx"
+    train.save_model(path, model)
+    header = json.loads(path.read_bytes().split(b"\n", 1)[0])
+    assert header["variant"] == "c2i" and header["config"] == model.config
+    assert header["dtype"] == "float32"
+    loaded = train.load_model(path)
+    assert type(loaded) is type(model) and loaded.config == model.config
+    assert _leaves_equal(loaded, model)
+    x, y = _digit_batch(2)
+    t = jnp.array([0.3, 0.7], dtype=jnp.float32)
+    run = eqx.filter_jit(lambda m: jax.vmap(m)(x, t, y))
+    np.testing.assert_array_equal(np.asarray(run(loaded)), np.asarray(run(model)))
+
+    # bfloat16 parameters and a text model, through a file object.
+    t2i = pixeldit_eqx.cast_params(_tiny_t2i(getkey()), jnp.bfloat16)
+    buffer = io.BytesIO()
+    train.save_model(buffer, t2i)
+    buffer.seek(0)
+    loaded = train.load_model(buffer)
+    assert type(loaded).variant == "t2i"
+    assert loaded.y_pos_embedding.dtype == jnp.bfloat16
+    assert _leaves_equal(loaded, t2i)
+
+
+def test_model_file_errors(tmp_path, getkey):
+    from pixeldit_eqx import train
+
+    model = _tiny_c2i(getkey())
+    path = tmp_path / "model.eqx"
+    train.save_model(path, model)
+    header, leaves = path.read_bytes().split(b"\n", 1)
+
+    bad = tmp_path / "no_header.eqx"
+    bad.write_bytes(leaves)
+    with pytest.raises(ValueError, match="not a pixeldit_eqx model file"):
+        train.load_model(bad)
+    bad.write_bytes(b'{"format": "pixeldit_eqx.model", "variant": "c2i"\n' + leaves)
+    with pytest.raises(ValueError, match="not a pixeldit_eqx model file"):
+        train.load_model(bad)
+
+    info = json.loads(header)
+    info["config"]["hidden_size"] = 32
+    bad.write_bytes(json.dumps(info).encode() + b"\n" + leaves)
+    with pytest.raises(ValueError, match="do not fit"):
+        train.load_model(bad)
+    bad.write_bytes(header + b"\n" + leaves[: len(leaves) // 2])
+    with pytest.raises(ValueError, match="do not fit"):
+        train.load_model(bad)
+    bad.write_bytes(header + b"\n" + leaves + leaves[:64])
+    with pytest.raises(ValueError, match="end of the file"):
+        train.load_model(bad)
+    info = json.loads(header)
+    info["config"]["nonsense"] = 1
+    bad.write_bytes(json.dumps(info).encode() + b"\n" + leaves)
+    with pytest.raises(ValueError, match="describes no valid model"):
+        train.load_model(bad)
+    with pytest.raises(ValueError, match="PixelDiT"):
+        train.save_model(tmp_path / "toy.eqx", _Toy(getkey()))
