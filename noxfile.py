@@ -50,7 +50,13 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def notebooks(session: nox.Session) -> None:
-    """Re-execute the example notebooks with small settings through nbmake."""
+    """Re-execute the example notebooks with small settings through nbmake.
+
+    nbmake runs each notebook on a copy: the committed outputs are left alone. The
+    notebooks check their own shapes (`%jaxtyping.typechecker`), so the jaxtyping pytest
+    plugin is switched off, and with it the `--jaxtyping-packages` of the shared addopts.
+    `PIXELDIT_NOTEBOOK_SMALL=0 nox -s notebooks` runs them with their full settings.
+    """
     session.install("-e", ".[test,examples,notebooks]")
     env = {"PIXELDIT_NOTEBOOK_SMALL": "1"}
     session.run(
@@ -58,6 +64,9 @@ def notebooks(session: nox.Session) -> None:
         "--nbmake",
         "-p",
         "no:jaxtyping",
+        "-o",
+        "addopts=-p no:cacheprovider",
         "examples/",
+        *session.posargs,
         env=env | dict(os.environ),
     )
