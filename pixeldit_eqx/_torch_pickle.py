@@ -298,9 +298,7 @@ class Placeholder:
         fields = [f"{type(self).module}.{type(self).name}"]
         for field in ("args", "kwargs", "state", "items", "list_items"):
             value = getattr(self, field)
-            if value is not None and (
-                not isinstance(value, tuple | dict | list) or value
-            ):
+            if value is not None and (not isinstance(value, tuple | dict | list) or value):
                 fields.append(f"{field}={value!r}")
         return f"Placeholder({', '.join(fields)})"
 
@@ -336,10 +334,7 @@ def _diagnose_not_zip(path: str, head: bytes, size: int) -> str:
             f"this reader does not support; {resave}"
         )
     if head[:1] == b"\x80":
-        return (
-            f"{path}: this is a bare pickle, not a torch zip checkpoint (possibly the legacy "
-            f"torch format); {resave}"
-        )
+        return f"{path}: this is a bare pickle, not a torch zip checkpoint (possibly the legacy torch format); {resave}"
     if len(head) > 262 and head[257:262] == b"ustar":
         return f"{path}: this is a tar archive (torch's oldest checkpoint format); {resave}"
     if size >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
@@ -394,9 +389,7 @@ class _Archive:
 
     def _find_prefix(self) -> str:
         names = self._zip.namelist()
-        prefixes = [
-            n[: -len("data.pkl")] for n in names if n.rsplit("/", 1)[-1] == "data.pkl"
-        ]
+        prefixes = [n[: -len("data.pkl")] for n in names if n.rsplit("/", 1)[-1] == "data.pkl"]
         prefixes = [p for p in prefixes if p.count("/") <= 1]
         if not prefixes:
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
@@ -413,9 +406,7 @@ class _Archive:
             return "little"  # What torch assumes for files without the record.
         order = self._read_record(name).decode("ascii", "replace").strip()
         if order not in ("little", "big"):
-            raise CheckpointFormatError(
-                f"{self.path}: invalid byteorder record {order!r}"
-            )
+            raise CheckpointFormatError(f"{self.path}: invalid byteorder record {order!r}")
         return order
 
     def _read_record(self, name: str) -> bytes:
@@ -431,8 +422,7 @@ class _Archive:
             RuntimeError,  # An encrypted member.
         ) as e:
             raise CheckpointFormatError(
-                f"{self.path}: cannot read the record '{name}' (truncated, corrupt or "
-                f"unsupported zip member): {e}"
+                f"{self.path}: cannot read the record '{name}' (truncated, corrupt or unsupported zip member): {e}"
             ) from e
 
     def pickle_bytes(self) -> bytes:
@@ -458,11 +448,7 @@ class _Archive:
 
     def _read_member(self, info: zipfile.ZipInfo) -> np.ndarray:
         """A member's bytes: a view into the memory map if stored uncompressed, else read."""
-        if (
-            self._mmap is None
-            or info.compress_type != zipfile.ZIP_STORED
-            or info.flag_bits & 1
-        ):
+        if self._mmap is None or info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
             return np.frombuffer(self._read_record(info.filename), dtype=np.uint8)
         start = info.header_offset
         header = self._mmap[start : start + _LOCAL_HEADER.size]
@@ -474,12 +460,9 @@ class _Archive:
         data_start = start + _LOCAL_HEADER.size + fields[-2] + fields[-1]
         if data_start + info.file_size > len(self._mmap):
             raise CheckpointFormatError(
-                f"{self.path}: the record '{info.filename}' runs past the end of the file "
-                "(truncated file)"
+                f"{self.path}: the record '{info.filename}' runs past the end of the file (truncated file)"
             )
-        return np.frombuffer(
-            self._mmap, dtype=np.uint8, count=info.file_size, offset=data_start
-        )
+        return np.frombuffer(self._mmap, dtype=np.uint8, count=info.file_size, offset=data_start)
 
     def close(self) -> None:
         """Release the cache, the memory map and the file."""
@@ -595,9 +578,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
             for name in ("Path", "PurePath"):
                 table[module, name] = _pure_path(pathlib.PurePath)
         return {
-            key: _Vetted(value)
-            if isinstance(value, FunctionType | MethodType)
-            else value
+            key: _Vetted(value) if isinstance(value, FunctionType | MethodType) else value
             for key, value in table.items()
         }
 
@@ -626,9 +607,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
             )
         if (
             module.split(".", 1)[0] in _DENIED_ROOTS
-            or any(
-                module == m or module.startswith(m + ".") for m in _DENIED_TORCH_MODULES
-            )
+            or any(module == m or module.startswith(m + ".") for m in _DENIED_TORCH_MODULES)
             or any(part in _DENIED_NAMES for part in name.split("."))
         ):
             raise self._refuse(*written)
@@ -638,9 +617,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         return self._placeholders[key]
 
     def persistent_load(self, pid: Any) -> _StorageRef:
-        if not (
-            isinstance(pid, tuple) and len(pid) == 5 and _decode(pid[0]) == "storage"
-        ):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and _decode(pid[0]) == "storage"):
             raise CheckpointFormatError(
                 f"{self._archive.path}: unsupported persistent id {pid!r} (expected "
                 "('storage', type, key, location, numel))"
@@ -651,14 +628,10 @@ class _RestrictedUnpickler(pickle._Unpickler):
         elif isinstance(storage_type, TorchDtype):
             dtype = storage_type.numpy_dtype
         else:
-            raise CheckpointFormatError(
-                f"{self._archive.path}: unsupported storage type {storage_type!r}"
-            )
+            raise CheckpointFormatError(f"{self._archive.path}: unsupported storage type {storage_type!r}")
         key = _decode(key)
         if not isinstance(key, str):
-            raise CheckpointFormatError(
-                f"{self._archive.path}: invalid storage key {key!r}"
-            )
+            raise CheckpointFormatError(f"{self._archive.path}: invalid storage key {key!r}")
         return _StorageRef(key, dtype, _as_index(numel, "storage size"))
 
     def _tensor(
@@ -672,16 +645,12 @@ class _RestrictedUnpickler(pickle._Unpickler):
         """The view `storage[offset]` with `size` and `stride` (in elements), as a copy."""
         path = self._archive.path
         if not isinstance(storage, _StorageRef):
-            raise CheckpointFormatError(
-                f"{path}: tensor data {storage!r} is not a storage"
-            )
+            raise CheckpointFormatError(f"{path}: tensor data {storage!r} is not a storage")
         offset = _as_index(offset, "storage offset")
         size = _as_shape(size, "size")
         stride = _as_shape(stride, "stride")
         if len(size) != len(stride):
-            raise CheckpointFormatError(
-                f"{path}: tensor size {size} and stride {stride} differ"
-            )
+            raise CheckpointFormatError(f"{path}: tensor size {size} and stride {stride} differ")
         dtype = storage.dtype if dtype is None else dtype
         raw = self._archive.storage(storage.key)
         nbytes = storage.numel * storage.dtype.itemsize
@@ -711,9 +680,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
             out = out.byteswap()
         return out
 
-    def _rebuild_tensor(
-        self, storage: Any, offset: Any, size: Any, stride: Any
-    ) -> np.ndarray:
+    def _rebuild_tensor(self, storage: Any, offset: Any, size: Any, stride: Any) -> np.ndarray:
         return self._tensor(storage, offset, size, stride)
 
     def _rebuild_tensor_v2(
@@ -742,9 +709,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
     ) -> np.ndarray:
         del requires_grad, backward_hooks, metadata
         if not isinstance(dtype, TorchDtype):
-            raise CheckpointFormatError(
-                f"{self._archive.path}: invalid tensor dtype {dtype!r}"
-            )
+            raise CheckpointFormatError(f"{self._archive.path}: invalid tensor dtype {dtype!r}")
         return self._tensor(storage, offset, size, stride, dtype.numpy_dtype)
 
 
@@ -753,9 +718,7 @@ def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> An
     return data
 
 
-def _rebuild_parameter_with_state(
-    data: Any, requires_grad: Any, backward_hooks: Any, state: Any
-) -> Any:
+def _rebuild_parameter_with_state(data: Any, requires_grad: Any, backward_hooks: Any, state: Any) -> Any:
     """A `torch.nn.Parameter` with Python attributes comes back as its data."""
     return data
 
@@ -817,9 +780,7 @@ def _copyreg_newobj_ex(cls: Any, args: Any, kwargs: Any) -> Any:
 
 def _copyreg_reconstructor(cls: Any, base: Any, state: Any) -> Any:
     """`copyreg._reconstructor` (protocol 0/1 objects), for placeholders and containers."""
-    if _is_placeholder_class(cls) or (
-        _is_safe_new_type(cls) and _is_safe_new_type(base)
-    ):
+    if _is_placeholder_class(cls) or (_is_safe_new_type(cls) and _is_safe_new_type(base)):
         return cls() if state is None else cls(state)
     raise CheckpointFormatError(f"cannot reconstruct an object of type {cls!r}")
 
@@ -827,9 +788,7 @@ def _copyreg_reconstructor(cls: Any, base: Any, state: Any) -> Any:
 def _np_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
     """numpy's `_reconstruct`, for plain arrays; the pickle's `__setstate__` fills it."""
     if not isinstance(subtype, _NdarrayType):
-        raise CheckpointFormatError(
-            f"cannot reconstruct a numpy array of type {subtype!r}"
-        )
+        raise CheckpointFormatError(f"cannot reconstruct a numpy array of type {subtype!r}")
     return _NP_RECONSTRUCT(np.ndarray, (0,), dtype)
 
 

@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
+
 from pixeldit_eqx._torch_pickle import (
     CheckpointFormatError,
     load_torch_file,
@@ -34,9 +35,7 @@ def weights() -> dict[str, np.ndarray]:
     return safetensors.numpy.load_file(REFERENCE / "model_c2i.safetensors")
 
 
-def assert_same(
-    got: dict[str, np.ndarray], want: dict[str, np.ndarray], dtype: Any
-) -> None:
+def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray], dtype: Any) -> None:
     assert sorted(got) == sorted(want)
     for key, value in want.items():
         assert isinstance(got[key], np.ndarray), key
@@ -140,19 +139,9 @@ def test_lightning_checkpoint(weights: dict[str, np.ndarray]) -> None:
     }
     assert ckpt["epoch"] == 7 and ckpt["global_step"] == 1234
     state = ckpt["state_dict"]
-    assert set(state) == {
-        f"{p}.{k}" for p in ("ema_denoiser", "denoiser") for k in weights
-    }
-    ema = {
-        k.removeprefix("ema_denoiser."): v
-        for k, v in state.items()
-        if k.startswith("ema_")
-    }
-    raw = {
-        k.removeprefix("denoiser."): v
-        for k, v in state.items()
-        if k.startswith("denoiser.")
-    }
+    assert set(state) == {f"{p}.{k}" for p in ("ema_denoiser", "denoiser") for k in weights}
+    ema = {k.removeprefix("ema_denoiser."): v for k, v in state.items() if k.startswith("ema_")}
+    raw = {k.removeprefix("denoiser."): v for k, v in state.items() if k.startswith("denoiser.")}
     assert_same(ema, weights, np.float32)
     assert_same(raw, {k: v + np.float32(1.0) for k, v in weights.items()}, np.float32)
     # Tensors elsewhere in the dict come back too, 0-d ones included.
@@ -169,11 +158,7 @@ def test_lightning_hyper_parameters_are_an_inert_placeholder() -> None:
         "AttributeDict",
     )
     assert hparams.items == {"lr": 1e-4, "num_classes": 10, "note": "not weights"}
-    assert (
-        hparams["num_classes"] == 10
-        and "lr" in hparams
-        and dict(hparams) == hparams.items
-    )
+    assert hparams["num_classes"] == 10 and "lr" in hparams and dict(hparams) == hparams.items
     assert "AttributeDict" in repr(hparams)
     assert not any(m == "lightning" or m.startswith("lightning.") for m in sys.modules)
 
@@ -184,9 +169,7 @@ def test_bf16_checkpoint(weights: dict[str, np.ndarray]) -> None:
     assert_same(state, bf16, ml_dtypes.bfloat16)
 
 
-def test_views_into_one_shared_storage(
-    weights: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_views_into_one_shared_storage(weights: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
     from pixeldit_eqx import _torch_pickle
 
     reads: list[str] = []
@@ -201,14 +184,10 @@ def test_views_into_one_shared_storage(
     assert_same(state, weights, np.float32)
     assert reads == ["model_c2i_views/data/0"]  # 70 tensors, one storage read once.
     for value in state.values():
-        assert (
-            value.flags.owndata and value.flags.c_contiguous and value.flags.writeable
-        )
+        assert value.flags.owndata and value.flags.c_contiguous and value.flags.writeable
 
 
-def test_compressed_members_are_read_too(
-    tmp_path: Path, weights: dict[str, np.ndarray]
-) -> None:
+def test_compressed_members_are_read_too(tmp_path: Path, weights: dict[str, np.ndarray]) -> None:
     with zipfile.ZipFile(VIEWS) as src:
         records = {info.filename: src.read(info) for info in src.infolist()}
     deflated = tmp_path / "deflated.pt"
@@ -237,12 +216,8 @@ def test_storage_and_rebuild_variants(tmp_path: Path) -> None:
         "scalar": tensor(floats, 5, (), ()),
         "expanded": tensor(floats, 2, (3, 2), (0, 1)),
         "empty": tensor(floats, 0, (0, 3), (3, 1)),
-        "parameter": Call(
-            parameter, tensor(floats, 0, (12,), (1,)), True, OrderedDict()
-        ),
-        "with_state": Call(
-            with_state, tensor(floats, 0, (2,), (1,)), True, OrderedDict(), {}
-        ),
+        "parameter": Call(parameter, tensor(floats, 0, (12,), (1,)), True, OrderedDict()),
+        "with_state": Call(with_state, tensor(floats, 0, (2,), (1,)), True, OrderedDict(), {}),
         "subclass": Call(
             from_type,
             Global("torch._utils", "_rebuild_tensor_v2"),
@@ -250,9 +225,7 @@ def test_storage_and_rebuild_variants(tmp_path: Path) -> None:
             (floats, 3, (2,), (1,), False, OrderedDict()),
             {"attribute": 1},
         ),
-        "v3_half": Call(
-            v3, untyped, 1, (3,), (1,), False, OrderedDict(), Global("torch", "float16")
-        ),
+        "v3_half": Call(v3, untyped, 1, (3,), (1,), False, OrderedDict(), Global("torch", "float16")),
         "dtype_in_storage": tensor(by_dtype, 0, (2, 2), (2, 1)),
         "dtype": Global("torch", "bfloat16"),
         "size": Call(Global("torch", "Size"), (2, 3)),
@@ -342,16 +315,12 @@ def test_foreign_classes_become_placeholders(tmp_path: Path) -> None:
 
 def test_placeholder_records_dict_and_list_items(tmp_path: Path) -> None:
     # GLOBAL, EMPTY_TUPLE, NEWOBJ, then SETITEMS / APPENDS, as for dict and list subclasses.
-    dict_like = (
-        b"cfaraway.pkg\nAttrs\n)\x81(X\x01\x00\x00\x00aK\x01X\x01\x00\x00\x00bK\x02u"
-    )
+    dict_like = b"cfaraway.pkg\nAttrs\n)\x81(X\x01\x00\x00\x00aK\x01X\x01\x00\x00\x00bK\x02u"
     list_like = b"cfaraway.pkg\nItems\n)\x81(K\x01K\x02K\x03e"
     data = b"\x80\x02(" + dict_like + list_like + b"l."
     path = write_zip(tmp_path / "items.pt", {"data.pkl": data})
     attrs, items = load_torch_file(path)
-    assert (
-        attrs.items == {"a": 1, "b": 2} and attrs["b"] == 2 and attrs.get("c") is None
-    )
+    assert attrs.items == {"a": 1, "b": 2} and attrs["b"] == 2 and attrs.get("c") is None
     assert items.list_items == [1, 2, 3]
 
 
@@ -371,9 +340,7 @@ def test_malicious_reduce_is_refused_and_not_run(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     data = pickle.dumps({"w": RunsACommand(f"touch {marker}")}, protocol=2)
     path = write_zip(tmp_path / "evil.pt", {"data.pkl": data})
-    with pytest.raises(
-        UnsafeCheckpointError, match=rf"{os.system.__module__}\.system"
-    ) as info:
+    with pytest.raises(UnsafeCheckpointError, match=rf"{os.system.__module__}\.system") as info:
         load_torch_file(path)
     assert str(path) in str(info.value)
     assert not marker.exists()
@@ -454,9 +421,7 @@ def test_vetted_callables_cannot_be_altered(tmp_path: Path) -> None:
 def test_views_past_the_storage_are_refused(tmp_path: Path) -> None:
     storage = Storage("0", "FloatStorage", 4)
     obj = {"w": tensor(storage, 2, (3,), (1,))}
-    path = write_checkpoint(
-        tmp_path / "oob.pt", obj, {"0": np.zeros(4, np.float32).tobytes()}
-    )
+    path = write_checkpoint(tmp_path / "oob.pt", obj, {"0": np.zeros(4, np.float32).tobytes()})
     with pytest.raises(CheckpointFormatError, match="past the end of storage"):
         load_torch_file(path)
 
@@ -476,9 +441,7 @@ def test_random_bytes_are_not_a_zip(tmp_path: Path) -> None:
 
 def test_legacy_torch_format_is_named(tmp_path: Path) -> None:
     path = tmp_path / "legacy.pt"
-    path.write_bytes(
-        pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + b"\x80\x02}q\x00."
-    )
+    path.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + b"\x80\x02}q\x00.")
     with pytest.raises(CheckpointFormatError, match="legacy") as info:
         load_torch_file(path)
     assert str(path) in str(info.value) and "recent torch" in str(info.value)
@@ -509,9 +472,7 @@ def test_zip_without_data_pkl(tmp_path: Path) -> None:
 
 def test_missing_storage_record(tmp_path: Path) -> None:
     storage = Storage("7", "FloatStorage", 3)
-    path = write_checkpoint(
-        tmp_path / "missing.pt", {"w": tensor(storage, 0, (3,), (1,))}, {}
-    )
+    path = write_checkpoint(tmp_path / "missing.pt", {"w": tensor(storage, 0, (3,), (1,))}, {})
     with pytest.raises(CheckpointFormatError, match="archive/data/7") as info:
         load_torch_file(path)
     assert str(path) in str(info.value)
@@ -520,9 +481,7 @@ def test_missing_storage_record(tmp_path: Path) -> None:
 def test_short_storage_record(tmp_path: Path) -> None:
     storage = Storage("0", "FloatStorage", 8)
     obj = {"w": tensor(storage, 0, (8,), (1,))}
-    path = write_checkpoint(
-        tmp_path / "short.pt", obj, {"0": np.zeros(3, np.float32).tobytes()}
-    )
+    path = write_checkpoint(tmp_path / "short.pt", obj, {"0": np.zeros(3, np.float32).tobytes()})
     with pytest.raises(CheckpointFormatError, match="fewer than") as info:
         load_torch_file(path)
     assert str(path) in str(info.value)
