@@ -20,6 +20,33 @@ def _check_heads(dim: int, heads: int, what: str) -> int:
     return dim // heads
 
 
+def _sdpa(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    # `dot_product_attention` promotes internally (bf16 inputs, float32 logits); under
+    # strict dtype promotion that raises, so it runs under standard promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+@jax.custom_vjp
+def _sdpa_float32_backward(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    return _sdpa(q, k, v, mask)
+
+
+def _sdpa_fwd(q, k, v, mask):
+    return _sdpa(q, k, v, mask), (q, k, v, mask)
+
+
+def _sdpa_bwd(res, g):
+    q, k, v, mask = res
+    f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+    _, vjp = jax.vjp(lambda q, k, v: _sdpa(q, k, v, mask), *f32)
+    dq, dk, dv = vjp(g.astype(jnp.float32))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_sdpa_float32_backward.defvjp(_sdpa_fwd, _sdpa_bwd)
+
+
 def attend(
     q: Float[Array, "S heads hd"],
     k: Float[Array, "S heads hd"],
@@ -33,10 +60,12 @@ def attend(
     `key_mask` is None. The logits and the softmax are float32 for any input dtype.
     """
     mask = None if key_mask is None else key_mask[None, None, :]
-    # `dot_product_attention` promotes internally; under strict dtype promotion that
-    # raises for bf16 inputs, so this one call runs under standard promotion.
-    with jax.numpy_dtype_promotion("standard"):
-        return keep(jax.nn.dot_product_attention(q, k, v, mask=mask))
+    if q.dtype != jnp.float32 and jax.config.jax_numpy_dtype_promotion == "strict":
+        # jax 0.10 cannot lower the backward pass of `dot_product_attention` on bf16
+        # inputs under strict promotion (its BF16_BF16_F32 dots meet float32
+        # cotangents); there, and only there, that pass runs on float32 copies.
+        return keep(_sdpa_float32_backward(q, k, v, mask))
+    return keep(_sdpa(q, k, v, mask))
 
 
 class RotaryAttention(eqx.Module):

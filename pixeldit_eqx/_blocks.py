@@ -29,6 +29,23 @@ def _gate(gate: Array, x: Array) -> Array:
     return gate.reshape((1,) * (x.ndim - gate.ndim) + gate.shape) * x
 
 
+def _modulated(norm: RMSNorm, x: Array, shift: Array, scale: Array, dtype: Any) -> Array:
+    """`norm(x) * (1 + scale) + shift` in the stream's dtype, rounded once to the
+    compute `dtype` for the branch that reads it."""
+    h = norm.apply(x)
+    return _modulate(h, shift.astype(h.dtype), scale.astype(h.dtype)).astype(dtype)
+
+
+def _add(x: Array, gate: Array | None, branch: Array, shift: Array | None = None) -> Array:
+    """Residual update `x + gate * branch` (or `x + branch * (1 + gate) + shift`,
+    post-modulation) in the stream's dtype: a float32 stream stays float32 while the
+    branches compute in bf16, so the rounding of the updates does not accumulate."""
+    branch = branch.astype(x.dtype)
+    if shift is not None:
+        return x + _modulate(branch, shift.astype(x.dtype), gate.astype(x.dtype))
+    return x + _gate(gate.astype(x.dtype), branch)
+
+
 class DiTBlock(eqx.Module):
     """Patch-level block of the class-conditional model, adaLN-modulated.
 
@@ -67,11 +84,13 @@ class DiTBlock(eqx.Module):
         c: Float[Array, " D"],
         angles: Float[Array, "L hd2"],
     ) -> Float[Array, "L D"]:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(keep(linear(self.adaln, c)), 6)
-        h = _modulate(self.norm1.apply(x), shift_msa, scale_msa)
-        x = x + _gate(gate_msa, self.attn(h, angles))
-        h = _modulate(self.norm2.apply(x), shift_mlp, scale_mlp)
-        return x + _gate(gate_mlp, self.mlp.apply(h))
+        dtype = self.adaln.weight.dtype  # the compute dtype; x carries the stream's
+        mod = keep(linear(self.adaln, c, x.dtype))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6)
+        h = _modulated(self.norm1, x, shift_msa, scale_msa, dtype)
+        x = _add(x, gate_msa, self.attn(h, angles))
+        h = _modulated(self.norm2, x, shift_mlp, scale_mlp, dtype)
+        return _add(x, gate_mlp, self.mlp.apply(h))
 
 
 class MMDiTBlock(eqx.Module):
@@ -125,18 +144,19 @@ class MMDiTBlock(eqx.Module):
         text_mask: Bool[Array, " T"] | None = None,
     ) -> tuple[Float[Array, "L D"], Float[Array, "T D"]]:
         x, y = xy
-        mod_x = keep(linear(self.adaln_img, c))
-        mod_y = keep(linear(self.adaln_txt, c))
+        dtype = self.adaln_img.weight.dtype  # the compute dtype; x, y carry the streams'
+        mod_x = keep(linear(self.adaln_img, c, x.dtype))
+        mod_y = keep(linear(self.adaln_txt, c, y.dtype))
         sx_msa, cx_msa, gx_msa, sx_mlp, cx_mlp, gx_mlp = jnp.split(mod_x, 6)
         sy_msa, cy_msa, gy_msa, sy_mlp, cy_mlp, gy_mlp = jnp.split(mod_y, 6)
-        x_in = _modulate(self.norm_x1.apply(x), sx_msa, cx_msa)
-        y_in = _modulate(self.norm_y1.apply(y), sy_msa, cy_msa)
+        x_in = _modulated(self.norm_x1, x, sx_msa, cx_msa, dtype)
+        y_in = _modulated(self.norm_y1, y, sy_msa, cy_msa, dtype)
         attn_x, attn_y = self.attn(x_in, y_in, image_angles, text_angles, text_mask)
-        x = x + _gate(gx_msa, attn_x)
-        y = y + _gate(gy_msa, attn_y)
-        x_in = _modulate(self.norm_x2.apply(x), sx_mlp, cx_mlp)
-        y_in = _modulate(self.norm_y2.apply(y), sy_mlp, cy_mlp)
-        return x + _gate(gx_mlp, self.mlp_x.apply(x_in)), y + _gate(gy_mlp, self.mlp_y.apply(y_in))
+        x = _add(x, gx_msa, attn_x)
+        y = _add(y, gy_msa, attn_y)
+        x = _add(x, gx_mlp, self.mlp_x.apply(_modulated(self.norm_x2, x, sx_mlp, cx_mlp, dtype)))
+        y = _add(y, gy_mlp, self.mlp_y.apply(_modulated(self.norm_y2, y, sy_mlp, cy_mlp, dtype)))
+        return x, y
 
 
 class PiTBlock(eqx.Module):
@@ -201,12 +221,14 @@ class PiTBlock(eqx.Module):
         n_mod = 4 if self.post_modulation else 6
         # Pixel-wise AdaLN: one (L, D) @ (D, n_mod*p2*D_pix) matmul; the chunks are
         # strided views of it that fuse into the elementwise work that reads them.
-        mod = keep(linear(self.adaln, s_cond)).reshape(n, p2, n_mod * d)
-        mod = jnp.split(mod, n_mod, axis=-1)
-        h = self.norm1.apply(x)
-        if not self.post_modulation:
+        dtype = self.adaln.weight.dtype  # the compute dtype; x carries the stream's
+        mod = keep(linear(self.adaln, s_cond, x.dtype))
+        mod = jnp.split(mod.reshape(n, p2, n_mod * d), n_mod, axis=-1)
+        if self.post_modulation:
+            h = self.norm1.apply(x).astype(dtype)
+        else:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-            h = _modulate(h, shift_msa, scale_msa)
+            h = _modulated(self.norm1, x, shift_msa, scale_msa, dtype)
         compact = keep(linear(self.compress_to_attn, h.reshape(n, p2 * d)))
         expanded = keep(linear(self.expand_from_attn, self.attn(compact, angles)))
         expanded = expanded.reshape(n, p2, d)
@@ -214,11 +236,10 @@ class PiTBlock(eqx.Module):
         # are not kept (recomputing them costs two thin matmuls and one GELU).
         if self.post_modulation:
             scale1, shift1, scale2, shift2 = mod
-            x = x + _modulate(expanded, shift1, scale1)
-            return x + _modulate(self.mlp.apply(self.norm2.apply(x)), shift2, scale2)
-        x = x + gate_msa * expanded
-        h = _modulate(self.norm2.apply(x), shift_mlp, scale_mlp)
-        return x + gate_mlp * self.mlp.apply(h)
+            x = _add(x, scale1, expanded, shift1)
+            return _add(x, scale2, self.mlp.apply(self.norm2.apply(x).astype(dtype)), shift2)
+        x = _add(x, gate_msa, expanded)
+        return _add(x, gate_mlp, self.mlp.apply(_modulated(self.norm2, x, shift_mlp, scale_mlp, dtype)))
 
 
 class BlockStack(eqx.Module, Generic[_Block]):

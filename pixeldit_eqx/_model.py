@@ -78,6 +78,18 @@ def _frozen(**kwargs: Any) -> tuple:
     return tuple(kwargs.items())
 
 
+def _stream_dtype(dtype: Any) -> Any:
+    """The residual streams' dtype: at least float32, whatever the compute dtype.
+
+    The blocks compute in the compute dtype (bf16 when asked) and add their updates to
+    float32 streams, so that the rounding of every update does not accumulate over the
+    depth; the output head reads the float32 stream. `promote_types` obeys the
+    promotion mode, and strict mode has no bf16 -> f32 path, hence the context.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.promote_types(dtype, jnp.float32)
+
+
 class _PixelDiTBase(eqx.Module):
     """What both variants share: tokens, the pixel-level stack and the output head."""
 
@@ -122,11 +134,10 @@ class _PixelDiTBase(eqx.Module):
         _, h, w = x.shape
         hs, ws = h // self.patch_size, w // self.patch_size
         angles = rope_2d(self.pixel_attn_hidden_size // self.pixel_num_groups, hs, ws)
-        pix = self.pixel_blocks(self.pixel_embedder(x, self.patch_size), s_cond, angles)
-        # float32 island: the output head runs in (at least) float32. `promote_types`
-        # obeys the promotion mode, and strict mode has no bf16 -> f32 path.
-        with jax.numpy_dtype_promotion("standard"):
-            out_dtype = jnp.promote_types(pix.dtype, jnp.float32)
+        out_dtype = _stream_dtype(x.dtype)
+        pix = self.pixel_embedder(x, self.patch_size).astype(out_dtype)
+        pix = self.pixel_blocks(pix, s_cond, angles)
+        # float32 island: the output head runs in (at least) float32.
         final = cast_params(self.final_layer, out_dtype)
         return unpatchify(token_wise(final, pix.astype(out_dtype)), self.patch_size, h, w)
 
@@ -148,8 +159,11 @@ class PixelDiT(_PixelDiTBase):
     - `use_pixel_abs_pos`: add the 2D sincos table to pixel tokens.
     - `pit_adaln_post_modulation`: the PiT blocks' post-modulation variant.
     - `dtype`: parameter dtype; `compute_dtype`: dtype of activations (e.g.
-      `jnp.bfloat16`; norms, rope, softmax and the output head stay float32).
-    - `checkpoint`: rematerialise each block in the backward pass (memory for compute).
+      `jnp.bfloat16`: the matmuls and activations run in it; the residual streams, norm
+      statistics, adaLN modulation and gates, timestep sinusoid, rope, softmax and the
+      output head stay float32). Parameters are cast per call and stored as `dtype`.
+    - `checkpoint`: rematerialise each block in the backward pass (memory for compute;
+      by default the blocks keep only their matmul outputs for the backward pass).
     - `key`: a PRNG key.
 
     Call on one example; `jax.vmap` for batches:
@@ -266,9 +280,9 @@ class PixelDiT(_PixelDiTBase):
         y = _check_label(y, self.num_classes)
         t_emb = self.t_embedder(t)
         c = jax.nn.silu(t_emb + self.y_embedder(y))
-        s = self.s_embedder(patchify(x, self.patch_size))
+        s = self.s_embedder(patchify(x, self.patch_size)).astype(_stream_dtype(x.dtype))
         s = self.patch_blocks(s, c, rope_2d(self.hidden_size // self.num_groups, hs, ws))
-        return jax.nn.silu(t_emb[None, :] + s)
+        return jax.nn.silu(t_emb[None, :].astype(s.dtype) + s).astype(x.dtype)
 
     def __call__(self, x: Image, t: TimeLike, y: LabelLike) -> Float[Array, "{self.in_channels} H W"]:
         """Velocity `(C, H, W)` for image `x` at time `t` (0 noise, 1 data), label `y`."""
@@ -455,9 +469,10 @@ class PixelDiTT2I(_PixelDiTBase):
         t_emb = self.t_embedder(t)
         hd = self.hidden_size // self.num_groups
         text_angles = rope_1d(hd, n_txt, self.text_rope_theta) if self.use_text_rope else None
-        s = self.s_embedder(patchify(x, self.patch_size))
-        s, _ = self.patch_blocks((s, y), jax.nn.silu(t_emb), rope_2d(hd, hs, ws), text_angles, text_mask)
-        return jax.nn.silu(t_emb[None, :] + s)
+        stream = _stream_dtype(x.dtype)
+        s = self.s_embedder(patchify(x, self.patch_size)).astype(stream)
+        s, _ = self.patch_blocks((s, y.astype(stream)), jax.nn.silu(t_emb), rope_2d(hd, hs, ws), text_angles, text_mask)
+        return jax.nn.silu(t_emb[None, :].astype(s.dtype) + s).astype(x.dtype)
 
     def __call__(
         self,

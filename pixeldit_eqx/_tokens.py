@@ -13,7 +13,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._custom_types import Image
-from .modules import linear, RMSNorm, sincos_at, token_wise
+from .modules import linear, RMSNorm, sincos_axes, token_wise
 
 
 def check_image_size(height: int, width: int, patch_size: int, what: str = "x") -> tuple[int, int]:
@@ -66,6 +66,20 @@ class PatchEmbedder(eqx.Module):
         return token_wise(self.proj, patches)
 
 
+def _few_channel_linear(layer: eqx.nn.Linear, x: Array) -> Array:
+    """`linear(layer, x)` for a handful of input features, as elementwise
+    multiply-adds: a matmul with K = 3 runs at a few percent of the matmul rate, while
+    this fuses into one pass over the output."""
+    weight = layer.weight
+    shape = (1,) * (x.ndim - 1) + (weight.shape[0],)
+    out = x[..., 0:1] * weight[:, 0].reshape(shape)
+    for i in range(1, x.shape[-1]):
+        out = out + x[..., i : i + 1] * weight[:, i].reshape(shape)
+    if layer.bias is not None:
+        out = out + layer.bias.reshape(shape)
+    return out
+
+
 class PixelEmbedder(eqx.Module):
     """Per-pixel Linear `C -> D_pix` (+ the 2D sincos table), grouped per patch.
 
@@ -96,20 +110,17 @@ class PixelEmbedder(eqx.Module):
         p = patch_size
         # Group the pixels per patch before embedding them: the transpose then moves
         # the C input channels of each pixel rather than its D_pix features.
-        pixels = x.reshape(c, hs, p, ws, p).transpose(1, 3, 2, 4, 0)
-        pix = linear(self.proj, pixels.reshape(hs * ws, p * p, c))
+        pixels = x.reshape(c, hs, p, ws, p).transpose(1, 3, 2, 4, 0).reshape(hs * ws, p * p, c)
+        pix = _few_channel_linear(self.proj, pixels) if c <= 4 else linear(self.proj, pixels)
         if self.use_abs_pos:
+            # The table's rows for the same pixels, in the same (patch, pixel) order,
+            # assembled from its per-column and per-row halves.
             d = pix.shape[-1]
-            # The table's rows for the same pixels, in the same (patch, pixel) order.
-            shape = (hs, ws, p, p)
-            within = jnp.arange(p, dtype=jnp.float32)
-            rows = jnp.arange(hs, dtype=jnp.float32)[:, None, None, None] * p
-            rows = rows + within[None, None, :, None]
-            cols = jnp.arange(ws, dtype=jnp.float32)[None, :, None, None] * p
-            cols = cols + within[None, None, None, :]
-            rows = jnp.broadcast_to(rows, shape).reshape(-1)
-            cols = jnp.broadcast_to(cols, shape).reshape(-1)
-            table = sincos_at(d, cols, rows).reshape(hs * ws, p * p, d)
+            col, row = sincos_axes(d, h, w)
+            grid = (hs, ws, p, p, d // 2)
+            col = jnp.broadcast_to(col.reshape(1, ws, 1, p, d // 2), grid)
+            row = jnp.broadcast_to(row.reshape(hs, 1, p, 1, d // 2), grid)
+            table = jnp.concatenate([col, row], axis=-1).reshape(hs * ws, p * p, d)
             pix = pix + table.astype(pix.dtype)
         return pix
 

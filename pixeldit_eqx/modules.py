@@ -167,27 +167,33 @@ def sincos_2d(embed_dim: int, h: int, w: int) -> Float[Array, "{h*w} {embed_dim}
     Deliberate deviation: the reference computes in float64 and casts; float32 here
     (JAX's default precision) differs by at most a few ulp of the arguments.
     """
-    cols = jnp.tile(jnp.arange(w, dtype=jnp.float32), h)
-    rows = jnp.repeat(jnp.arange(h, dtype=jnp.float32), w)
-    return sincos_at(embed_dim, cols, rows)
+    col, row = sincos_axes(embed_dim, h, w)
+    half = embed_dim // 2
+    cols = jnp.broadcast_to(col[None, :, :], (h, w, half))
+    rows = jnp.broadcast_to(row[:, None, :], (h, w, half))
+    return jnp.concatenate([cols, rows], axis=-1).reshape(h * w, embed_dim)
 
 
-def sincos_at(embed_dim: int, cols: Float[Array, " N"], rows: Float[Array, " N"]) -> Float[Array, "N {embed_dim}"]:
-    """The rows of the 2D sincos table for pixels at `(rows[i], cols[i])`, float32.
+def sincos_axes(
+    embed_dim: int, h: int, w: int
+) -> tuple[Float[Array, "{w} {embed_dim//2}"], Float[Array, "{h} {embed_dim//2}"]]:
+    """The two halves of the 2D sincos table: `[sin, cos]` of the column index (first
+    half of every row of the table) and of the row index (second half), float32.
 
-    `sincos_2d(D, h, w)` is this at the row-major grid; any other order of the same
-    positions gives the same rows, permuted (the pixel embedder asks for patch order).
+    The table's row for the pixel at `(r, c)` is `concat(col[c], row[r])`; building a
+    table in any pixel order from these costs `(h + w) * D/2` sines and cosines rather
+    than `h * w * D`.
     """
     if embed_dim % 4:
         raise ValueError(f"`embed_dim` must be divisible by 4, got {embed_dim}.")
     quarter = embed_dim // 4
     omega = 1.0 / 10000 ** (jnp.arange(quarter, dtype=jnp.float32) / quarter)
 
-    def embed(pos):
-        out = pos.astype(jnp.float32)[:, None] * omega[None, :]
+    def embed(n):
+        out = jnp.arange(n, dtype=jnp.float32)[:, None] * omega[None, :]
         return jnp.concatenate([jnp.sin(out), jnp.cos(out)], axis=1)
 
-    return jnp.concatenate([embed(cols), embed(rows)], axis=1)
+    return embed(w), embed(h)
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,17 +214,19 @@ def zero_linear(linear: eqx.nn.Linear) -> eqx.nn.Linear:
     return linear
 
 
-def linear(layer: eqx.nn.Linear, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
-    """`layer` applied to the last axis of `x`, any leading axes, as one matmul.
+def linear(layer: eqx.nn.Linear, x: Float[Array, "*batch d_in"], dtype: Any = None) -> Float[Array, "*batch d_out"]:
+    """`layer` applied to the last axis of `x`, any leading axes, as one matmul, with
+    its output in `dtype` (default: the inputs'; a wider one costs nothing, the matmul
+    accumulates in it anyway, and skips one rounding).
 
     The same numbers as `jax.vmap(layer)`, but `x @ W^T` is contracted on the last
     axis so the result keeps the row-major `(..., out)` layout: a vmapped matrix-vector
     product lowers to `W @ X^T` and pays a transpose of every activation.
     """
     weight = layer.weight
-    out = jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())))
+    out = jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
     if layer.bias is not None:
-        out = out + layer.bias.reshape((1,) * (out.ndim - 1) + layer.bias.shape)
+        out = out + layer.bias.astype(out.dtype).reshape((1,) * (out.ndim - 1) + layer.bias.shape)
     return out
 
 

@@ -1,0 +1,537 @@
+"""Speed, compile-time and memory benchmark of pixeldit_eqx.
+
+Run with `nox -s bench`, or directly:
+
+    python tests/benchmarks/bench.py [--out out/bench] [--quick] [--xl auto|skip|forward|full]
+
+What it measures, on whatever device JAX uses (CPU or one accelerator):
+
+- **the machine's matmul rate**: a jitted 2048x2048 matmul in the benchmark's dtype,
+  sampled once before every timed model call, so that rate and model share the same
+  conditions (other processes, clocks); the ratios use the median rate of the samples
+  taken during that measurement.
+- **speed** of the mid-size config (64x64x3 and 128x128x3 images, patch 8, hidden 256,
+  4 heads, 6 patch + 2 pixel blocks, pixel width 16, batch 8, c2i, float32): median time
+  of the forward pass and of forward+backward (`value_and_grad` of an MSE loss in the
+  parameters) after a warm-up, per batch and per example; achieved FLOP/s from the
+  analytic count of `flops.py` (matmuls and attention, as PyTorch's FlopCounterMode
+  counts them); and that as a fraction of the matmul rate. At 128x128 also with
+  `checkpoint=True` (rematerialised blocks).
+- **compile time** of `jit(forward+backward)` at patch depth 2, 6 and 24 (same widths);
+  with the block stacks run by `lax.scan` it should not grow with depth.
+- **peak memory** of a fresh process that builds the model and runs 10
+  forward+backward steps (CPU: peak resident set, `VmHWM`; accelerators: the device's
+  `peak_bytes_in_use`), with the resident set after each phase; at 128x128 with
+  `checkpoint` off and on. Also XLA's own temp-buffer size for each program.
+- **program size**: bytes of the StableHLO text of `jax.jit(forward).lower(...)` at
+  64x64 and 512x512 (tables are computed in the program, not baked in as constants).
+- **PixelDiT-XL** (the released c2i network) at 256x256, batch 1: forward, and
+  forward+backward unless `--xl forward` (the default on CPU, where it is slow).
+
+Parameters for timing are random (scaled to keep activations O(1)) and loaded through
+`pixeldit_eqx.load_state_dict` into a skeleton from `eqx.filter_eval_shape`: the values
+do not change the work, and that avoids compiling the initialisers. The memory run of
+the default case builds the model both ways: from a state dict (as when loading
+weights) and with the constructor (as a training script from scratch does).
+
+Results are printed as tables and written to `<out>/results.json` and
+`<out>/results.md`.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import pixeldit_eqx as px  # noqa: E402
+from tests.benchmarks.flops import pixeldit_flops  # noqa: E402
+
+
+MID = dict(
+    in_channels=3,
+    patch_size=8,
+    hidden_size=256,
+    num_groups=4,
+    patch_depth=6,
+    pixel_depth=2,
+    pixel_hidden_size=16,
+    num_classes=1000,
+)
+BATCH = 8
+MATMUL_N = 2048
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+def _rss_mib() -> dict[str, float]:
+    """Resident set now and its peak (Linux `/proc/self/status`), in MiB."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0]) / 1024
+    except OSError:  # not Linux
+        import resource
+
+        out["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _device_peak_mib() -> float | None:
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return stats["peak_bytes_in_use"] / 2**20
+
+
+def random_model(config: dict, variant: str, *, checkpoint: bool = False, seed: int = 0) -> Any:
+    """A model with random parameters, without running (or compiling) initialisers."""
+    skeleton = eqx.filter_eval_shape(lambda: px.build(config, variant, key=jax.random.key(0), checkpoint=checkpoint))
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for key, spec in px.state_dict(skeleton).items():
+        shape = tuple(spec.shape)
+        if len(shape) >= 2:
+            w = rng.standard_normal(shape, dtype=np.float32)
+            weights[key] = w * np.float32(shape[-1] ** -0.5)
+        elif key.endswith("bias"):
+            weights[key] = np.zeros(shape, np.float32)
+        else:
+            weights[key] = np.ones(shape, np.float32)
+    return px.load_state_dict(skeleton, weights)
+
+
+def inputs(config: dict, variant: str, hw: int, batch: int, text_len: int = 16):
+    key = jax.random.key(1)
+    x = jax.random.normal(key, (batch, config["in_channels"], hw, hw), jnp.float32)
+    t = jnp.linspace(0.1, 0.9, batch, dtype=jnp.float32)
+    if variant == "c2i":
+        cond = jnp.arange(batch, dtype=jnp.int32) % config["num_classes"]
+    else:
+        cond = jax.random.normal(key, (batch, text_len, config["txt_embed_dim"]))
+    return x, t, cond
+
+
+def programs(static: Any):
+    """`forward(params, x, t, cond)` and `forward_backward` (value and gradient of an
+    MSE loss in the parameters), both batched with `vmap`, not yet jitted."""
+
+    def forward(params, x, t, cond):
+        return jax.vmap(eqx.combine(params, static))(x, t, cond)
+
+    def loss(params, x, t, cond):
+        return jnp.mean((forward(params, x, t, cond) - x) ** 2)
+
+    return forward, jax.value_and_grad(loss)
+
+
+def abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+class MatmulRate:
+    """The device's dense matmul rate, sampled between model calls."""
+
+    def __init__(self, n: int = MATMUL_N, dtype: Any = jnp.float32):
+        k1, k2 = jax.random.split(jax.random.key(2))
+        self.a = jax.random.normal(k1, (n, n), dtype)
+        self.b = jax.random.normal(k2, (n, n), dtype)
+        self.fn = jax.jit(jnp.matmul)
+        self.flops = 2 * n**3
+        self.samples: list[float] = []
+        for _ in range(3):
+            self.sample()  # warm-up
+        self.samples.clear()
+
+    def sample(self) -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(self.fn(self.a, self.b))
+        rate = self.flops / (time.perf_counter() - t0)
+        self.samples.append(rate)
+        return rate
+
+
+def time_calls(compiled: Any, args: tuple, repeats: int, mm: MatmulRate) -> dict[str, Any]:
+    """Median wall time of `compiled(*args)` after one warm-up call, each call preceded
+    by one matmul-rate sample."""
+    jax.block_until_ready(compiled(*args))
+    times, rates = [], []
+    for _ in range(repeats):
+        rates.append(mm.sample())
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "times_s": times,
+        "matmul_flops_per_s": statistics.median(rates),
+    }
+
+
+def compile_timed(fn: Any, *args: Any) -> tuple[Any, dict[str, float]]:
+    t0 = time.perf_counter()
+    lowered = jax.jit(fn).lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    info = {"lower_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0}
+    try:
+        info["temp_mib"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    except Exception:  # not every backend reports it
+        pass
+    return compiled, info
+
+
+# --------------------------------------------------------------------------------------
+# Child process: peak memory of building a model and running forward+backward steps
+# --------------------------------------------------------------------------------------
+
+
+def memory_child(spec: dict) -> dict:
+    phases = {"import": _rss_mib()}
+    config, variant = spec["config"], spec["variant"]
+    if spec["init"] == "constructor":
+        model = px.build(config, variant, key=jax.random.key(0), checkpoint=spec["checkpoint"])
+    else:
+        model = random_model(config, variant, checkpoint=spec["checkpoint"])
+    jax.block_until_ready(model)
+    phases["build"] = _rss_mib()
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    args = inputs(config, variant, spec["hw"], spec["batch"])
+    _, fwd_bwd = programs(static)
+    compiled, info = compile_timed(fwd_bwd, params, *args)
+    phases["compile"] = _rss_mib()
+    for _ in range(spec["steps"]):
+        loss, grads = compiled(params, *args)
+        jax.block_until_ready(grads)
+    phases["steps"] = _rss_mib()
+    return {
+        "peak_rss_mib": phases["steps"]["VmHWM"],
+        "device_peak_mib": _device_peak_mib(),
+        "phases": phases,
+        "temp_mib": info.get("temp_mib"),
+        "loss_finite": bool(jnp.isfinite(loss)),
+    }
+
+
+def run_memory_child(spec: dict, timeout: float = 900) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError(f"memory child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------
+# Benchmark sections
+# --------------------------------------------------------------------------------------
+
+
+def speed_case(
+    name: str,
+    config: dict,
+    variant: str,
+    hw: int,
+    batch: int,
+    repeats: int,
+    mm: MatmulRate,
+    *,
+    checkpoint: bool = False,
+    backward: bool = True,
+    text_len: int = 0,
+) -> dict:
+    model = random_model(config, variant, checkpoint=checkpoint)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    args = (params, *inputs(config, variant, hw, batch))
+    forward, fwd_bwd = programs(static)
+    flops = pixeldit_flops(config, variant, hw, hw, batch, text_len=text_len)
+    out = {"case": name, "hw": hw, "batch": batch, "checkpoint": checkpoint}
+    passes = [("forward", forward, flops["forward"])]
+    if backward:
+        passes.append(("forward_backward", fwd_bwd, flops["forward_backward"]))
+    for pass_name, fn, n_flops in passes:
+        compiled, info = compile_timed(fn, *args)
+        res = time_calls(compiled, args, repeats, mm)
+        rate = n_flops / res["median_s"]
+        out[pass_name] = {
+            **res,
+            **info,
+            "flops": n_flops,
+            "flops_per_s": rate,
+            "per_example_s": res["median_s"] / batch,
+            "fraction_of_matmul": rate / res["matmul_flops_per_s"],
+        }
+        del compiled
+    return out
+
+
+def compile_depths(depths: tuple[int, ...], hw: int) -> dict:
+    """Lower+compile time of jit(forward+backward) by patch depth, at the mid widths."""
+    # Warm the compiler (first-use initialisation) so that no depth pays for it.
+    jax.jit(lambda a: jnp.sin(a) @ a).lower(jnp.ones((8, 8))).compile()
+    out = {}
+    for depth in depths:
+        config = {**MID, "patch_depth": depth}
+        skeleton = eqx.filter_eval_shape(lambda config=config: px.build(config, "c2i", key=jax.random.key(0)))
+        params, static = eqx.partition(skeleton, lambda a: isinstance(a, jax.ShapeDtypeStruct))
+        args = abstract(inputs(config, "c2i", hw, BATCH))
+        _, fwd_bwd = programs(static)
+        _, info = compile_timed(fwd_bwd, params, *args)
+        out[depth] = info
+    return out
+
+
+def program_sizes(sizes: tuple[int, ...], config: dict) -> dict:
+    """Bytes of StableHLO text of jit(forward) by image side (no compilation)."""
+    skeleton = eqx.filter_eval_shape(lambda: px.build(config, "c2i", key=jax.random.key(0)))
+    params, static = eqx.partition(skeleton, lambda a: isinstance(a, jax.ShapeDtypeStruct))
+    forward, _ = programs(static)
+    out = {}
+    for hw in sizes:
+        args = abstract(inputs(config, "c2i", hw, 1))
+        out[hw] = len(jax.jit(forward).lower(params, *args).as_text())
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:,.1f}"
+
+
+def render(results: dict) -> str:
+    lines = []
+    m = results["machine"]
+    lines.append("# pixeldit_eqx benchmark\n")
+    lines.append(
+        f"- device: {m['device']} ({m['platform']}), {m['cpu_count']} CPUs, jax {m['jax']}, python {m['python']}"
+    )
+    lines.append(
+        f"- fp32 matmul {MATMUL_N}x{MATMUL_N}: median {m['matmul_gflops']:.1f} GFLOP/s "
+        f"over {m['matmul_samples']} samples (min {m['matmul_gflops_min']:.1f}, "
+        f"max {m['matmul_gflops_max']:.1f})"
+    )
+    lines.append(f"- total benchmark time: {results['elapsed_s']:.0f} s\n")
+    lines.append("## Speed (median after warm-up; FLOPs analytic, see flops.py)\n")
+    lines.append(
+        "| case | pass | GFLOP | ms / batch | ms / example | GFLOP/s "
+        "| matmul GFLOP/s | of matmul rate | compile s | XLA temp MiB |"
+    )
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for case in results["speed"]:
+        for pass_name in ("forward", "forward_backward"):
+            r = case.get(pass_name)
+            if r is None:
+                continue
+            label = f"{case['case']} {case['hw']}px b{case['batch']}"
+            if case["checkpoint"]:
+                label += " (checkpoint)"
+            lines.append(
+                f"| {label} | {pass_name.replace('_', '+')} | {r['flops'] / 1e9:.2f} "
+                f"| {_ms(r['median_s'])} | {_ms(r['per_example_s'])} "
+                f"| {r['flops_per_s'] / 1e9:.1f} | {r['matmul_flops_per_s'] / 1e9:.1f} "
+                f"| {100 * r['fraction_of_matmul']:.0f}% | {r['compile_s']:.1f} "
+                f"| {r.get('temp_mib', float('nan')):.0f} |"
+            )
+    if results.get("compile"):
+        lines.append("\n## Compile time of jit(forward+backward), mid widths, 64x64 b8\n")
+        lines.append("| patch depth | lower s | compile s | total s | vs depth 2 |")
+        lines.append("|---:|---:|---:|---:|---:|")
+        base = results["compile"][min(results["compile"])]["total_s"]
+        for depth, r in sorted(results["compile"].items()):
+            lines.append(
+                f"| {depth} | {r['lower_s']:.1f} | {r['compile_s']:.1f} "
+                f"| {r['total_s']:.1f} | {r['total_s'] / base:.2f}x |"
+            )
+    if results.get("memory"):
+        lines.append("\n## Peak memory of a process doing forward+backward steps\n")
+        lines.append(
+            "| case | steps | peak RSS MiB | device peak MiB | RSS after import / build "
+            "/ compile / steps MiB | XLA temp MiB |"
+        )
+        lines.append("|---|---:|---:|---:|---|---:|")
+        for r in results["memory"]:
+            ph = r["phases"]
+            phases = " / ".join(
+                f"{ph[k]['VmRSS']:.0f}" if "VmRSS" in ph[k] else "-" for k in ("import", "build", "compile", "steps")
+            )
+            dev = r["device_peak_mib"]
+            lines.append(
+                f"| {r['label']} | {r['steps']} | {r['peak_rss_mib']:.0f} "
+                f"| {'-' if dev is None else f'{dev:.0f}'} | {phases} "
+                f"| {r['temp_mib']:.0f} |"
+            )
+    if results.get("program_size"):
+        lines.append("\n## Program size: StableHLO text of jit(forward), mid config\n")
+        lines.append("| image | bytes |")
+        lines.append("|---:|---:|")
+        for hw, n in sorted(results["program_size"].items()):
+            lines.append(f"| {hw}x{hw} | {n:,} |")
+    if results.get("checks"):
+        lines.append("\n## Targets\n")
+        for name, (ok, detail) in results["checks"].items():
+            lines.append(f"- [{'x' if ok else ' '}] {name}: {detail}")
+    return "\n".join(lines) + "\n"
+
+
+def checks(results: dict) -> dict[str, tuple[bool, str]]:
+    out = {}
+    for case in results["speed"]:
+        if case["case"] != "mid" or case["checkpoint"]:
+            continue
+        for pass_name in ("forward", "forward_backward"):
+            f = case[pass_name]["fraction_of_matmul"]
+            out[f"mid {case['hw']}px {pass_name} >= 55% of matmul rate"] = (
+                f >= 0.55,
+                f"{100 * f:.0f}%",
+            )
+    for r in results.get("memory", []):
+        if r["label"].startswith("mid 64px"):
+            out[f"{r['label']}: peak RSS <= 700 MiB"] = (
+                r["peak_rss_mib"] <= 700,
+                f"{r['peak_rss_mib']:.0f} MiB",
+            )
+    mem128 = {r["label"]: r for r in results.get("memory", []) if "128px" in r["label"]}
+    if len(mem128) == 2:
+        off = next(r for r in mem128.values() if "off" in r["label"])
+        on = next(r for r in mem128.values() if "on" in r["label"])
+        out["checkpoint lowers peak memory at 128px"] = (
+            on["peak_rss_mib"] < off["peak_rss_mib"] and on["temp_mib"] < off["temp_mib"],
+            f"peak RSS {off['peak_rss_mib']:.0f} -> {on['peak_rss_mib']:.0f} MiB, "
+            f"XLA temp {off['temp_mib']:.0f} -> {on['temp_mib']:.0f} MiB",
+        )
+    comp = results.get("compile")
+    if comp:
+        lo, hi = comp[min(comp)]["total_s"], comp[max(comp)]["total_s"]
+        out[f"compile depth {max(comp)} <= 1.5x depth {min(comp)}"] = (
+            hi <= 1.5 * lo,
+            f"{hi:.1f} s vs {lo:.1f} s ({hi / lo:.2f}x)",
+        )
+    sizes = results.get("program_size")
+    if sizes:
+        small, big = sizes[min(sizes)], sizes[max(sizes)]
+        out["program size flat in H*W"] = (
+            big <= 1.05 * small,
+            f"{small:,} B at {min(sizes)}px, {big:,} B at {max(sizes)}px",
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="out/bench", help="directory for results")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats; skip XL and 128px memory")
+    parser.add_argument(
+        "--xl",
+        choices=("auto", "skip", "forward", "full"),
+        default="auto",
+        help="PixelDiT-XL 256px b1: auto = forward on CPU, forward+backward elsewhere",
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per pass")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(memory_child(json.loads(args.child))))
+        return
+
+    start = time.perf_counter()
+    platform_name = jax.devices()[0].platform
+    on_cpu = platform_name == "cpu"
+    repeats = args.repeats or (3 if args.quick else 7)
+    xl = args.xl if args.xl != "auto" else ("forward" if on_cpu else "full")
+    if args.quick:
+        xl = "skip"
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f}s] {msg}", flush=True)
+
+    mm = MatmulRate()
+    results: dict[str, Any] = {"speed": [], "memory": []}
+
+    log("program size (lowering only)")
+    results["program_size"] = program_sizes((64, 512), MID)
+
+    log("compile time by patch depth")
+    results["compile"] = compile_depths((2, 6, 24), 64)
+
+    for hw, reps in ((64, repeats), (128, max(3, repeats - 2))):
+        log(f"speed: mid config {hw}x{hw}")
+        results["speed"].append(speed_case("mid", MID, "c2i", hw, BATCH, reps, mm))
+    log("speed: mid config 128x128 with checkpoint=True (forward+backward)")
+    case = speed_case("mid", MID, "c2i", 128, BATCH, max(3, repeats - 2), mm, checkpoint=True)
+    results["speed"].append(case)
+
+    mem_specs = [
+        ("mid 64px b8 (weights loaded)", 64, False, "state_dict", 10),
+        ("mid 64px b8 (constructor init)", 64, False, "constructor", 10),
+    ]
+    if not args.quick:
+        mem_specs += [
+            ("mid 128px b8 checkpoint off", 128, False, "state_dict", 3),
+            ("mid 128px b8 checkpoint on", 128, True, "state_dict", 3),
+        ]
+    for label, hw, ckpt, init, steps in mem_specs:
+        log(f"memory: {label} (subprocess)")
+        spec = dict(
+            config=MID, variant="c2i", hw=hw, batch=BATCH, checkpoint=ckpt,
+            init=init, steps=steps,
+        )  # fmt: skip
+        results["memory"].append({"label": label, "steps": steps, **run_memory_child(spec)})
+
+    if xl != "skip":
+        log(f"speed: PixelDiT-XL 256x256 b1 ({xl})")
+        config = px.PRESETS["pixeldit-xl-c2i-256"]["config"]
+        results["speed"].append(speed_case("XL", dict(config), "c2i", 256, 1, 3, mm, backward=(xl == "full")))
+
+    rates = mm.samples
+    results["machine"] = {
+        "device": str(jax.devices()[0].device_kind),
+        "platform": platform_name,
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "matmul_gflops": statistics.median(rates) / 1e9,
+        "matmul_gflops_min": min(rates) / 1e9,
+        "matmul_gflops_max": max(rates) / 1e9,
+        "matmul_samples": len(rates),
+    }
+    results["elapsed_s"] = time.perf_counter() - start
+    results["checks"] = checks(results)
+    report = render(results)
+    print("\n" + report)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(report)
+    print(f"wrote {args.out}/results.json and results.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Mixed precision and rematerialisation.
+
+float32 parameters with bfloat16 compute (`compute_dtype=jnp.bfloat16`) against float32
+on the reference fixture models; the float32 islands (norm statistics, timestep
+sinusoid, rope, softmax, output head) inside a bfloat16 program; `cast_params`; and
+`checkpoint=True`, which must change memory and time only, never the gradients.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend import core as jex_core
+
+from ._reference import FIXTURES, load_case, MANIFEST, rel_err
+
+
+CASES = {"model_c2i": "c2i", "model_t2i": "t2i"}
+
+
+def _load(case, **kwargs):
+    import pixeldit_eqx as px
+
+    return px.load_reference(FIXTURES / f"{case}.safetensors", MANIFEST[case]["init"], CASES[case], **kwargs)
+
+
+def _inputs(case):
+    data = load_case(case)
+    return jnp.asarray(data["in_x"]), jnp.asarray(data["in_t"]), jnp.asarray(data["in_y"]), data["out"]
+
+
+def _forward(model, x, t, y):
+    return jax.vmap(model)(x, t, y)
+
+
+def _loss(params, static, x, t, y):
+    out = jax.vmap(eqx.combine(params, static))(x, t, y)
+    return jnp.mean((out - x) ** 2)
+
+
+_grad = jax.jit(jax.grad(_loss), static_argnums=1)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def outputs(case):
+    """Reference output, float32 output and bfloat16-compute output of one case."""
+    x, t, y, ref = _inputs(case)
+    out32 = eqx.filter_jit(_forward)(_load(case), x, t, y)
+    out16 = eqx.filter_jit(_forward)(_load(case, compute_dtype=jnp.bfloat16), x, t, y)
+    return ref, out32, out16
+
+
+def test_float32_matches_the_reference(outputs):
+    ref, out32, _ = outputs
+    assert out32.dtype == jnp.float32
+    assert rel_err(out32, ref) <= 1e-5
+
+
+def test_bfloat16_compute_stays_close_to_float32(outputs):
+    ref, out32, out16 = outputs
+    assert out16.dtype == jnp.float32  # the output head is a float32 island
+    assert np.isfinite(np.asarray(out16)).all()
+    assert rel_err(out16, out32) <= 2e-2
+    assert rel_err(out16, ref) <= 2e-2
+
+
+def test_bfloat16_compute_gradients_are_finite_float32(case):
+    x, t, y, _ = _inputs(case)
+    model = _load(case, compute_dtype=jnp.bfloat16)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    grads = _grad(params, static, x, t, y)
+    leaves = jax.tree.leaves(grads)
+    assert leaves and all(g.dtype == jnp.float32 for g in leaves)  # parameters' dtype
+    assert all(bool(jnp.isfinite(g).all()) for g in leaves)
+    assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
+
+
+def _eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(sub, jex_core.ClosedJaxpr):
+                    sub = sub.jaxpr
+                if isinstance(sub, jex_core.Jaxpr):
+                    yield from _eqns(sub)
+
+
+def _program(case, compute_dtype):
+    x, t, y, _ = _inputs(case)
+    model = _load(case, compute_dtype=compute_dtype)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    return jax.make_jaxpr(jax.value_and_grad(_loss), static_argnums=1)(params, static, x, t, y).jaxpr
+
+
+def _dots(jaxpr):
+    return [e for e in _eqns(jaxpr) if e.primitive.name == "dot_general"]
+
+
+def _dtypes(eqn):
+    return {v.aval.dtype for v in eqn.invars}
+
+
+def _is_head(eqn, channels):
+    """The output head's matmuls (D_pix -> C): the only ones with an axis of size C."""
+    return channels in {d for v in [*eqn.invars, *eqn.outvars] for d in v.aval.shape}
+
+
+BF16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+
+
+def test_bfloat16_compute_runs_the_matmuls_in_bfloat16(case):
+    """Forward: every matmul multiplies bf16 operands, except the output head (a
+    float32 island). Backward: every Linear has a bf16 operand (the adaLN Linears
+    return float32 modulations, so their cotangents are float32)."""
+    channels = MANIFEST[case]["init"]["in_channels"]
+    x, t, y, _ = _inputs(case)
+    model = _load(case, compute_dtype=jnp.bfloat16)
+    forward = _dots(jax.make_jaxpr(_forward)(model, x, t, y).jaxpr)
+    assert forward
+    for e in forward:
+        assert _dtypes(e) == ({F32} if _is_head(e, channels) else {BF16}), e
+    linears = [e for e in _dots(_program(case, jnp.bfloat16)) if not e.params["dimension_numbers"][1][0]]
+    for e in linears:
+        assert _dtypes(e) == {F32} if _is_head(e, channels) else BF16 in _dtypes(e), e
+    text = jax.jit(_forward).lower(model, x, t, y).as_text()
+    assert any("dot_general" in line and "bf16" in line for line in text.splitlines())
+
+
+def test_float32_islands_in_a_bfloat16_program(case):
+    """Norm statistics (rsqrt), the timestep sinusoid and the rope and sincos tables
+    (sin, cos) and the softmax (max, exp) are float32; the activations are bf16."""
+    seen = set()
+    for e in _eqns(_program(case, jnp.bfloat16)):
+        name = e.primitive.name
+        dtypes = {v.aval.dtype for v in e.invars}
+        if name in ("rsqrt", "sin", "cos", "reduce_max"):
+            seen.add(name)
+            assert dtypes == {jnp.dtype(jnp.float32)}, (name, e)
+        if name == "exp" and dtypes == {jnp.dtype(jnp.float32)}:
+            seen.add(name)  # the softmax and the sinusoid (erf's derivative is bf16)
+        if name == "erf":  # the pixel MLP's GELU
+            seen.add(name)
+            assert dtypes == {jnp.dtype(jnp.bfloat16)}, (name, e)
+        if name == "logistic" and dtypes == {jnp.dtype(jnp.bfloat16)}:
+            seen.add(name)  # SwiGLU (the conditioning's silu acts on the float32 stream)
+    assert {"rsqrt", "sin", "cos", "reduce_max", "exp", "logistic", "erf"} <= seen
+
+
+def test_float32_program_has_no_bfloat16(case):
+    eqns = _eqns(_program(case, None))
+    dtypes = {v.aval.dtype for e in eqns for v in e.outvars if hasattr(v.aval, "dtype")}
+    assert jnp.dtype(jnp.bfloat16) not in dtypes
+
+
+def test_cast_params_leaves_buffers_ints_and_keys_alone(getkey):
+    import pixeldit_eqx as px
+
+    class Holder(eqx.Module):
+        linear: eqx.nn.Linear
+        table: px.Buffer
+        count: jax.Array
+        key: jax.Array
+
+    holder = Holder(
+        eqx.nn.Linear(3, 4, key=getkey()),
+        px.Buffer(jnp.linspace(0.0, 1.0, 5)),
+        jnp.arange(3, dtype=jnp.int32),
+        getkey(),
+    )
+    cast = px.cast_params(holder, jnp.bfloat16)
+    assert cast.linear.weight.dtype == jnp.bfloat16 and cast.linear.bias.dtype == jnp.bfloat16
+    assert cast.table is holder.table and cast.table.array.dtype == jnp.float32
+    assert cast.count is holder.count and cast.key is holder.key
+    # A model under compute_dtype: the call casts, the stored parameters stay float32.
+    model = _load("model_c2i", compute_dtype=jnp.bfloat16)
+    assert {a.dtype for a in jax.tree.leaves(eqx.filter(model, eqx.is_array))} == {jnp.dtype(jnp.float32)}
+
+
+def test_checkpoint_gives_the_same_gradients():
+    """`checkpoint=True` (the whole scan body rematerialised) against the default (the
+    values the blocks `keep`, the rest recomputed): the same gradients."""
+    case = "model_c2i"
+    x, t, y, _ = _inputs(case)
+    grads = {}
+    for ckpt in (False, True):
+        params, static = eqx.partition(_load(case, checkpoint=ckpt), eqx.is_inexact_array)
+        grads[ckpt] = _grad(params, static, x, t, y)
+    for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True]), strict=True):
+        assert float(jnp.abs(a - b).max()) <= 1e-5 * max(float(jnp.abs(a).max()), 1e-30)
