@@ -151,11 +151,12 @@ def abstract(tree: Any) -> Any:
 class MatmulRate:
     """The device's dense matmul rate, sampled between model calls."""
 
-    def __init__(self, n: int = MATMUL_N, dtype: Any = jnp.float32):
+    def __init__(self, n: int, dtype: Any = jnp.float32):
         k1, k2 = jax.random.split(jax.random.key(2))
         self.a = jax.random.normal(k1, (n, n), dtype)
         self.b = jax.random.normal(k2, (n, n), dtype)
         self.fn = jax.jit(jnp.matmul)
+        self.n = n
         self.flops = 2 * n**3
         self.samples: list[float] = []
         for _ in range(3):
@@ -330,7 +331,7 @@ def render(results: dict) -> str:
         f"- device: {m['device']} ({m['platform']}), {m['cpu_count']} CPUs, jax {m['jax']}, python {m['python']}"
     )
     lines.append(
-        f"- fp32 matmul {MATMUL_N}x{MATMUL_N}: median {m['matmul_gflops']:.1f} GFLOP/s "
+        f"- fp32 matmul {m['matmul_n']}x{m['matmul_n']}: median {m['matmul_gflops']:.1f} GFLOP/s "
         f"over {m['matmul_samples']} samples (min {m['matmul_gflops_min']:.1f}, "
         f"max {m['matmul_gflops_max']:.1f})"
     )
@@ -471,7 +472,8 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - start:6.0f}s] {msg}", flush=True)
 
-    mm = MatmulRate()
+    # 2048^3 keeps a CPU busy for ~0.1 s; an accelerator needs a bigger one to be timed.
+    mm = MatmulRate(MATMUL_N if on_cpu else 4 * MATMUL_N)
     results: dict[str, Any] = {"speed": [], "memory": []}
 
     log("program size (lowering only)")
@@ -520,6 +522,7 @@ def main() -> None:
         "matmul_gflops_min": min(rates) / 1e9,
         "matmul_gflops_max": max(rates) / 1e9,
         "matmul_samples": len(rates),
+        "matmul_n": mm.n,
     }
     results["elapsed_s"] = time.perf_counter() - start
     results["checks"] = checks(results)
