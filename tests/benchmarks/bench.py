@@ -235,9 +235,12 @@ def memory_child(spec: dict) -> dict:
     }
 
 
-def run_memory_child(spec: dict, timeout: float = 900) -> dict:
+def run_memory_child(spec: dict, timeout: float = 900, xla_flags: str | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    env = dict(os.environ)
+    if xla_flags:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode:
         raise RuntimeError(f"memory child failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -410,7 +413,7 @@ def checks(results: dict) -> dict[str, tuple[bool, str]]:
                 f"{100 * f:.0f}%",
             )
     for r in results.get("memory", []):
-        if r["label"].startswith("mid 64px"):
+        if r["label"].startswith("mid 64px") and not r.get("xla_flags"):
             out[f"{r['label']}: peak RSS <= 700 MiB"] = (
                 r["peak_rss_mib"] <= 700,
                 f"{r['peak_rss_mib']:.0f} MiB",
@@ -490,21 +493,26 @@ def main() -> None:
     results["speed"].append(case)
 
     mem_specs = [
-        ("mid 64px b8 (weights loaded)", 64, False, "state_dict", 10),
-        ("mid 64px b8 (constructor init)", 64, False, "constructor", 10),
+        ("mid 64px b8 (weights loaded)", 64, False, "state_dict", 10, None),
+        ("mid 64px b8 (constructor init)", 64, False, "constructor", 10, None),
     ]
+    if on_cpu:
+        # XLA:CPU's fusion emitters dominate the compile-time peak; shown for reference.
+        flag = "--xla_cpu_use_fusion_emitters=false"
+        mem_specs.append((f"mid 64px b8 (weights loaded, {flag})", 64, False, "state_dict", 10, flag))
     if not args.quick:
         mem_specs += [
-            ("mid 128px b8 checkpoint off", 128, False, "state_dict", 3),
-            ("mid 128px b8 checkpoint on", 128, True, "state_dict", 3),
+            ("mid 128px b8 checkpoint off", 128, False, "state_dict", 3, None),
+            ("mid 128px b8 checkpoint on", 128, True, "state_dict", 3, None),
         ]
-    for label, hw, ckpt, init, steps in mem_specs:
+    for label, hw, ckpt, init, steps, flags in mem_specs:
         log(f"memory: {label} (subprocess)")
         spec = dict(
             config=MID, variant="c2i", hw=hw, batch=BATCH, checkpoint=ckpt,
             init=init, steps=steps,
         )  # fmt: skip
-        results["memory"].append({"label": label, "steps": steps, **run_memory_child(spec)})
+        child = run_memory_child(spec, xla_flags=flags)
+        results["memory"].append({"label": label, "steps": steps, "xla_flags": flags, **child})
 
     if xl != "skip":
         log(f"speed: PixelDiT-XL 256x256 b1 ({xl})")
