@@ -4,7 +4,7 @@ Typed, shape-checked, one example per call (`jax.vmap` for batches), and equal t
 PyTorch reference; loads the released checkpoints without torch.
 """
 
-from . import modules as modules
+from . import modules as modules, runtime as runtime
 from ._attention import (
     JointAttention as JointAttention,
     RotaryAttention as RotaryAttention,

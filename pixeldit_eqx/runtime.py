@@ -1,0 +1,80 @@
+"""Process settings for fast, lean CPU runs (Linux with glibc; a no-op elsewhere).
+
+XLA:CPU allocates a program's temporary buffer afresh on every call. glibc serves blocks
+over 32 MiB with new `mmap` pages and unmaps them on free, so each call of a jitted
+training step page-faults its whole working set again: measured on the benchmark's
+mid-size config at 128x128, 173k faults per forward+backward, a fifth of its time.
+`tune_cpu_allocator` keeps large blocks in the heap, so steps reuse their pages.
+
+Compiling a large program leaves a few hundred MiB of freed memory scattered in the
+heap (XLA's fusion emitters); `release_free_memory` hands it back to the system.
+
+```python
+from pixeldit_eqx import runtime, train
+
+runtime.tune_cpu_allocator()  # once, at the start of the process
+step = eqx.filter_jit(train.make_train_step(train.c2i_loss, optimizer))
+state, loss = step(state, batch, key)  # compiles
+runtime.release_free_memory()  # after the compiles
+```
+
+Both change only how this process's C allocator hands memory to the system, never
+results. They are process-wide; call them from the application, not from a library.
+"""
+
+import ctypes
+import ctypes.util
+import functools
+import sys
+
+
+__all__ = ["release_free_memory", "tune_cpu_allocator"]
+
+# glibc's `mallopt` parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # only glibc has it (not musl)
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def tune_cpu_allocator(trim_threshold: int = 2**30) -> bool:
+    """Serve every allocation from the heap (no per-block `mmap`) and return freed heap
+    memory to the system only beyond `trim_threshold` bytes at its top.
+
+    Repeated calls of a compiled program then reuse the same pages instead of faulting
+    in fresh ones. Memory freed after a peak stays with the process (up to
+    `trim_threshold` at the top of the heap) until `release_free_memory`.
+
+    **Returns:** True when applied (Linux with glibc), False otherwise.
+    """
+    if not 0 <= trim_threshold < 2**31:
+        raise ValueError(f"tune_cpu_allocator: `trim_threshold` must be in [0, 2**31), got {trim_threshold}.")
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+def release_free_memory() -> bool:
+    """Return the process's free heap memory to the system (glibc `malloc_trim(0)`),
+    e.g. what compiling left behind.
+
+    **Returns:** True when supported (Linux with glibc), False otherwise.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
