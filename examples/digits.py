@@ -297,4 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    # A whole process of its own: keep XLA's per-step buffers in the heap (no per-step
+    # page faults; see `pixeldit_eqx.runtime`).
+    pixeldit_eqx.runtime.tune_cpu_allocator()
     main()
