@@ -13,6 +13,8 @@ heap (XLA's fusion emitters); `release_free_memory` hands it back to the system.
 from pixeldit_eqx import runtime, train
 
 runtime.tune_cpu_allocator()  # once, at the start of the process
+model = ...  # build or load; then hand back the host copies loading left behind
+runtime.release_free_memory()
 step = eqx.filter_jit(train.make_train_step(train.c2i_loss, optimizer))
 state, loss = step(state, batch, key)  # compiles
 runtime.release_free_memory()  # after the compiles

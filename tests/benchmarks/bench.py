@@ -25,7 +25,8 @@ What it measures, on whatever device JAX uses (CPU or one accelerator):
   forward+backward steps (CPU: peak resident set, `VmHWM`; accelerators: the device's
   `peak_bytes_in_use`), with the resident set after each phase; at 128x128 with
   `checkpoint` off and on. Also XLA's own temp-buffer size for each program. On CPU
-  also with the allocator tuned and `runtime.release_free_memory()` after compiling.
+  also with the allocator tuned and `runtime.release_free_memory()` after loading and
+  after compiling.
 - **program size**: bytes of the StableHLO text of `jax.jit(forward).lower(...)` at
   64x64 and 512x512 (tables are computed in the program, not baked in as constants).
 - **PixelDiT-XL** (the released c2i network) at 256x256, batch 1: forward, and
@@ -221,6 +222,8 @@ def memory_child(spec: dict) -> dict:
     else:
         model = random_model(config, variant, checkpoint=spec["checkpoint"])
     jax.block_until_ready(model)
+    if spec.get("tuned"):
+        px.runtime.release_free_memory()  # the host copies the weights were loaded from
     phases["build"] = _rss_mib()
     params, static = eqx.partition(model, eqx.is_inexact_array)
     args = inputs(config, variant, spec["hw"], spec["batch"])
