@@ -27,6 +27,8 @@ What it measures, on whatever device JAX uses (CPU or one accelerator):
   `checkpoint` off and on. Also XLA's own temp-buffer size for each program. On CPU
   also with the allocator tuned and `runtime.release_free_memory()` after loading and
   after compiling.
+- **SwiGLU gating**: forward+backward of a scanned stack of 6 SwiGLU blocks with
+  `modules.silu_gate` and with autodiff of `jax.nn.silu(gate) * value`.
 - **program size**: bytes of the StableHLO text of `jax.jit(forward).lower(...)` at
   64x64 and 512x512 (tables are computed in the program, not baked in as constants).
 - **PixelDiT-XL** (the released c2i network) at 256x256, batch 1: forward, and
@@ -309,6 +311,41 @@ def speed_case(
     return out
 
 
+class _GatedMLPBlock(eqx.Module):
+    """`x + SwiGLU(RMSNorm(x))` with a choice of gating, for the gating comparison."""
+
+    norm: px.RMSNorm
+    mlp: px.SwiGLU
+    gating: Any = eqx.field(static=True)
+
+    def __call__(self, x):
+        linear, keep = px.modules.linear, px.modules.keep
+        h = self.norm.apply(x)
+        gate, value = keep(linear(self.mlp.w1, h)), keep(linear(self.mlp.w3, h))
+        return x + keep(linear(self.mlp.w2, self.gating(gate, value)))
+
+
+def gating_case(repeats: int, mm: MatmulRate) -> dict:
+    """Forward+backward of a scanned stack of 6 SwiGLU blocks (mid widths, 8x256
+    tokens) with `modules.silu_gate` against autodiff of `jax.nn.silu(gate) * value`."""
+    out = {}
+    x = jax.random.normal(jax.random.key(3), (BATCH, 256, MID["hidden_size"]))
+    for name, gating in (("silu_gate", px.modules.silu_gate), ("jax.nn.silu", lambda g, v: jax.nn.silu(g) * v)):
+
+        def make(key, gating=gating):
+            return _GatedMLPBlock(px.RMSNorm(MID["hidden_size"]), px.SwiGLU(MID["hidden_size"], key=key), gating)
+
+        params, static = eqx.partition(px.BlockStack(make, 6, key=jax.random.key(0)), eqx.is_inexact_array)
+
+        def loss(params, x, static=static):
+            return jnp.mean(jax.vmap(eqx.combine(params, static))(x) ** 2)
+
+        compiled, _ = compile_timed(jax.value_and_grad(loss), params, x)
+        out[name] = time_calls(compiled, (params, x), repeats, mm)["median_s"]
+    out["speedup"] = out["jax.nn.silu"] / out["silu_gate"]
+    return out
+
+
 def compile_depths(depths: tuple[int, ...], hw: int) -> dict:
     """Lower+compile time of jit(forward+backward) by patch depth, at the mid widths."""
     # Warm the compiler (first-use initialisation) so that no depth pays for it.
@@ -392,6 +429,13 @@ def render(results: dict) -> str:
                 f"| {depth} | {r['lower_s']:.1f} | {r['compile_s']:.1f} "
                 f"| {r['total_s']:.1f} | {r['total_s'] / base:.2f}x |"
             )
+    if results.get("gating"):
+        g = results["gating"]
+        lines.append("\n## SwiGLU gating: forward+backward of 6 scanned blocks, 8x256 tokens, width 256\n")
+        lines.append(
+            f"`modules.silu_gate` {_ms(g['silu_gate'])} ms, autodiff of `jax.nn.silu(gate) * value` "
+            f"{_ms(g['jax.nn.silu'])} ms: {g['speedup']:.2f}x"
+        )
     if results.get("memory"):
         lines.append("\n## Peak memory of a process doing forward+backward steps\n")
         lines.append(
@@ -519,6 +563,9 @@ def main() -> None:
     log("speed: mid config 128x128 with checkpoint=True (forward+backward)")
     case = speed_case("mid", MID, "c2i", 128, BATCH, max(3, repeats - 2), mm, checkpoint=True)
     results["speed"].append(case)
+
+    log("gating: scanned SwiGLU stack with silu_gate and with jax.nn.silu")
+    results["gating"] = gating_case(repeats, mm)
 
     mem_specs = [
         ("mid 64px b8 (weights loaded)", 64, False, "state_dict", 10, None, False),
