@@ -431,7 +431,9 @@ def fit(
     """Runs `num_steps` steps over `batches`, with a progress bar showing the loss.
 
     Steps are dispatched without waiting: the loss is fetched from the device only
-    every `log_every` steps (for the bar) and once at the end.
+    every `log_every` steps (for the bar) and once at the end. On CPU, a process that
+    calls `pixeldit_eqx.runtime.tune_cpu_allocator()` first runs its steps without
+    per-step page faults.
 
     **Arguments:**
 
