@@ -15,6 +15,14 @@ The count is of the model's own work; a rematerialising backward pass (`checkpoi
 repeats some of it, which the count does not include (it is a cost, not model work).
 `tests/benchmarks/test_flops.py` checks this count against the matmuls that the traced
 program of the model really contains.
+
+Checked against the reference itself: `FlopCounterMode` (torch 2.13, CPU) on the PyTorch
+reference at the benchmark's mid config, batch 8, counts 10.03 / 30.02 GFLOP (forward /
+forward+backward) at 64x64 and 39.98 / 119.73 at 128x128, all of it Linear layers: on
+CPU `scaled_dot_product_attention` runs `_scaled_dot_product_flash_attention_for_cpu`,
+for which it has no formula, so attention counts zero there. With the attention term of
+this count added (`4 N^2 D` per layer per example forward, twice that backward) the
+totals are this count's 10.29 / 30.83 and 44.28 / 132.62 exactly.
 """
 
 from collections.abc import Mapping
