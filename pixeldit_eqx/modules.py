@@ -264,8 +264,9 @@ def gelu(x: Array) -> Array:
 
 
 @jax.custom_jvp
-def silu_gate(gate: Array, value: Array) -> Array:
-    """`silu(gate) * value`, SwiGLU's gating, equal to `jax.nn.silu(gate) * value`.
+def silu_gate(gate: Float[Array, "*shape"], value: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
+    """`silu(gate) * value`, SwiGLU's gating (reference `modules.FeedForward`:
+    `F.silu(w1(x)) * w3(x)`), equal to `jax.nn.silu(gate) * value`.
 
     Only its derivative is written out, so that the backward pass ends each cotangent
     with a division: `d_gate = ct * value * (1 + gate * (1 - s)) / (1 + e)` and

@@ -21,10 +21,10 @@ def _run(code: str) -> dict:
 
 
 _FAULTS = """
-import json, resource, sys
+import json, resource
 import jax, jax.numpy as jnp
 from pixeldit_eqx import runtime
-applied = runtime.tune_cpu_allocator() if sys.argv[-1] == "tuned" else None
+applied = runtime.tune_cpu_allocator() if TUNE else None
 x = jnp.ones((3072, 3072), jnp.float32)  # the product is a fresh 36 MiB buffer per call
 f = jax.jit(lambda a: a @ a)
 for _ in range(3):
@@ -43,8 +43,8 @@ print(json.dumps({"applied": applied, "faults": min(faults)}))
 @linux_glibc
 def test_tuned_allocator_reuses_pages_across_calls():
     pages = 3072 * 3072 * 4 // 4096
-    default = _run(_FAULTS + "\n#default")
-    tuned = _run(_FAULTS.replace("sys.argv[-1]", '"tuned"'))
+    default = _run("TUNE = False\n" + _FAULTS)
+    tuned = _run("TUNE = True\n" + _FAULTS)
     assert default["faults"] > pages // 2  # every call faults in its output afresh
     assert tuned["applied"] is True
     assert tuned["faults"] < pages // 20

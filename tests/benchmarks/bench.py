@@ -257,7 +257,8 @@ def speed_child(spec: dict) -> list[dict]:
     return cases
 
 
-def run_memory_child(spec: dict, timeout: float = 900, xla_flags: str | None = None) -> Any:
+def run_child(spec: dict, timeout: float = 900, xla_flags: str | None = None) -> Any:
+    """Run `memory_child` (or `speed_child`, for a spec with `speed`) in a fresh process."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
     env = dict(os.environ)
     if xla_flags:
@@ -559,7 +560,7 @@ def main() -> None:
     if on_cpu:
         log("speed: mid config 64x64 and 128x128 with runtime.tune_cpu_allocator() (subprocess)")
         spec = {"speed": True, "cases": [[64, repeats], [128, max(3, repeats - 2)]]}
-        results["speed"].extend(run_memory_child(spec))
+        results["speed"].extend(run_child(spec))
     log("speed: mid config 128x128 with checkpoint=True (forward+backward)")
     case = speed_case("mid", MID, "c2i", 128, BATCH, max(3, repeats - 2), mm, checkpoint=True)
     results["speed"].append(case)
@@ -587,7 +588,7 @@ def main() -> None:
             config=MID, variant="c2i", hw=hw, batch=BATCH, checkpoint=ckpt,
             init=init, steps=steps, tuned=tuned,
         )  # fmt: skip
-        child = run_memory_child(spec, xla_flags=flags)
+        child = run_child(spec, xla_flags=flags)
         results["memory"].append({"label": label, "steps": steps, "xla_flags": flags, "tuned": tuned, **child})
 
     if xl != "skip":

@@ -8,19 +8,8 @@ import numpy as np
 import pytest
 from jax.extend import core as jex_core
 
+from tests.benchmarks.bench import MID
 from tests.benchmarks.flops import pixeldit_flops
-
-
-MID = dict(
-    in_channels=3,
-    patch_size=8,
-    hidden_size=256,
-    num_groups=4,
-    patch_depth=6,
-    pixel_depth=2,
-    pixel_hidden_size=16,
-    num_classes=1000,
-)
 
 
 @pytest.mark.parametrize(
