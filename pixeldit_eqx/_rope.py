@@ -9,17 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-
-def _torch_linspace(start: float, end: float, steps: int) -> Float[Array, " {steps}"]:
-    """`torch.linspace` in float32, bit for bit: the first half counts up from `start`,
-    the second half down from `end`."""
-    if steps == 1:
-        return jnp.full((1,), start, jnp.float32)
-    step = jnp.float32((end - start) / (steps - 1))
-    i = jnp.arange(steps, dtype=jnp.float32)
-    up = jnp.float32(start) + step * i
-    down = jnp.float32(end) - step * (jnp.float32(steps - 1) - i)
-    return jnp.where(jnp.arange(steps) < steps // 2, up, down)
+from ._linspace import torch_linspace
 
 
 def rope_2d(
@@ -33,8 +23,8 @@ def rope_2d(
     """
     if head_dim % 4:
         raise ValueError(f"2D rope needs a head dim divisible by 4, got head_dim={head_dim}.")
-    x = _torch_linspace(0.0, scale, width)
-    y = _torch_linspace(0.0, scale, height)
+    x = torch_linspace(0.0, scale, width)
+    y = torch_linspace(0.0, scale, height)
     freqs = 1.0 / (theta ** (jnp.arange(0, head_dim, 4, dtype=jnp.float32)[: head_dim // 4] / head_dim))
     x_ang = jnp.tile(x, height)[:, None] * freqs[None, :]
     y_ang = jnp.repeat(y, width)[:, None] * freqs[None, :]

@@ -29,6 +29,7 @@ import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._custom_types import Array, ArrayLike, Float, Real
+from ._linspace import torch_linspace
 
 
 #: A per-example velocity `velocity_fn(x, t, cond) -> v`, `v` shaped like `x`.
@@ -297,16 +298,7 @@ def sampling_times(num_steps: int, shift: Real[ArrayLike, ""] = 1.0) -> Float[Ar
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"`num_steps` must be an integer >= 1, got num_steps={num_steps!r}.")
     _check_shift(shift)
-    n = num_steps
-    end = jnp.float32(1.0 - 1.0 / n)
-    if n == 1:
-        grid = jnp.zeros((1,), dtype=jnp.float32)
-    else:
-        step = end / jnp.float32(n - 1)
-        idx = jnp.arange(n, dtype=jnp.float32)
-        from_start = step * idx
-        from_end = end - step * (jnp.float32(n - 1) - idx)
-        grid = jnp.where(jnp.arange(n) < n // 2, from_start, from_end)
+    grid = torch_linspace(0.0, 1.0 - 1.0 / num_steps, num_steps)
     grid = jnp.concatenate([grid, jnp.ones((1,), dtype=jnp.float32)])
     return time_shift(grid, shift)
 
