@@ -224,10 +224,20 @@ def linear(layer: eqx.nn.Linear, x: Float[Array, "*batch d_in"], dtype: Any = No
     axis so the result keeps the row-major `(..., out)` layout: a vmapped matrix-vector
     product lowers to `W @ X^T` and pays a transpose of every activation.
     """
-    weight = layer.weight
+    return dense(x, layer.weight, layer.bias, dtype)
+
+
+def dense(
+    x: Float[Array, "*batch d_in"],
+    weight: Float[Array, "d_out d_in"],
+    bias: Float[Array, " d_out"] | None,
+    dtype: Any = None,
+) -> Float[Array, "*batch d_out"]:
+    """`x @ weight^T + bias` on the last axis of `x`: `linear` for a weight and bias
+    that are not held by an `eqx.nn.Linear` (e.g. a row-permuted view of one)."""
     out = jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
-    if layer.bias is not None:
-        out = out + layer.bias.astype(out.dtype).reshape((1,) * (out.ndim - 1) + layer.bias.shape)
+    if bias is not None:
+        out = out + bias.astype(out.dtype).reshape((1,) * (out.ndim - 1) + bias.shape)
     return out
 
 
