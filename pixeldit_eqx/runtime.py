@@ -56,7 +56,8 @@ def tune_cpu_allocator(trim_threshold: int = 2**30) -> bool:
     memory to the system only beyond `trim_threshold` bytes at its top.
 
     Repeated calls of a compiled program then reuse the same pages instead of faulting
-    in fresh ones. Memory freed after a peak stays with the process (up to
+    in fresh ones (once each thread that allocates for it has run a call: glibc keeps a
+    heap per thread). Memory freed after a peak stays with the process (up to
     `trim_threshold` at the top of the heap) until `release_free_memory`.
 
     **Returns:** True when applied (Linux with glibc), False otherwise.
