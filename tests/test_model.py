@@ -332,6 +332,36 @@ def test_init_as_reference(getkey):
     assert not np.any(np.asarray(t2i.final_layer.linear.weight))
 
 
+@pytest.mark.parametrize("variant", ["c2i", "t2i"])
+def test_construction_as_one_program_equals_traced_construction(variant):
+    """With a concrete key the constructor draws every parameter in one compiled program;
+    traced (under `jit`, `vmap`, `eval_shape`) it runs inline. Both give the same model:
+    same structure, static fields and dtypes, values equal to float32 round-off (XLA may
+    contract a multiply-add differently), and the same draw for the same key."""
+    import pixeldit_eqx as px
+
+    config = dict(in_channels=3, num_groups=4, hidden_size=32, pixel_hidden_size=8, patch_depth=2, pixel_depth=1)
+    config |= dict(patch_size=2, num_classes=10) if variant == "c2i" else dict(patch_size=2, txt_embed_dim=16)
+    key = jax.random.key(5)
+    direct = px.build(config, variant, key=key)
+    again = px.build(config, variant, key=key)
+    fast = px._model._INIT_CPU_OPTIONS if jax.default_backend() == "cpu" else {}
+    traced = eqx.filter_jit(lambda k: px.build(config, variant, key=k), compiler_options=fast)(key)
+    arrays = [eqx.partition(m, eqx.is_array) for m in (direct, again, traced)]
+    assert arrays[0][1] == arrays[2][1]  # identical static parts
+    leaves = [jax.tree.leaves(dynamic) for dynamic, _ in arrays]
+    assert jax.tree.structure(arrays[0][0]) == jax.tree.structure(arrays[2][0])
+    for a, b, c in zip(*leaves):
+        assert a.dtype == c.dtype and a.shape == c.shape
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-7)
+    assert px.build(config, variant, key=key, dtype=jnp.bfloat16).s_embedder.proj.weight.dtype == jnp.bfloat16
+    ensemble = eqx.filter_eval_shape(
+        eqx.filter_vmap(lambda k: px.build(config, variant, key=k)), jax.random.split(key, 2)
+    )
+    assert ensemble.final_layer.linear.weight.shape == (2, *direct.final_layer.linear.weight.shape)
+
+
 def test_vmap_equals_loop_and_jit():
     model = _model("model_c2i")
     data = load_case("model_c2i")
