@@ -55,9 +55,10 @@ def tune_cpu_allocator(trim_threshold: int = 2**30) -> bool:
     """Serve every allocation from the heap (no per-block `mmap`) and return freed heap
     memory to the system only beyond `trim_threshold` bytes at its top.
 
-    Repeated calls of a compiled program then reuse the same pages instead of faulting
-    in fresh ones (once each thread that allocates for it has run a call: glibc keeps a
-    heap per thread). Memory freed after a peak stays with the process (up to
+    Repeated calls of a compiled program then mostly reuse the same pages instead of
+    faulting in fresh ones; now and then a call still gets fresh pages (measured on a
+    36 MiB output: at most 96 faults in the best of 8 calls, but single calls may fault
+    all 9217 pages, as every call does by default). Memory freed after a peak stays with the process (up to
     `trim_threshold` at the top of the heap) until `release_free_memory`.
 
     **Returns:** True when applied (Linux with glibc), False otherwise.
