@@ -25,8 +25,8 @@ What it measures, on whatever device JAX uses (CPU or one accelerator):
   forward+backward steps (CPU: peak resident set, `VmHWM`; accelerators: the device's
   `peak_bytes_in_use`), with the resident set after each phase; at 128x128 with
   `checkpoint` off and on. Also XLA's own temp-buffer size for each program. On CPU
-  also with the allocator tuned and `runtime.release_free_memory()` after loading and
-  after compiling.
+  also with the allocator tuned and `runtime.release_free_memory()` after loading (or
+  building) and after compiling, for both ways of building the model.
 - **SwiGLU gating**: forward+backward of a scanned stack of 6 SwiGLU blocks with
   `modules.silu_gate` and with autodiff of `jax.nn.silu(gate) * value`.
 - **program size**: bytes of the StableHLO text of `jax.jit(forward).lower(...)` at
@@ -574,6 +574,7 @@ def main() -> None:
     ]
     if on_cpu:
         mem_specs.append(("mid 64px b8 (weights loaded, tuned allocator)", 64, False, "state_dict", 10, None, True))
+        mem_specs.append(("mid 64px b8 (constructor init, tuned allocator)", 64, False, "constructor", 10, None, True))
         # XLA:CPU's fusion emitters dominate the compile-time peak; shown for reference.
         flag = "--xla_cpu_use_fusion_emitters=false"
         mem_specs.append((f"mid 64px b8 (weights loaded, {flag})", 64, False, "state_dict", 10, flag, False))
