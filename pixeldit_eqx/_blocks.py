@@ -225,7 +225,7 @@ class PiTBlock(eqx.Module):
         # block of every row: the elementwise work reads it in long runs, and the
         # backward pass writes the six chunk cotangents as blocks instead of
         # interleaving them. Same numbers forward (bitwise); the benchmark's 128px
-        # forward+backward is about 4% faster.
+        # forward+backward is 3-5% faster.
         dtype = self.adaln.weight.dtype  # the compute dtype; x carries the stream's
         weight = self.adaln.weight.reshape(p2, n_mod, d, -1).transpose(1, 0, 2, 3).reshape(n_mod * p2 * d, -1)
         bias = self.adaln.bias

@@ -58,8 +58,9 @@ def tune_cpu_allocator(trim_threshold: int = 2**30) -> bool:
     Repeated calls of a compiled program then mostly reuse the same pages instead of
     faulting in fresh ones; now and then a call still gets fresh pages (measured on a
     36 MiB output: at most 96 faults in the best of 8 calls, but single calls may fault
-    all 9217 pages, as every call does by default). Memory freed after a peak stays with the process (up to
-    `trim_threshold` at the top of the heap) until `release_free_memory`.
+    all 9217 pages, as every call does by default). Memory freed after a peak stays with
+    the process (up to `trim_threshold` at the top of the heap) until
+    `release_free_memory`.
 
     **Returns:** True when applied (Linux with glibc), False otherwise.
     """
