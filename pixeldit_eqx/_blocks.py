@@ -284,8 +284,8 @@ class BlockStack(eqx.Module, Generic[_Block]):
         if blocks is None:
             if make_block is None or key is None:
                 raise ValueError("BlockStack needs `make_block` and `key`, or stacked `blocks`.")
-            if depth < 1:
-                raise ValueError(f"BlockStack: `depth` must be >= 1, got {depth}.")
+            if depth < 0:
+                raise ValueError(f"BlockStack: `depth` must be >= 0, got {depth}.")
             blocks = eqx.filter_vmap(make_block)(jr.split(key, depth))
         else:
             sizes = {x.shape[0] for x in jax.tree.leaves(eqx.filter(blocks, eqx.is_array)) if x.ndim > 0}
@@ -300,6 +300,10 @@ class BlockStack(eqx.Module, Generic[_Block]):
     @classmethod
     def from_layers(cls, layers: Sequence[_Block], checkpoint: bool = False) -> "BlockStack[_Block]":
         """Stack separately built blocks (all of one structure) into a `BlockStack`."""
+        if not layers:
+            raise ValueError(
+                "BlockStack.from_layers: `layers` is empty; it needs one block to take the structure from."
+            )
         params = [eqx.filter(layer, eqx.is_array) for layer in layers]
         static = eqx.filter(layers[0], eqx.is_array, inverse=True)
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params)
@@ -325,5 +329,7 @@ class BlockStack(eqx.Module, Generic[_Block]):
         else:
             policy = jax.checkpoint_policies.save_only_these_names(RESIDUAL)
             body = jax.checkpoint(body, policy=policy)
+        if self.depth == 0:  # an empty stack (e.g. a reference config with `patch_depth=0`)
+            return carry
         carry, _ = jax.lax.scan(body, carry, params)
         return carry

@@ -6,6 +6,7 @@ its layer `i` as `<stack>.<i>.*`; `Buffer`s are never exported. Loading checks e
 key and shape first and reports all problems at once; nothing is half-loaded.
 """
 
+import collections
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -201,6 +202,30 @@ def _read(source: Any) -> Any:
     return load_torch_file(path)
 
 
+def _infer_prefix(tensors: Mapping[str, Any], expected: set[str]) -> str:
+    """The key prefix under which most of the model's weights sit (`""` for none); on a
+    tie the first of `_PREFIXES`, so a Lightning checkpoint gives its EMA weights."""
+    counts: collections.Counter[str] = collections.Counter()
+    for k in tensors:
+        if k in expected:
+            counts[""] += 1
+        dot = k.find(".")
+        while dot != -1:
+            if k[dot + 1 :] in expected:
+                counts[k[: dot + 1]] += 1
+            dot = k.find(".", dot + 1)
+    if not counts:
+        sample = sorted(tensors)[:4]
+        raise StateDictError(
+            f"no key of the checkpoint names a weight of this model, under any prefix: the model expects "
+            f"{len(expected)} keys such as {sorted(expected)[:2]}; the checkpoint's keys include {sample} "
+            f"({len(tensors)} in all). Is it a checkpoint of another model?"
+        )
+    best = max(counts.values())
+    tied = [p for p, n in counts.items() if n == best]
+    return min(tied, key=lambda p: (_PREFIXES.index(p) if p in _PREFIXES else len(_PREFIXES), len(p), p))
+
+
 def _select_weights(raw: Any, prefix: str | None, expected: set[str]) -> dict[str, Any]:
     """Find the model's weights in a loaded checkpoint (plain or Lightning-style)."""
     if not isinstance(raw, Mapping):
@@ -211,8 +236,7 @@ def _select_weights(raw: Any, prefix: str | None, expected: set[str]) -> dict[st
         raw = raw["state_dict"]
     tensors = {k: v for k, v in raw.items() if isinstance(k, str)}
     if prefix is None:
-        counts = {p: sum(k.startswith(p) and k[len(p) :] in expected for k in tensors) for p in _PREFIXES}
-        prefix = max(_PREFIXES, key=lambda p: (counts[p], -_PREFIXES.index(p)))
+        prefix = _infer_prefix(tensors, expected)
     if prefix == "":
         return dict(tensors)
     chosen = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -241,10 +265,10 @@ def load_reference(
     - `config`: the reference constructor arguments or a preset name.
     - `variant`: `"c2i"` or `"t2i"` (default: the preset's, else `"c2i"`).
     - `prefix`: where the weights sit in the checkpoint (`"ema_denoiser."`,
-      `"denoiser."`, ...). Default: the first of `ema_denoiser.`, `denoiser.`, `model.`,
-      `module.`, none that holds the most matching keys, so a Lightning checkpoint
-      loads its EMA weights. Keys outside the prefix are ignored; inside it, the
-      accounting is strict.
+      `"denoiser."`, ...). Default: the prefix (any, or none) under which most of the
+      model's keys are found; on a tie the first of `ema_denoiser.`, `denoiser.`,
+      `model.`, `module.`, none, so a Lightning checkpoint loads its EMA weights. Keys
+      outside the prefix are ignored; inside it, the accounting is strict.
     - `dtype`, `compute_dtype`, `checkpoint`: as for `build`.
     """
     skeleton = eqx.filter_eval_shape(

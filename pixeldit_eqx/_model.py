@@ -80,6 +80,12 @@ def _positive(**kwargs: int) -> None:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
+def _non_negative(**kwargs: int) -> None:
+    for name, value in kwargs.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+
+
 def _check_rope_width(width: int, heads: int, what: str, heads_name: str) -> None:
     if width % heads:
         raise ValueError(f"`{what}`={width} must be divisible by `{heads_name}`={heads}.")
@@ -257,11 +263,12 @@ class PixelDiT(_PixelDiTBase):
             num_groups=num_groups,
             hidden_size=hidden_size,
             pixel_hidden_size=pixel_hidden_size,
-            patch_depth=patch_depth,
             pixel_depth=pixel_depth,
             patch_size=patch_size,
-            num_classes=num_classes,
         )
+        # As in the reference: no patch blocks, or no classes (labels: only the null
+        # class 0, an unconditional model), are valid configurations.
+        _non_negative(patch_depth=patch_depth, num_classes=num_classes)
         _check_rope_width(hidden_size, num_groups, "hidden_size", "num_groups")
         self._config = _frozen(
             in_channels=in_channels,
@@ -353,6 +360,9 @@ class PixelDiTT2I(_PixelDiTBase):
     **Arguments:** as `PixelDiT` without `num_classes`, plus `pixel_attn_hidden_size`,
     `pixel_num_groups` (width and heads of the pixel-level attention; default the patch
     level's), `txt_embed_dim`, `txt_max_length`, `use_text_rope`, `text_rope_theta`.
+    The reference's `num_text_blocks` and `repa_encoder_index` change nothing the model
+    computes (one is unused, the other picks the tokens of a training-only loss); `build`
+    and `load_reference` accept and ignore them.
 
     ```python
     v = jax.vmap(model)(x, t, text, text_mask)  # text (B, T, txt), mask (B, T) bool
@@ -418,12 +428,12 @@ class PixelDiTT2I(_PixelDiTBase):
             pixel_hidden_size=pixel_hidden_size,
             pixel_attn_hidden_size=attn_size,
             pixel_num_groups=pixel_heads,
-            patch_depth=patch_depth,
             pixel_depth=pixel_depth,
             patch_size=patch_size,
             txt_embed_dim=txt_embed_dim,
             txt_max_length=txt_max_length,
         )
+        _non_negative(patch_depth=patch_depth)  # as in the reference, no patch blocks is valid
         _check_rope_width(hidden_size, num_groups, "hidden_size", "num_groups")
         _check_rope_width(attn_size, pixel_heads, "pixel_attn_hidden_size", "pixel_num_groups")
         self._config = _frozen(
@@ -588,6 +598,11 @@ def _describe_annotation(annotation: Any) -> str:
     return " or ".join(_CONFIG_TYPE_NAMES.get(o, str(o)) for o in _annotation_options(annotation))
 
 
+# Reference constructor arguments that change nothing the model computes: accepted (so
+# that a reference config loads as it is) and dropped.
+_REFERENCE_ONLY = {"t2i": ("num_text_blocks", "repa_encoder_index")}
+
+
 def build(
     config: Mapping[str, Any] | str,
     variant: str | None = None,
@@ -602,7 +617,9 @@ def build(
 
     `variant` (`"c2i"` or `"t2i"`; a plain `str` so that a wrong one gets the
     `ValueError` below, not a type-checker error) defaults to the preset's, else
-    `"c2i"`. Unknown or wrongly typed arguments raise `ValueError`. `key` defaults to `jr.key(0)`.
+    `"c2i"`. Unknown or wrongly typed arguments raise `ValueError`; the t2i reference's
+    `num_text_blocks` and `repa_encoder_index`, which change nothing the model computes,
+    are accepted and ignored. `key` defaults to `jr.key(0)`.
     """
     from ._presets import resolve
 
@@ -617,6 +634,11 @@ def build(
         )
     variant = variant or preset_variant or "c2i"
     cls = VARIANTS[variant]
+    for name in _REFERENCE_ONLY.get(variant, ()):
+        if name in config:
+            value = config.pop(name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"`config`: `{name}` must be an int, got {value!r} of type {type(value).__name__}.")
     params = inspect.signature(cls.__init__).parameters.values()
     allowed = {p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD} - {"self"}
     unknown = sorted(set(config) - allowed)

@@ -593,6 +593,10 @@ SCENARIOS: dict[str, tuple[Callable[[_Context], object], int | None]] = {
         None,
     ),
     "checkpoint-prefix": (lambda c: _px().load_reference(CHECKPOINTS[".ckpt"], C2I, prefix="ema."), None),
+    "checkpoint-no-model-keys": (
+        lambda c: _px().load_reference({"encoder.layers.0.weight": np.zeros((2, 2), np.float32)}, C2I),
+        None,
+    ),
     "train-checkpoint-other-config": (_checkpoint_into_another_config, None),
     "model-file-not-a-model": (lambda c: _train().load_model(c.file("model.eqx", HTML_404)), None),
     "model-file-other-config": (lambda c: _train().load_model(_model_file_of_another_config(c)), None),

@@ -227,6 +227,27 @@ def test_checkpoint_files_load_without_torch():
         np.testing.assert_array_equal(exported[key], value.astype(ml_dtypes.bfloat16))
 
 
+def test_weights_under_any_prefix_are_found():
+    """No `prefix` given: the prefix under which most of the model's keys sit is taken,
+    whatever it is, and keys outside it (a training-only head) are ignored."""
+    import pixeldit_eqx as px
+
+    init = MANIFEST["model_t2i"]["init"]
+    sd = load_weights("model_t2i")
+    extra = {"_repa_projector.0.weight": np.zeros((8, 4), np.float32)}
+    for prefix in ("core.", "net.module.", ""):
+        ckpt = {prefix + k: v for k, v in sd.items()} | (extra if prefix else {})  # no prefix: all keys count
+        loaded = px.state_dict(px.load_reference(ckpt, init, "t2i"))
+        assert loaded.keys() == sd.keys()
+        for key, value in sd.items():
+            np.testing.assert_array_equal(loaded[key], value)
+    # The most complete copy wins over a partial one.
+    partial = {"a." + k: v for k, v in list(sd.items())[:5]}
+    loaded = px.state_dict(px.load_reference({**partial, **{"b." + k: v + 1 for k, v in sd.items()}}, init, "t2i"))
+    for key, value in sd.items():
+        np.testing.assert_array_equal(loaded[key], value + 1)
+
+
 @pytest.mark.parametrize("name", ["pixeldit_xl_c2i", "pixeldit_t2i_1024"])
 def test_released_configs_export_reference_keys_and_shapes(name):
     import pixeldit_eqx as px
@@ -310,6 +331,12 @@ def test_scanned_stack_equals_blocks_one_by_one():
     np.testing.assert_allclose(scanned, looped, rtol=1e-6, atol=1e-6)
     restacked = px.BlockStack.from_layers([model.patch_blocks.layer(i) for i in range(model.patch_blocks.depth)])
     np.testing.assert_array_equal(restacked(s, c, angles), scanned)
+    empty = px.BlockStack(lambda k: model.patch_blocks.layer(0), 0, key=jax.random.key(0))
+    assert empty.depth == 0 and empty(s, c, angles) is s
+    with pytest.raises(ValueError, match="`layers` is empty"):
+        px.BlockStack.from_layers([])
+    with pytest.raises(ValueError, match="`depth` must be >= 0, got -1"):
+        px.BlockStack(lambda k: model.patch_blocks.layer(0), -1, key=jax.random.key(0))
 
 
 def test_init_as_reference(getkey):
@@ -395,7 +422,9 @@ def test_gradients_flow(getkey):
             "`hidden_size`=30 must be divisible by `num_groups`=4",
         ),
         (dict(hidden_size=24, num_groups=4), "head dim divisible by 4"),
-        (dict(patch_depth=0), "`patch_depth` must be a positive integer, got 0"),
+        (dict(patch_depth=-1), "`patch_depth` must be a non-negative integer, got -1"),
+        (dict(num_classes=-1), "`num_classes` must be a non-negative integer, got -1"),
+        (dict(pixel_depth=0), "`pixel_depth` must be a positive integer, got 0"),
         (dict(pixel_depth=-1), "`pixel_depth` must be a positive integer, got -1"),
         (dict(pixel_hidden_size=6), "`pixel_hidden_size` must be divisible by 4"),
     ],
@@ -406,6 +435,70 @@ def test_config_errors(kwargs, message):
     config = dict(MANIFEST["model_c2i"]["init"]) | kwargs
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         px.build(config, "c2i")
+
+
+@pytest.mark.parametrize("variant", ["c2i", "t2i"])
+def test_no_patch_blocks_is_the_identity_stack(variant, getkey):
+    """`patch_depth=0` (the reference runs it) equals one patch block made the identity
+    on the image stream by a zero adaLN (all its gates 0)."""
+    import pixeldit_eqx as px
+
+    config = dict(MANIFEST[f"model_{variant}"]["init"])
+    key = getkey()
+
+    # The final layer is zero-initialised too: move it (alike in both) so the output is not 0.
+    def moved(m):
+        return eqx.tree_at(lambda m: m.final_layer, m, jax.tree.map(lambda a: a + 0.05, m.final_layer))
+
+    empty = moved(px.build(config | {"patch_depth": 0}, variant, key=key))
+    one = moved(px.build(config | {"patch_depth": 1}, variant, key=key))
+    name = "adaln" if variant == "c2i" else "adaln_img"
+    one = eqx.tree_at(
+        lambda m: getattr(m.patch_blocks.blocks, name),
+        one,
+        jax.tree.map(jnp.zeros_like, getattr(one.patch_blocks.blocks, name)),
+    )
+    assert empty.patch_blocks.depth == 0
+    assert not any(k.startswith("patch_blocks.") for k in px.state_dict(empty))
+    x = jax.random.normal(getkey(), (config.get("in_channels", 3), 16, 16))
+    cond = (3,) if variant == "c2i" else (jax.random.normal(getkey(), (5, config["txt_embed_dim"])),)
+    out = empty(x, 0.4, *cond)
+    assert float(jnp.abs(out).max()) > 0.1
+    np.testing.assert_allclose(out, one(x, 0.4, *cond), rtol=0, atol=1e-5)
+    # Trains and round-trips through a state dict like any other model.
+    trained = jax.tree.map(lambda a: a + 0.01 if eqx.is_inexact_array(a) else a, empty)
+    grads = eqx.filter_grad(lambda m: jnp.mean(m(x, 0.4, *cond) ** 2))(trained)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    again = px.load_reference(px.state_dict(trained), config | {"patch_depth": 0}, variant)
+    np.testing.assert_array_equal(again(x, 0.4, *cond), trained(x, 0.4, *cond))
+
+
+def test_no_classes_is_an_unconditional_model(getkey):
+    """`num_classes=0` (the reference runs it): one embedding row, the null class 0."""
+    import pixeldit_eqx as px
+
+    model = px.build(dict(MANIFEST["model_c2i"]["init"]) | {"num_classes": 0}, "c2i", key=getkey())
+    assert model.y_embedder.embedding_table.weight.shape[0] == 1
+    x = jax.random.normal(getkey(), (3, 16, 16))
+    assert np.isfinite(np.asarray(model(x, 0.5, 0))).all()
+    with pytest.raises(Exception, match=r"class labels must lie in \[0, 0\]"):
+        model(x, 0.5, 1)
+
+
+def test_build_accepts_the_t2i_reference_arguments_that_change_nothing(getkey):
+    import pixeldit_eqx as px
+
+    config = dict(MANIFEST["model_t2i"]["init"])
+    key = getkey()
+    plain = px.build(config, "t2i", key=key)
+    extra = px.build(config | {"num_text_blocks": 4, "repa_encoder_index": 2}, "t2i", key=key)
+    assert jax.tree.structure(plain) == jax.tree.structure(extra)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(extra)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="`num_text_blocks` must be an int, got 4.0"):
+        px.build(config | {"num_text_blocks": 4.0}, "t2i")
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['repa_encoder_index'\]"):
+        px.build(dict(MANIFEST["model_c2i"]["init"]) | {"repa_encoder_index": 1}, "c2i")
 
 
 def test_build_rejects_unknown_variant_and_arguments():
