@@ -27,6 +27,10 @@ What it measures, on whatever device JAX uses (CPU or one accelerator):
   `checkpoint` off and on. Also XLA's own temp-buffer size for each program. On CPU
   also with the allocator tuned and `runtime.release_free_memory()` after loading (or
   building) and after compiling, for both ways of building the model.
+- **attention-shaped batched matmul**: the rate of the attention scores' matmul at the
+  128x128 shape (32 heads-times-examples of 256x64 @ 64x256), against the matmul rate.
+  XLA:CPU runs a matmul with batch dimensions on one thread; this line shows what that
+  leaves of the machine.
 - **SwiGLU gating**: forward+backward of a scanned stack of 6 SwiGLU blocks with
   `modules.silu_gate` and with autodiff of `jax.nn.silu(gate) * value`.
 - **program size**: bytes of the StableHLO text of `jax.jit(forward).lower(...)` at
@@ -193,6 +197,20 @@ def time_calls(compiled: Any, args: tuple, repeats: int, mm: MatmulRate) -> dict
         "times_s": times,
         "matmul_flops_per_s": statistics.median(rates),
     }
+
+
+def batched_matmul_case(mm: MatmulRate, repeats: int = 21) -> dict[str, Any]:
+    """Rate of the attention scores' batched matmul at the mid config's 128x128 shape
+    (batch 8 x 4 heads, 256 tokens, head width 64), against the dense matmul rate: XLA:CPU
+    runs a matmul with batch dimensions on one thread, which bounds the attention."""
+    k1, k2 = jax.random.split(jax.random.key(3))
+    q = jax.random.normal(k1, (BATCH * MID["num_groups"], 256, MID["hidden_size"] // MID["num_groups"]), mm.a.dtype)
+    k = jax.random.normal(k2, q.shape, q.dtype)
+    fn = jax.jit(lambda q, k: jnp.einsum("bqd,bkd->bqk", q, k))
+    res = time_calls(fn, (q, k), repeats, mm)
+    n, s, d = q.shape
+    rate = 2 * n * s * s * d / res["median_s"]
+    return {"shape": [n, s, d], "flops_per_s": rate, "fraction_of_matmul": rate / res["matmul_flops_per_s"]}
 
 
 def compile_timed(fn: Any, *args: Any) -> tuple[Any, dict[str, float]]:
@@ -396,6 +414,13 @@ def render(results: dict) -> str:
         f"over {m['matmul_samples']} samples (min {m['matmul_gflops_min']:.1f}, "
         f"max {m['matmul_gflops_max']:.1f})"
     )
+    if "batched_matmul" in results:
+        b = results["batched_matmul"]
+        lines.append(
+            f"- attention-shaped batched matmul {b['shape'][0]}x({b['shape'][1]}x{b['shape'][2]} @ "
+            f"{b['shape'][2]}x{b['shape'][1]}): {b['flops_per_s'] / 1e9:.1f} GFLOP/s, "
+            f"{100 * b['fraction_of_matmul']:.0f}% of the matmul rate"
+        )
     lines.append(f"- total benchmark time: {results['elapsed_s']:.0f} s\n")
     lines.append("## Speed (median after warm-up; FLOPs analytic, see flops.py)\n")
     lines.append(
@@ -564,6 +589,9 @@ def main() -> None:
     log("speed: mid config 128x128 with checkpoint=True (forward+backward)")
     case = speed_case("mid", MID, "c2i", 128, BATCH, max(3, repeats - 2), mm, checkpoint=True)
     results["speed"].append(case)
+
+    log("batched matmul of the attention scores (128x128 shape)")
+    results["batched_matmul"] = batched_matmul_case(mm)
 
     log("gating: scanned SwiGLU stack with silu_gate and with jax.nn.silu")
     results["gating"] = gating_case(repeats, mm)
