@@ -634,6 +634,8 @@ def build(
         )
     variant = variant or preset_variant or "c2i"
     cls = VARIANTS[variant]
+    # numpy scalars (a config read with numpy) count as the Python value they hold.
+    config = {k: v.item() if isinstance(v, np.generic) else v for k, v in config.items()}
     for name in _REFERENCE_ONLY.get(variant, ()):
         if name in config:
             value = config.pop(name)

@@ -153,6 +153,18 @@ def test_build_refuses_inconsistent_or_mistyped_configs(variant, change, message
     assert str(info.value) == message
 
 
+def test_numpy_scalars_in_a_config_count_as_their_python_values():
+    import pixeldit_eqx as px
+
+    as_numpy = {k: np.asarray(v)[()] if isinstance(v, int | float | bool) else v for k, v in C2I.items()}
+    assert any(isinstance(v, np.generic) for v in as_numpy.values())
+    a = eqx.filter_eval_shape(px.build, C2I, "c2i")
+    b = eqx.filter_eval_shape(lambda: px.build(as_numpy, "c2i"))
+    assert jax.tree.structure(a) == jax.tree.structure(b)  # the same static config, as Python values
+    with pytest.raises(ValueError, match="`hidden_size` must be an int, got 64.5 of type float"):
+        px.build(as_numpy | {"hidden_size": np.float64(64.5)}, "c2i")
+
+
 def test_variant_mixups_are_named():
     import pixeldit_eqx as px
 
