@@ -319,6 +319,8 @@ class BlockStack(eqx.Module, Generic[_Block]):
         return eqx.combine(jax.tree.map(lambda x: x[i], params), static)
 
     def __call__(self, carry: PyTree[Array], *args: Any) -> PyTree[Array]:
+        if self.depth == 0:  # an empty stack (e.g. a reference config with `patch_depth=0`)
+            return carry
         params, static = eqx.partition(self.blocks, eqx.is_array)
 
         def body(carry, layer_params):
@@ -329,7 +331,5 @@ class BlockStack(eqx.Module, Generic[_Block]):
         else:
             policy = jax.checkpoint_policies.save_only_these_names(RESIDUAL)
             body = jax.checkpoint(body, policy=policy)
-        if self.depth == 0:  # an empty stack (e.g. a reference config with `patch_depth=0`)
-            return carry
         carry, _ = jax.lax.scan(body, carry, params)
         return carry

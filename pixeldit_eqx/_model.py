@@ -74,16 +74,13 @@ def _initialise(make: Any, key: PRNGKeyArray) -> Any:
     return eqx.combine(lowered.compile(compiler_options=options)(key), static[0])
 
 
-def _positive(**kwargs: int) -> None:
+def _at_least(low: int, **kwargs: int) -> None:
+    """Each of `kwargs` is an int >= `low` (1, or 0 for the counts the reference allows
+    to be zero)."""
     for name, value in kwargs.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-
-
-def _non_negative(**kwargs: int) -> None:
-    for name, value in kwargs.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            what = "positive" if low == 1 else "non-negative"
+            raise ValueError(f"`{name}` must be a {what} integer, got {value!r}.")
 
 
 def _check_rope_width(width: int, heads: int, what: str, heads_name: str) -> None:
@@ -258,7 +255,8 @@ class PixelDiT(_PixelDiTBase):
         checkpoint: bool = False,
         key: PRNGKeyArray,
     ):
-        _positive(
+        _at_least(
+            1,
             in_channels=in_channels,
             num_groups=num_groups,
             hidden_size=hidden_size,
@@ -268,7 +266,7 @@ class PixelDiT(_PixelDiTBase):
         )
         # As in the reference: no patch blocks, or no classes (labels: only the null
         # class 0, an unconditional model), are valid configurations.
-        _non_negative(patch_depth=patch_depth, num_classes=num_classes)
+        _at_least(0, patch_depth=patch_depth, num_classes=num_classes)
         _check_rope_width(hidden_size, num_groups, "hidden_size", "num_groups")
         self._config = _frozen(
             in_channels=in_channels,
@@ -421,7 +419,8 @@ class PixelDiTT2I(_PixelDiTBase):
     ):
         attn_size = hidden_size if pixel_attn_hidden_size is None else pixel_attn_hidden_size
         pixel_heads = num_groups if pixel_num_groups is None else pixel_num_groups
-        _positive(
+        _at_least(
+            1,
             in_channels=in_channels,
             num_groups=num_groups,
             hidden_size=hidden_size,
@@ -433,7 +432,7 @@ class PixelDiTT2I(_PixelDiTBase):
             txt_embed_dim=txt_embed_dim,
             txt_max_length=txt_max_length,
         )
-        _non_negative(patch_depth=patch_depth)  # as in the reference, no patch blocks is valid
+        _at_least(0, patch_depth=patch_depth)  # as in the reference, no patch blocks is valid
         _check_rope_width(hidden_size, num_groups, "hidden_size", "num_groups")
         _check_rope_width(attn_size, pixel_heads, "pixel_attn_hidden_size", "pixel_num_groups")
         self._config = _frozen(
@@ -639,7 +638,7 @@ def build(
     for name in _REFERENCE_ONLY.get(variant, ()):
         if name in config:
             value = config.pop(name)
-            if not isinstance(value, int) or isinstance(value, bool):
+            if not _config_value_fits(int, value):
                 raise ValueError(f"`config`: `{name}` must be an int, got {value!r} of type {type(value).__name__}.")
     params = inspect.signature(cls.__init__).parameters.values()
     allowed = {p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD} - {"self"}
