@@ -189,31 +189,62 @@ def _read(source: Any) -> Any:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
     if path.endswith(".safetensors"):
-        try:
-            from safetensors.numpy import load_file
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("reading .safetensors needs `pip install pixeldit-eqx[safetensors]`.") from e
-        try:
-            return load_file(path)
-        except Exception as e:
-            raise ValueError(f"{path!r} is not a readable .safetensors file: {e}") from e
+        return _read_safetensors(path)
     from ._torch_pickle import load_torch_file
 
     return load_torch_file(path)
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """A `.safetensors` file's tensors, checked against the checksum in its metadata when
+    it has one (as `save_safetensors` writes), with keys within the reading budget."""
+    try:
+        from safetensors import safe_open
+        from safetensors.numpy import load_file
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("reading .safetensors needs `pip install pixeldit-eqx[safetensors]`.") from e
+    from . import _torch_pickle
+    from ._atomic import safetensors_checksum, SAFETENSORS_CHECKSUM_KEY
+    from ._torch_pickle import CheckpointFormatError
+
+    try:
+        with safe_open(path, framework="np") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(path)
+    except MemoryError as e:
+        raise CheckpointFormatError(f"{path!r} is not a readable .safetensors file: out of memory") from e
+    except Exception as e:  # The Rust reader's errors have no common Python base.
+        raise CheckpointFormatError(f"{path!r} is not a readable .safetensors file: {str(e)[:300]}") from e
+    limit = _torch_pickle.BUDGET.max_key_length
+    longest = max(map(len, tensors), default=0)
+    if longest > limit:
+        raise CheckpointFormatError(
+            f"{path!r}: over the reading budget for key length: {longest} > {limit} (`ReadBudget.max_key_length`)"
+        )
+    expected = metadata.get(SAFETENSORS_CHECKSUM_KEY)
+    if expected is not None and safetensors_checksum(tensors) != expected:
+        raise CheckpointFormatError(
+            f"{path!r}: the tensors fail the sha256 checksum in the file's metadata: the file is corrupt "
+            "(flipped bits: a damaged disk, download or copy)"
+        )
+    return tensors
 
 
 def _infer_prefix(tensors: Mapping[str, Any], expected: set[str]) -> str:
     """The key prefix under which most of the model's weights sit (`""` for none); on a
     tie the first of `_PREFIXES`, so a Lightning checkpoint gives its EMA weights."""
     counts: collections.Counter[str] = collections.Counter()
+    # Only a suffix as long as the longest expected key can match: looking at the dots
+    # of the key's tail only keeps this linear in the keys' lengths (a key of 10^6 dots).
+    longest = max(map(len, expected), default=0)
     for k in tensors:
         if k in expected:
             counts[""] += 1
-        dot = k.find(".")
-        while dot != -1:
+        dot = k.rfind(".")
+        while dot != -1 and len(k) - dot - 1 <= longest:
             if k[dot + 1 :] in expected:
                 counts[k[: dot + 1]] += 1
-            dot = k.find(".", dot + 1)
+            dot = k.rfind(".", 0, dot)
     if not counts:
         sample = sorted(tensors)[:4]
         raise StateDictError(
@@ -286,8 +317,18 @@ def load_reference(
 
 
 def save_safetensors(path: str | os.PathLike, module_or_state_dict: Any) -> None:
-    """Write a module's reference state dict (or a state dict) as `.safetensors`."""
-    from safetensors.numpy import save_file
+    """Write a module's reference state dict (or a state dict) as `.safetensors`.
+
+    The write is atomic (a temporary file replaces `path` whole: an interrupted save
+    leaves the previous file), and the file's metadata holds the sha256 of its tensors
+    (`pixeldit_eqx.sha256`), which `load_reference` verifies.
+    """
+    from safetensors.numpy import save
+
+    from ._atomic import atomic_write, safetensors_checksum, SAFETENSORS_CHECKSUM_KEY
 
     sd = module_or_state_dict if isinstance(module_or_state_dict, Mapping) else state_dict(module_or_state_dict)
-    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, os.fspath(path))
+    tensors = {k: np.ascontiguousarray(v) for k, v in sd.items()}
+    data = save(tensors, metadata={SAFETENSORS_CHECKSUM_KEY: safetensors_checksum(tensors)})
+    with atomic_write(path) as f:
+        f.write(data)

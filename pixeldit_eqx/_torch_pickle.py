@@ -36,17 +36,28 @@ reader safe: it makes an overtly hostile file fail loudly instead of loading qui
 Storages stored uncompressed (as `torch.save` writes them) are memory-mapped, each read
 at most once however many tensors view it; every returned array is a contiguous copy
 that owns its memory, so nothing refers to the file once `load_torch_file` returns.
-Zip CRCs are checked for `data.pkl` and for compressed members, not for memory-mapped
-storages (torch does not check them either).
+Every record read is checked against its zip CRC-32, memory-mapped storages included.
+
+**Budgets.** A small file must not be able to take unbounded memory or time, so reading
+is metered against [`BUDGET`][] (a [`ReadBudget`][]): pickle opcodes run, objects built
+(counting a shared reference once per place it is used), nesting depth, bytes
+materialised by tensors relative to the bytes of the storages read, decompressed bytes
+relative to the file's size (zip bombs), and key lengths. Numpy dtypes are rebuilt from an
+allow-list of plain numeric types (never a structured, void or object dtype, never through
+`dtype.__setstate__`), and every tensor view is checked against its storage's bounds. Every
+step is linear in the file's size. A file over a budget raises [`CheckpointFormatError`][]
+naming the budget; `MemoryError`, `RecursionError` and decoder errors never escape.
 """
 
 import _compat_pickle
+import dataclasses
 import datetime
 import io
 import mmap
 import os
 import pathlib
 import pickle
+import reprlib
 import struct
 import sys
 import zipfile
@@ -62,8 +73,10 @@ from numpy.lib.stride_tricks import as_strided
 
 
 __all__ = [
+    "BUDGET",
     "CheckpointFormatError",
     "Placeholder",
+    "ReadBudget",
     "TorchDtype",
     "UnsafeCheckpointError",
     "load_torch_file",
@@ -76,6 +89,77 @@ class UnsafeCheckpointError(ValueError):
 
 class CheckpointFormatError(ValueError):
     """The file is not a readable `torch.save` zip checkpoint (wrong format, truncated, corrupt)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadBudget:
+    """The limits that reading one untrusted checkpoint is held to.
+
+    Each is far above what a real checkpoint needs (a PixelDiT-XL state dict runs about
+    20,000 opcodes and builds about 5,000 objects) and far below what exhausts a machine.
+
+    **Fields:**
+
+    - `max_opcodes`: pickle opcodes run while unpickling `data.pkl`.
+    - `max_objects`: objects built, counting every element a container constructor
+        copies and every use of a shared reference (a small pickle can otherwise describe
+        a structure with 2^40 paths).
+    - `max_depth`: the nesting depth of containers.
+    - `max_key_length`: the length of a dictionary key (or state-dict key), in characters.
+    - `materialise_ratio`, `materialise_slack`: tensor bytes built may not exceed
+        `materialise_ratio` times the bytes of the storages read, plus `materialise_slack`.
+    - `decompress_ratio`, `decompress_slack`: decompressed record bytes may not exceed
+        `decompress_ratio` times the file's size, plus `decompress_slack` (zip bombs).
+    """
+
+    max_opcodes: int = 2_000_000
+    max_objects: int = 2_000_000
+    max_depth: int = 100
+    max_key_length: int = 4096
+    materialise_ratio: int = 4
+    materialise_slack: int = 16 << 20
+    decompress_ratio: int = 100
+    decompress_slack: int = 1 << 20
+
+
+#: The budget [`load_torch_file`][] enforces (replace it to change the limits).
+BUDGET = ReadBudget()
+
+
+def _over_budget(path: str, what: str, value: int, limit: int, name: str) -> CheckpointFormatError:
+    return CheckpointFormatError(
+        f"{path}: over the reading budget for {what}: {value} > {limit} (`ReadBudget.{name}`); a hostile or "
+        "corrupt checkpoint, or one far larger than a model's weights need"
+    )
+
+
+class _ShortRepr(reprlib.Repr):
+    """A bounded `repr` for messages: an untrusted object's own `repr` may be huge or recursive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 2
+        self.maxstring = self.maxother = self.maxlong = 60
+
+    def repr_int(self, x: int, level: int) -> str:
+        return repr(x) if abs(x) < 10**40 else f"<int of {x.bit_length()} bits>"
+
+    def repr_instance(self, x: Any, level: int) -> str:
+        if isinstance(x, type):
+            return f"<class {x.__name__[:60]}>"
+        if isinstance(x, Placeholder):
+            return f"<Placeholder {type(x).module}.{type(x).name}>"
+        if isinstance(x, np.ndarray):
+            return f"<array {x.dtype.str} {x.shape}>"
+        if isinstance(x, int | float | complex | str | bytes | TorchDtype | np.generic):
+            return super().repr_instance(x, level)
+        return f"<{type(x).__name__}>"
+
+    def repr_tuple(self, x: tuple, level: int) -> str:
+        return self.repr_instance(x, level) if hasattr(x, "_fields") else super().repr_tuple(x, level)
+
+
+_short = _ShortRepr().repr
 
 
 class TorchDtype(NamedTuple):
@@ -299,7 +383,7 @@ class Placeholder:
         for field in ("args", "kwargs", "state", "items", "list_items"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, tuple | dict | list) or value):
-                fields.append(f"{field}={value!r}")
+                fields.append(f"{field}={_short(value)}")
         return f"Placeholder({', '.join(fields)})"
 
 
@@ -362,6 +446,10 @@ class _Archive:
         self._file = open(path, "rb")
         self._mmap: mmap.mmap | None = None
         self._storages: dict[str, np.ndarray] = {}
+        self.budget = BUDGET
+        self.file_size = 0
+        self.decompressed = 0  # Bytes of records read (decompressed), for the zip-bomb budget.
+        self.storage_bytes = 0  # Bytes of storages read, for the materialisation budget.
         try:
             try:
                 self._zip = zipfile.ZipFile(self._file)
@@ -377,6 +465,7 @@ class _Archive:
                 head = self._file.read(512)
                 size = os.fstat(self._file.fileno()).st_size
                 raise CheckpointFormatError(_diagnose_not_zip(path, head, size)) from e
+            self.file_size = os.fstat(self._file.fileno()).st_size
             self.prefix = self._find_prefix()
             self.byteorder = self._read_byteorder()
             try:
@@ -406,24 +495,41 @@ class _Archive:
             return "little"  # What torch assumes for files without the record.
         order = self._read_record(name).decode("ascii", "replace").strip()
         if order not in ("little", "big"):
-            raise CheckpointFormatError(f"{self.path}: invalid byteorder record {order!r}")
+            raise CheckpointFormatError(f"{self.path}: invalid byteorder record {_short(order)}")
         return order
 
     def _read_record(self, name: str) -> bytes:
+        """A record's bytes, decompressed within the budget and checked against its CRC-32.
+
+        Any decoder's error (zlib, bz2, LZMA, a CRC mismatch, ...) is a format error.
+        """
+        info = self._zip.getinfo(name)
+        limit = self.budget.decompress_ratio * self.file_size + self.budget.decompress_slack
+        if self.decompressed + info.file_size > limit:
+            raise _over_budget(
+                self.path,
+                f"decompressed bytes (record {_short(name)} declares {info.file_size})",
+                self.decompressed + info.file_size,
+                limit,
+                "decompress_ratio",
+            )
+        self.decompressed += info.file_size
         try:
-            return self._zip.read(name)
-        except (
-            zipfile.BadZipFile,
-            EOFError,
-            OSError,
-            ValueError,
-            zlib.error,
-            NotImplementedError,  # An unsupported compression method.
-            RuntimeError,  # An encrypted member.
-        ) as e:
+            # `ZipFile.read` stops at the declared size and checks the CRC-32 at the end.
+            data = self._zip.read(info)
+        except MemoryError as e:
+            raise CheckpointFormatError(f"{self.path}: out of memory reading the record {_short(name)}") from e
+        except Exception as e:  # zipfile, zlib, bz2 and lzma raise a variety of errors.
             raise CheckpointFormatError(
-                f"{self.path}: cannot read the record '{name}' (truncated, corrupt or unsupported zip member): {e}"
+                f"{self.path}: cannot read the record {_short(name)} (truncated, corrupt or unsupported zip "
+                f"member): {type(e).__name__}: {str(e)[:200]}"
             ) from e
+        if len(data) != info.file_size:
+            raise CheckpointFormatError(
+                f"{self.path}: the record {_short(name)} holds {len(data)} bytes, not the {info.file_size} its "
+                "zip entry declares (truncated or corrupt file)"
+            )
+        return data
 
     def pickle_bytes(self) -> bytes:
         """The bytes of `<archive>/data.pkl`."""
@@ -439,10 +545,11 @@ class _Archive:
             info = self._zip.getinfo(name)
         except KeyError:
             raise CheckpointFormatError(
-                f"{self.path}: the pickle uses storage {key!r}, but the archive has no record "
+                f"{self.path}: the pickle uses storage {_short(key)}, but the archive has no record "
                 f"'{name}' (incomplete or corrupt checkpoint)"
             ) from None
         data = self._read_member(info)
+        self.storage_bytes += data.size
         self._storages[key] = data
         return data
 
@@ -458,11 +565,17 @@ class _Archive:
             )
         fields = _LOCAL_HEADER.unpack(header)
         data_start = start + _LOCAL_HEADER.size + fields[-2] + fields[-1]
-        if data_start + info.file_size > len(self._mmap):
+        if info.compress_size != info.file_size or data_start + info.file_size > len(self._mmap):
             raise CheckpointFormatError(
-                f"{self.path}: the record '{info.filename}' runs past the end of the file (truncated file)"
+                f"{self.path}: the record {_short(info.filename)} runs past the end of the file (truncated file)"
             )
-        return np.frombuffer(self._mmap, dtype=np.uint8, count=info.file_size, offset=data_start)
+        data = np.frombuffer(self._mmap, dtype=np.uint8, count=info.file_size, offset=data_start)
+        if zlib.crc32(data) != info.CRC:
+            raise CheckpointFormatError(
+                f"{self.path}: the record {_short(info.filename)} fails its CRC-32 check: the file is corrupt "
+                "(flipped bits: a damaged download or disk)"
+            )
+        return data
 
     def close(self) -> None:
         """Release the cache, the memory map and the file."""
@@ -482,13 +595,13 @@ class _Archive:
 
 def _as_index(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise CheckpointFormatError(f"invalid tensor {what} {value!r}")
+        raise CheckpointFormatError(f"invalid tensor {what} {_short(value)}")
     return value
 
 
 def _as_shape(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, tuple | list):
-        raise CheckpointFormatError(f"invalid tensor {what} {value!r}")
+        raise CheckpointFormatError(f"invalid tensor {what} {_short(value)}")
     return tuple(_as_index(v, what) for v in value)
 
 
@@ -529,11 +642,104 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
 
+    def _load_reduce(self) -> None:
+        # A constructor copies its argument (`list(range(10**8))`, `tuple(a_big_list)`):
+        # charge what it copies before it runs.
+        self._charge_args(self.stack[-1])
+        pickle._Unpickler.load_reduce(self)
+
+    dispatch[pickle.REDUCE[0]] = _load_reduce
+
+    def _load_newobj(self) -> None:
+        self._charge_args(self.stack[-1])
+        pickle._Unpickler.load_newobj(self)
+
+    dispatch[pickle.NEWOBJ[0]] = _load_newobj
+
+    def _load_newobj_ex(self) -> None:
+        self._charge_args(self.stack[-2])
+        pickle._Unpickler.load_newobj_ex(self)
+
+    dispatch[pickle.NEWOBJ_EX[0]] = _load_newobj_ex
+
+    def _instantiate(self, klass: Any, args: Any) -> None:
+        self._charge_args(tuple(args))
+        pickle._Unpickler._instantiate(self, klass, args)
+
+    def _load_build(self) -> None:
+        # numpy arrays and dtypes are built here, from an allow-list, never by numpy's
+        # own `__setstate__` on a state the file chose.
+        inst = self.stack[-2]
+        if isinstance(inst, _PickledArray | _DtypeSpec):
+            state = self.stack.pop()
+            if isinstance(inst, _DtypeSpec):
+                inst.set_byteorder(state)
+            else:
+                self._build_array(inst, state)
+            return
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = _load_build
+
     def __init__(self, file: io.BytesIO, archive: _Archive):
         super().__init__(file, encoding="utf-8")
         self._archive = archive
+        self._budget = archive.budget
+        self._pickle_size = len(file.getbuffer())
+        self._opcodes = 0
+        self._objects = 0
+        self._materialised = 0
         self._placeholders: dict[tuple[str, str], type[Placeholder]] = {}
         self._allowed = self._allow_table()
+
+    def _count_opcode(self) -> None:
+        self._opcodes += 1
+        if self._opcodes > self._budget.max_opcodes:
+            raise _over_budget(
+                self._archive.path, "pickle opcodes", self._opcodes, self._budget.max_opcodes, "max_opcodes"
+            )
+
+    def _charge(self, count: int) -> None:
+        self._objects += count
+        if self._objects > self._budget.max_objects:
+            raise _over_budget(
+                self._archive.path, "objects built", self._objects, self._budget.max_objects, "max_objects"
+            )
+
+    def _charge_args(self, args: Any) -> None:
+        self._charge(1 + (sum(map(_length, args)) if isinstance(args, tuple) else 0))
+
+    def _materialise(self, nbytes: int) -> None:
+        """Charge `nbytes` of array data about to be built."""
+        self._materialised += nbytes
+        budget = self._budget
+        limit = budget.materialise_ratio * (self._archive.storage_bytes + self._pickle_size) + budget.materialise_slack
+        if self._materialised > limit:
+            raise _over_budget(
+                self._archive.path,
+                "bytes materialised by tensors (relative to the storages read)",
+                self._materialised,
+                limit,
+                "materialise_ratio",
+            )
+
+    def _build_array(self, array: "_PickledArray", state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[2], _DtypeSpec)):
+            raise CheckpointFormatError(f"unsupported numpy array state {_short(state)}")
+        _, shape, spec, fortran, raw = state
+        shape = _as_shape(shape, "numpy array shape")
+        if len(shape) > _MAX_NDIM or not isinstance(raw, bytes | bytearray):
+            raise CheckpointFormatError(f"unsupported numpy array state {_short(state)}")
+        nbytes = spec.dtype.itemsize
+        for n in shape:
+            nbytes *= n
+        if nbytes != len(raw):
+            raise CheckpointFormatError(
+                f"a pickled numpy array of shape {_short(shape)} and dtype {spec.dtype} holds {len(raw)} bytes, "
+                f"not {nbytes}"
+            )
+        self._materialise(nbytes)
+        np.ndarray.__setstate__(array, (1, shape, spec.dtype, bool(fortran), bytes(raw)))
 
     def _allow_table(self) -> dict[tuple[str, str], Any]:
         table: dict[tuple[str, str], Any] = {
@@ -555,9 +761,10 @@ class _RestrictedUnpickler(pickle._Unpickler):
             ): _rebuild_parameter_with_state,
             ("torch._tensor", "_rebuild_from_type"): _rebuild_from_type,
             ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+            ("builtins", "range"): self._range,
         }
         for name, value in _SAFE_BUILTINS.items():
-            table["builtins", name] = value
+            table.setdefault(("builtins", name), value)
         for name, dtype in _TORCH_DTYPES.items():
             table["torch", name] = TorchDtype(name, dtype)
         for name, dtype in _STORAGE_TYPES.items():
@@ -565,7 +772,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
                 table[module, name] = _StorageType(name, dtype)
         for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
             table[module, "_reconstruct"] = _np_reconstruct
-            table[module, "scalar"] = _NP_SCALAR
+            table[module, "scalar"] = _np_scalar
         table["numpy", "ndarray"] = _NdarrayType()
         table["numpy", "dtype"] = _np_dtype
         for name in ("datetime", "date", "time", "timedelta", "timezone"):
@@ -619,7 +826,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
     def persistent_load(self, pid: Any) -> _StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and _decode(pid[0]) == "storage"):
             raise CheckpointFormatError(
-                f"{self._archive.path}: unsupported persistent id {pid!r} (expected "
+                f"{self._archive.path}: unsupported persistent id {_short(pid)} (expected "
                 "('storage', type, key, location, numel))"
             )
         _, storage_type, key, _location, numel = pid
@@ -628,11 +835,22 @@ class _RestrictedUnpickler(pickle._Unpickler):
         elif isinstance(storage_type, TorchDtype):
             dtype = storage_type.numpy_dtype
         else:
-            raise CheckpointFormatError(f"{self._archive.path}: unsupported storage type {storage_type!r}")
+            raise CheckpointFormatError(f"{self._archive.path}: unsupported storage type {_short(storage_type)}")
         key = _decode(key)
         if not isinstance(key, str):
-            raise CheckpointFormatError(f"{self._archive.path}: invalid storage key {key!r}")
+            raise CheckpointFormatError(f"{self._archive.path}: invalid storage key {_short(key)}")
         return _StorageRef(key, dtype, _as_index(numel, "storage size"))
+
+    def _range(self, *args: Any) -> range:
+        """`range`, refused when longer than the object budget (a constructor may expand it)."""
+        if not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
+            raise CheckpointFormatError(f"invalid pickled range arguments {_short(args)}")
+        value = range(*args)
+        if _length(value) > self._budget.max_objects:
+            raise _over_budget(
+                self._archive.path, "objects built (a range)", _length(value), self._budget.max_objects, "max_objects"
+            )
+        return value
 
     def _tensor(
         self,
@@ -645,34 +863,43 @@ class _RestrictedUnpickler(pickle._Unpickler):
         """The view `storage[offset]` with `size` and `stride` (in elements), as a copy."""
         path = self._archive.path
         if not isinstance(storage, _StorageRef):
-            raise CheckpointFormatError(f"{path}: tensor data {storage!r} is not a storage")
+            raise CheckpointFormatError(f"{path}: tensor data {_short(storage)} is not a storage")
         offset = _as_index(offset, "storage offset")
         size = _as_shape(size, "size")
         stride = _as_shape(stride, "stride")
-        if len(size) != len(stride):
-            raise CheckpointFormatError(f"{path}: tensor size {size} and stride {stride} differ")
+        if len(size) != len(stride) or len(size) > _MAX_NDIM:
+            raise CheckpointFormatError(
+                f"{path}: tensor size {_short(size)} and stride {_short(stride)} differ in length or have "
+                f"more than {_MAX_NDIM} dimensions"
+            )
         dtype = storage.dtype if dtype is None else dtype
         raw = self._archive.storage(storage.key)
         nbytes = storage.numel * storage.dtype.itemsize
         if raw.size < nbytes:
             raise CheckpointFormatError(
-                f"{path}: storage {storage.key!r} holds {raw.size} bytes, fewer than the "
+                f"{path}: storage {_short(storage.key)} holds {raw.size} bytes, fewer than the "
                 f"{nbytes} its tensors need (truncated or corrupt file)"
             )
         if 0 in size:
             return np.zeros(size, dtype)
         count = nbytes // dtype.itemsize
+        # A stride-0 (or overlapping) view copies more than its storage holds: charged.
+        out_bytes = dtype.itemsize
+        for n in size:
+            out_bytes *= n
+        self._materialise(out_bytes)
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= count:
             raise CheckpointFormatError(
-                f"{path}: a tensor of size {size}, stride {stride} at offset {offset} reaches "
-                f"past the end of storage {storage.key!r} ({count} elements)"
+                f"{path}: a tensor of size {_short(size)}, stride {_short(stride)} at offset {offset} reaches "
+                f"past the end of storage {_short(storage.key)} ({count} elements)"
             )
         flat = raw[: count * dtype.itemsize].view(dtype)
         view = as_strided(
             flat[offset:],
             shape=size,
-            strides=tuple(s * dtype.itemsize for s in stride),
+            # A dimension of size 1 never steps: its stride (any value) is irrelevant.
+            strides=tuple(0 if n == 1 else s * dtype.itemsize for n, s in zip(size, stride)),
             writeable=False,
         )
         out = view.copy()
@@ -709,7 +936,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
     ) -> np.ndarray:
         del requires_grad, backward_hooks, metadata
         if not isinstance(dtype, TorchDtype):
-            raise CheckpointFormatError(f"{self._archive.path}: invalid tensor dtype {dtype!r}")
+            raise CheckpointFormatError(f"{self._archive.path}: invalid tensor dtype {_short(dtype)}")
         return self._tensor(storage, offset, size, stride, dtype.numpy_dtype)
 
 
@@ -726,15 +953,18 @@ def _rebuild_parameter_with_state(data: Any, requires_grad: Any, backward_hooks:
 def _rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any) -> Any:
     """A tensor subclass (or a tensor with attributes) comes back as its plain data.
 
-    `func` is whatever `find_class` resolved (one of the rebuild functions), hence safe.
+    `func` must be one of the vetted rebuild functions (not, say, `list`, whose copy of
+    `args` would go uncharged).
     """
+    if not isinstance(func, _Vetted) or not isinstance(args, tuple):
+        raise CheckpointFormatError(f"cannot rebuild a tensor subclass with {_short(func)}")
     return func(*args)
 
 
 def _codecs_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
     """`_codecs.encode(text, "latin1")`, how protocol 2 pickles `bytes`, and nothing else."""
     if not isinstance(encoding, str):
-        raise CheckpointFormatError(f"invalid pickled bytes encoding {encoding!r}")
+        raise CheckpointFormatError(f"invalid pickled bytes encoding {_short(encoding)}")
     if isinstance(obj, str) and encoding.lower().replace("_", "-") in (
         "latin1",
         "latin-1",
@@ -744,7 +974,7 @@ def _codecs_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict") ->
         "utf8",
     ):
         return obj.encode(encoding)
-    raise CheckpointFormatError(f"unsupported pickled bytes encoding {encoding!r}")
+    raise CheckpointFormatError(f"unsupported pickled bytes encoding {_short(encoding)}")
 
 
 def _bytearray(*args: Any) -> bytearray:
@@ -765,7 +995,7 @@ def _is_safe_new_type(cls: Any) -> bool:
 def _safe_new(cls: Any, *args: Any, **kwargs: Any) -> Any:
     if _is_placeholder_class(cls) or _is_safe_new_type(cls):
         return cls.__new__(cls, *args, **kwargs)
-    raise CheckpointFormatError(f"cannot reconstruct an object of type {cls!r}")
+    raise CheckpointFormatError(f"cannot reconstruct an object of type {_short(cls)}")
 
 
 def _copyreg_newobj(cls: Any, *args: Any) -> Any:
@@ -782,20 +1012,154 @@ def _copyreg_reconstructor(cls: Any, base: Any, state: Any) -> Any:
     """`copyreg._reconstructor` (protocol 0/1 objects), for placeholders and containers."""
     if _is_placeholder_class(cls) or (_is_safe_new_type(cls) and _is_safe_new_type(base)):
         return cls() if state is None else cls(state)
-    raise CheckpointFormatError(f"cannot reconstruct an object of type {cls!r}")
+    raise CheckpointFormatError(f"cannot reconstruct an object of type {_short(cls)}")
+
+
+class _PickledArray(np.ndarray):
+    """A numpy array rebuilt from a pickle; its data is set by the unpickler's BUILD, checked."""
+
+
+class _DtypeSpec:
+    """A pickled `numpy.dtype`: a plain numeric dtype from `_PLAIN_DTYPES`, and its byte order.
+
+    Stands in for numpy's dtype during unpickling, so that the pickle's BUILD reaches
+    `set_byteorder`, never `numpy.dtype.__setstate__` (which can declare fields at any
+    offset: reading such an array reads outside its buffer).
+    """
+
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = dtype
+
+    def set_byteorder(self, state: Any) -> None:
+        if not (
+            isinstance(state, tuple)
+            and len(state) in (8, 9)
+            and state[1] in ("<", ">", "|", "=")
+            and state[2] is None
+            and state[3] is None
+            and state[4] is None
+        ):
+            raise CheckpointFormatError(
+                f"unsupported numpy dtype state {_short(state)}: only plain numeric dtypes are read"
+            )
+        if state[1] in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+    def __repr__(self) -> str:
+        return f"<pickled dtype {self.dtype.str}>"
+
+
+# numpy dtypes a pickle may name (as numpy pickles them): booleans, integers, floats, complex.
+_PLAIN_DTYPES = frozenset("b1 i1 i2 i4 i8 u1 u2 u4 u8 f2 f4 f8 c8 c16".split())
+_MAX_NDIM = 64
 
 
 def _np_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    """numpy's `_reconstruct`, for plain arrays; the pickle's `__setstate__` fills it."""
+    """numpy's `_reconstruct`, for plain arrays; the pickle's BUILD then fills it, checked."""
+    del shape, dtype
     if not isinstance(subtype, _NdarrayType):
-        raise CheckpointFormatError(f"cannot reconstruct a numpy array of type {subtype!r}")
-    return _NP_RECONSTRUCT(np.ndarray, (0,), dtype)
+        raise CheckpointFormatError(f"cannot reconstruct a numpy array of type {_short(subtype)}")
+    return np.ndarray.__new__(_PickledArray, (0,), np.uint8)
 
 
-def _np_dtype(obj: Any, align: Any = False, copy: Any = False) -> np.dtype:
-    """`numpy.dtype`, always a copy so that `__setstate__` cannot touch a shared dtype."""
-    del copy
-    return np.dtype(obj, align=bool(align), copy=True)
+def _np_dtype(obj: Any, align: Any = False, copy: Any = False) -> _DtypeSpec:
+    """`numpy.dtype`, for the plain numeric dtypes only."""
+    del align, copy
+    if not (isinstance(obj, str) and obj in _PLAIN_DTYPES):
+        raise CheckpointFormatError(
+            f"unsupported numpy dtype {_short(obj)}: only plain numeric dtypes ({', '.join(sorted(_PLAIN_DTYPES))}) "
+            "are read"
+        )
+    return _DtypeSpec(np.dtype(obj))
+
+
+def _np_scalar(dtype: Any, data: Any = None) -> Any:
+    """numpy's `scalar` (a pickled numpy scalar), for the plain numeric dtypes only."""
+    if not isinstance(dtype, _DtypeSpec) or not isinstance(data, bytes) or len(data) != dtype.dtype.itemsize:
+        raise CheckpointFormatError(f"unsupported pickled numpy scalar of dtype {_short(dtype)}")
+    return _NP_SCALAR(dtype.dtype, data)
+
+
+def _length(value: Any) -> int:
+    """How many elements a constructor given `value` would copy (0 for non-containers)."""
+    if isinstance(value, range):
+        try:
+            return len(value)
+        except OverflowError:
+            return sys.maxsize
+    if isinstance(value, list | tuple | dict | set | frozenset):
+        return len(value)
+    return 0
+
+
+def _children(value: Any) -> Any:
+    """What a loaded object holds (None for a leaf), for `_check_structure`."""
+    kind = type(value)
+    if kind in (list, tuple, set, frozenset):
+        return value
+    if kind in (dict, OrderedDict, defaultdict):
+        return [x for item in value.items() for x in item]
+    if isinstance(value, Placeholder):
+        return (value.args, value.kwargs, value.state, value.items, value.list_items)
+    if isinstance(value, slice):
+        return (value.start, value.stop, value.step)
+    return None
+
+
+def _check_structure(root: Any, path: str, budget: ReadBudget) -> None:
+    """Refuse an object deeper than `max_depth`, with keys longer than `max_key_length`,
+    or whose tree (every shared reference expanded) has more than `max_objects` nodes.
+
+    One pass over the distinct objects (a DAG walk, each node's total memoised), so a
+    pickle of shared references nested 40 deep is measured, not expanded.
+    """
+    done: dict[int, int] = {}
+    active = {id(root)}
+    frames: list[list[Any]] = []
+
+    def push(value: Any, children: Any) -> None:
+        if isinstance(value, dict):
+            for key in value:
+                if isinstance(key, str | bytes) and len(key) > budget.max_key_length:
+                    raise _over_budget(path, "key length", len(key), budget.max_key_length, "max_key_length")
+        frames.append([value, iter(children), 1])
+        active.add(id(value))
+        if len(frames) > budget.max_depth:
+            raise _over_budget(path, "nesting depth", len(frames), budget.max_depth, "max_depth")
+
+    children = _children(root)
+    if children is None:
+        return
+    push(root, children)
+    while frames:
+        frame = frames[-1]
+        child = next(frame[1], _MISSING)
+        if child is _MISSING:
+            frames.pop()
+            active.discard(id(frame[0]))
+            done[id(frame[0])] = frame[2]
+            if frames:
+                frames[-1][2] += frame[2]
+            total = frame[2]
+        elif id(child) in done:
+            frame[2] += done[id(child)]
+            total = frame[2]
+        elif id(child) in active or (grand := _children(child)) is None:
+            frame[2] += 1  # A leaf, or a reference back to an enclosing container.
+            total = frame[2]
+        else:
+            push(child, grand)
+            continue
+        if total > budget.max_objects:
+            raise _over_budget(
+                path,
+                "objects built (shared references counted at every use)",
+                total,
+                budget.max_objects,
+                "max_objects",
+            )
 
 
 def _pure_path(kind: type[pathlib.PurePath]) -> Callable[..., pathlib.PurePath]:
@@ -849,14 +1213,24 @@ def load_torch_file(path: str | os.PathLike) -> Any:
         `path`.
     """
     path_str = os.fsdecode(path)
-    archive = _Archive(path_str)
+    try:
+        archive = _Archive(path_str)
+    except MemoryError as e:
+        raise CheckpointFormatError(f"{path_str}: out of memory opening the zip archive") from e
     try:
         data = archive.pickle_bytes()
         unpickler = _RestrictedUnpickler(io.BytesIO(data), archive)
         try:
-            return unpickler.load()
+            result = unpickler.load()
+            _check_structure(result, path_str, archive.budget)
+            return result
         except UnsafeCheckpointError:
             raise
+        except (MemoryError, RecursionError) as e:
+            raise CheckpointFormatError(
+                f"{path_str}: cannot unpickle '{archive.prefix}data.pkl': {type(e).__name__} (a hostile or corrupt "
+                "checkpoint)"
+            ) from e
         except CheckpointFormatError as e:
             if str(e).startswith(path_str):
                 raise
@@ -864,7 +1238,19 @@ def load_torch_file(path: str | os.PathLike) -> Any:
         except _PICKLE_ERRORS as e:
             raise CheckpointFormatError(
                 f"{path_str}: cannot unpickle '{archive.prefix}data.pkl' (corrupt or "
-                f"unsupported checkpoint): {type(e).__name__}: {e}"
+                f"unsupported checkpoint): {type(e).__name__}: {str(e)[:200]}"
             ) from e
     finally:
         archive.close()
+
+
+def _counted(handler: Callable[[Any], None]) -> Callable[[Any], None]:
+    def run(self: _RestrictedUnpickler) -> None:
+        self._count_opcode()
+        handler(self)
+
+    return run
+
+
+# Every opcode counts against `ReadBudget.max_opcodes`.
+_RestrictedUnpickler.dispatch = {op: _counted(handler) for op, handler in _RestrictedUnpickler.dispatch.items()}

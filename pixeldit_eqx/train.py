@@ -29,6 +29,9 @@ is not written for `jax_numpy_dtype_promotion="strict"`), the model does not.
 """
 
 import json
+import math
+import os
+import pathlib
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -42,10 +45,13 @@ import optax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Real
 
 from . import flow
+from ._atomic import atomic_write, read_checksummed, write_checksummed
+from ._torch_pickle import CheckpointFormatError
 from .modules import trainable
 
 
 __all__ = [
+    "NonFiniteTrainingError",
     "TrainState",
     "c2i_loss",
     "default_optimizer",
@@ -63,7 +69,14 @@ __all__ = [
 LossFn = Callable[[Any, Any, PRNGKeyArray], Float[Array, ""]]
 
 _MODEL_FORMAT = "pixeldit_eqx.model"
-_MODEL_FORMAT_VERSION = 1
+# Version 2 adds the checksum (`sha256`, `size`) to the header; version 1 files load unverified.
+_MODEL_FORMAT_VERSION = 2
+_CHECKPOINT_FORMAT = "pixeldit_eqx.checkpoint"
+_CHECKPOINT_FORMAT_VERSION = 2
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """`fit` met too many consecutive steps with a non-finite loss or gradient (each skipped)."""
 
 
 class TrainState(eqx.Module):
@@ -165,15 +178,18 @@ def default_optimizer(
 
     An `optax.GradientTransformation`.
     """
-    if not lr > 0:
-        raise ValueError(f"`lr` must be > 0, got lr={lr!r}.")
-    if not weight_decay >= 0:
-        raise ValueError(f"`weight_decay` must be >= 0, got weight_decay={weight_decay!r}.")
-    if clip is not None and not clip > 0:
-        raise ValueError(f"`clip` must be > 0 or None, got clip={clip!r}.")
+    _check_number("lr", lr, low=0.0)
+    _check_number("weight_decay", weight_decay, low=0.0, low_ok=True)
+    if clip is not None:
+        _check_number("clip", clip, low=0.0, none_ok=True)
+    _check_number("b1", b1, low=0.0, low_ok=True, high=1.0)
+    _check_number("b2", b2, low=0.0, low_ok=True, high=1.0)
+    _check_number("eps", eps, low=0.0, low_ok=True)
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"`warmup_steps` must be an integer >= 0, got warmup_steps={warmup_steps!r}.")
-    if decay_steps is not None and not (isinstance(decay_steps, int) and decay_steps > warmup_steps):
+    if decay_steps is not None and not (
+        isinstance(decay_steps, int) and not isinstance(decay_steps, bool) and decay_steps > warmup_steps
+    ):
         raise ValueError(
             f"`decay_steps` must be an integer > warmup_steps={warmup_steps} or None, got decay_steps={decay_steps!r}."
         )
@@ -193,6 +209,26 @@ def default_optimizer(
     if clip is not None:
         adamw = optax.chain(optax.clip_by_global_norm(clip), adamw)
     return _standard_promotion(adamw)
+
+
+def _check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    low_ok: bool = False,
+    high: float | None = None,
+    none_ok: bool = False,
+) -> None:
+    """`value` must be a finite real number above `low` (or equal, with `low_ok`) and below `high`."""
+    real = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
+    ok = real and math.isfinite(value) and (value >= low if low_ok else value > low)
+    if ok and high is not None:
+        ok = value < high
+    if not ok:
+        bounds = f"{'>=' if low_ok else '>'} {low:g}" + ("" if high is None else f" and < {high:g}")
+        extra = " or None" if none_ok else ""
+        raise ValueError(f"`{name}` must be a finite number {bounds}{extra}, got {name}={value!r}.")
 
 
 def _standard_promotion(
@@ -226,6 +262,7 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
     ema_decay: float | Callable[[Int[Array, ""]], Real[Array, ""]] = 0.999,
+    skip_nonfinite: bool = True,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Float[Array, ""]]]]:
     """One optimisation step as a pure function `step(state, batch) -> (state, metrics)`.
 
@@ -251,14 +288,22 @@ def make_train_step(
     - `ema_decay`: the EMA decay `d` in [0, 1], or a schedule `d(step)` called with the
         int32 number of steps taken before this one (for a warmup such as
         `lambda s: jnp.minimum(0.999, (1 + s) / (10 + s))`, a float32 result).
+    - `skip_nonfinite`: when the loss or the gradient is not finite (one NaN pixel in a
+        batch is enough), leave the model, the optimiser state and the EMA unchanged
+        (`state.step` and `state.key` still advance, so the data position moves on).
+        With `False` the update is applied whatever it holds.
 
     **Returns:**
 
     `step(state, batch) -> (state, metrics)`, `metrics` a dict of float32 scalars:
-    `"loss"` (the loss at the parameters before the update) and `"grad_norm"` (the
-    global norm of the gradient before clipping).
+    `"loss"` (the loss at the parameters before the update), `"grad_norm"` (the
+    global norm of the gradient before clipping) and `"skipped"` (1.0 when the loss or
+    gradient was not finite and the update was skipped, else 0.0; with
+    `skip_nonfinite=False` it still flags such a step, whose update was applied).
     """
     optimizer = _standard_promotion(optimizer)
+    if not isinstance(skip_nonfinite, bool):
+        raise ValueError(f"`skip_nonfinite` must be a bool, got skip_nonfinite={skip_nonfinite!r}.")
     if not callable(ema_decay):
         decay = float(ema_decay)
         if not 0.0 <= decay <= 1.0:
@@ -285,10 +330,23 @@ def make_train_step(
             return (w * e.astype(jnp.float32) + (1 - w) * p.astype(jnp.float32)).astype(e.dtype)
 
         ema = eqx.combine(jax.tree.map(average, ema_params, params), rest)
+        nonfinite = jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+        if skip_nonfinite:
+
+            def keep_if_nonfinite(new, old):
+                def select(n, o):
+                    return jnp.where(nonfinite, o, n) if eqx.is_array(n) and eqx.is_array(o) else n
+
+                return jax.tree.map(select, new, old)
+
+            model = keep_if_nonfinite(model, state.model)
+            ema = keep_if_nonfinite(ema, state.ema)
+            opt_state = keep_if_nonfinite(opt_state, state.opt_state)
         new_state = TrainState(model=model, ema=ema, opt_state=opt_state, step=state.step + 1, key=next_key)
         metrics = {
             "loss": jnp.asarray(loss, dtype=jnp.float32),
             "grad_norm": jnp.asarray(grad_norm, dtype=jnp.float32),
+            "skipped": nonfinite.astype(jnp.float32),
         }
         return new_state, metrics
 
@@ -422,58 +480,134 @@ def t2i_loss(
 def fit(
     step: Callable[[TrainState, Any], tuple[TrainState, Mapping[str, Array]]],
     state: TrainState,
-    batches: Iterable[Any],
+    batches: Iterable[Any] | Callable[[int], Any],
     *,
     num_steps: int,
     progress: bool = True,
     log_every: int = 50,
+    start_step: int | None = None,
+    max_consecutive_skips: int | None = 10,
 ) -> tuple[TrainState, Float[np.ndarray, " {num_steps}"]]:
     """Runs `num_steps` steps over `batches`, with a progress bar showing the loss.
 
-    Steps are dispatched without waiting: the loss is fetched from the device only
-    every `log_every` steps (for the bar) and once at the end. On CPU, a process that
-    calls `pixeldit_eqx.runtime.tune_cpu_allocator()` first runs its steps without
-    per-step page faults.
+    Steps are dispatched without waiting: the loss (and whether the step was skipped)
+    is fetched from the device only every `log_every` steps and once at the end. On
+    CPU, a process that calls `pixeldit_eqx.runtime.tune_cpu_allocator()` first runs its
+    steps without per-step page faults.
+
+    **Resuming.** The data position is the step count: with a function `batches(i)`
+    (a seeded, step-indexed batch order), step `i` of the run trains on `batches(i)`,
+    starting at `state.step`, so a run resumed from a checkpoint continues exactly
+    where it stopped (N + M steps in one go or N, save, load, M give bit-identical
+    states). With an iterable, `start_step=k` draws and discards its first `k` batches
+    (a fresh iterable after a resume); without it the iterable is read from where it
+    is (a stateful iterator carries its own position).
 
     **Arguments:**
 
     - `step`: a (jitted) step, as made by [`make_train_step`][].
     - `state`: the state to start from.
-    - `batches`: an iterable of batches, at least `num_steps` long (an infinite
-        generator is fine: only `num_steps` are drawn).
+    - `batches`: a function `batches(i) -> batch` of the step index `i`, or an
+        iterable of batches, at least `num_steps` long (an infinite generator is fine:
+        only `num_steps` are drawn).
     - `num_steps`: the number of steps, >= 0.
     - `progress`: show a tqdm bar (on stderr, only when it is a terminal).
-    - `log_every`: how often the bar's loss is refreshed, in steps, >= 1.
+    - `log_every`: how often the bar's loss is refreshed and skipped steps are
+        counted, in steps, >= 1.
+    - `start_step`: the index of the first step's batch; default `state.step` for a
+        function, 0 (no batch discarded) for an iterable.
+    - `max_consecutive_skips`: raise [`NonFiniteTrainingError`][] once this many steps
+        in a row were skipped for a non-finite loss or gradient (the step's
+        `"skipped"` metric, or a non-finite `"loss"` for a step without it); `None`
+        never raises.
 
     **Returns:**
 
     `(state, losses)`: the final state and a float32 numpy array with the loss of every
-    step.
+    step (non-finite where a step was skipped).
+
+    **Raises:**
+
+    `NonFiniteTrainingError` after `max_consecutive_skips` skipped steps in a row; its
+    `state` attribute holds the state reached (whose model, optimiser state and EMA
+    are those from before the skipped steps).
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(f"`num_steps` must be an integer >= 0, got num_steps={num_steps!r}.")
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"`log_every` must be an integer >= 1, got log_every={log_every!r}.")
+    if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0):
+        raise ValueError(f"`start_step` must be an integer >= 0 or None, got start_step={start_step!r}.")
+    if max_consecutive_skips is not None and (
+        isinstance(max_consecutive_skips, bool)
+        or not isinstance(max_consecutive_skips, int)
+        or max_consecutive_skips < 1
+    ):
+        raise ValueError(
+            f"`max_consecutive_skips` must be an integer >= 1 or None, got max_consecutive_skips={max_consecutive_skips!r}."
+        )
     from tqdm.auto import tqdm
+
+    indexed = callable(batches) and not isinstance(batches, Iterable)
+    if indexed:
+        first = int(state.step) if start_step is None else start_step
+
+        def next_batch(i: int) -> Any:
+            return batches(first + i)
+
+    else:
+        iterator = iter(batches)
+        for drawn in range(start_step or 0):
+            if next(iterator, _EXHAUSTED) is _EXHAUSTED:
+                raise ValueError(f"`batches` ran out after {drawn} batches while skipping start_step={start_step}.")
+
+        def next_batch(i: int) -> Any:
+            batch = next(iterator, _EXHAUSTED)
+            if batch is _EXHAUSTED:
+                raise ValueError(f"`batches` ran out after {i} batches; expected at least num_steps={num_steps}.")
+            return batch
 
     show = progress and sys.stderr.isatty()
     losses: list[Array] = []
-    iterator = iter(batches)
+    flags: list[Array | None] = []
+    streak = {"length": 0, "total": 0, "checked": 0}
+
+    def check_skips(state: TrainState) -> None:
+        """Count the skipped steps since the last check; raise on too long a streak."""
+        start = streak["checked"]
+        fetched = jax.device_get([(losses[i], flags[i]) for i in range(start, len(losses))])
+        for offset, (loss, flag) in enumerate(fetched):
+            skipped = bool(flag) if flag is not None else not np.isfinite(loss)
+            streak["length"] = streak["length"] + 1 if skipped else 0
+            streak["total"] += skipped
+            if max_consecutive_skips is not None and streak["length"] >= max_consecutive_skips:
+                last = start + offset
+                error = NonFiniteTrainingError(
+                    f"{streak['length']} consecutive training steps (steps {last - streak['length'] + 1}-{last} of "
+                    f"this `fit`) had a non-finite loss or gradient and were skipped "
+                    f"(max_consecutive_skips={max_consecutive_skips}): the batches hold NaN/inf or the run diverged "
+                    "(lower the learning rate, check the data). The model, optimiser state and EMA are those "
+                    "from before the skipped steps; the state reached is this error's `state`."
+                )
+                error.state = state
+                raise error
+        streak["checked"] = len(losses)
+
     with tqdm(total=num_steps, disable=not show, desc="train", unit="step") as bar:
         for i in range(num_steps):
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                raise ValueError(
-                    f"`batches` ran out after {i} batches; expected at least num_steps={num_steps}."
-                ) from None
-            state, metrics = step(state, batch)
+            state, metrics = step(state, next_batch(i))
             losses.append(metrics["loss"])
-            if show and ((i + 1) % log_every == 0 or i + 1 == num_steps):
-                bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
-                bar.update((i + 1) - bar.n)
+            flags.append(metrics.get("skipped"))
+            if (i + 1) % log_every == 0 or i + 1 == num_steps:
+                check_skips(state)
+                if show:
+                    bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", skipped=streak["total"], refresh=False)
+                    bar.update((i + 1) - bar.n)
     history = np.asarray(jax.device_get(losses), dtype=np.float32).reshape(num_steps)
     return state, history
+
+
+_EXHAUSTED = object()
 
 
 # ---------------------------------------------------------------------------------------
@@ -490,23 +624,68 @@ def _keys_to_data(tree: PyTree) -> PyTree:
     return jax.tree.map(to_data, tree)
 
 
+def _write(path: Any, header: dict[str, Any], write_data: Callable[[Any], None]) -> None:
+    """Write a checksummed file: atomically to a path, or to an open binary file."""
+    if hasattr(path, "write"):
+        write_checksummed(path, header, write_data)
+    else:
+        with atomic_write(path) as f:
+            write_checksummed(f, header, write_data)
+
+
+def _checkpoint_path(path: Any) -> Any:
+    """Where `eqx.tree_serialise_leaves` puts a checkpoint: `.eqx` added to a path without a suffix."""
+    if isinstance(path, str | os.PathLike) and pathlib.Path(path).suffix == "":
+        return pathlib.Path(path).with_suffix(".eqx")
+    return path
+
+
+def _where(path: Any) -> str:
+    return repr(path) if isinstance(path, str | os.PathLike) else f"<{type(path).__name__}>"
+
+
+def _refuse_nonfinite(tree: PyTree, path: Any, what: str) -> None:
+    """Raise `CheckpointFormatError` naming the leaves of `tree` holding NaN or inf."""
+    bad = []
+    for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if eqx.is_inexact_array(leaf) and not np.isfinite(np.asarray(leaf).astype(np.float32)).all():
+            bad.append(jax.tree_util.keystr(leaf_path))
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise CheckpointFormatError(
+            f"`path`: the {what} in {_where(path)} holds non-finite values (nan/inf) in {shown}; pass "
+            "allow_nonfinite=True to load it anyway."
+        )
+
+
 def save_checkpoint(path: Any, state: TrainState) -> None:
-    """Saves a training state with `eqx.tree_serialise_leaves`.
+    """Saves a training state: a checksummed header line, then `eqx.tree_serialise_leaves`.
 
     PRNG keys (which cannot be serialised as typed keys) are stored as their
-    `jax.random.key_data`. Restore with [`load_checkpoint`][]: training resumes
-    bit-exactly.
+    `jax.random.key_data`. `state.step` is the data position: resuming with
+    [`fit`][] from the loaded state continues the batch order where it stopped. Restore
+    with [`load_checkpoint`][]: training resumes bit-exactly.
+
+    The write is atomic: a temporary file in the same folder is fsynced and replaces
+    `path` whole, so an interrupted save (even `kill -9`) leaves the previous checkpoint,
+    and two concurrent saves leave one of the two whole. The header's sha256 lets
+    loading detect truncation, flipped bits and trailing bytes.
 
     **Arguments:**
 
-    - `path`: a file path (or a binary file object).
+    - `path`: a file path (`.eqx` is added to a path without a suffix, as Equinox
+        does), or a binary file object.
     - `state`: the [`TrainState`][] to save.
     """
-    eqx.tree_serialise_leaves(path, _keys_to_data(state))
+    header = {"format": _CHECKPOINT_FORMAT, "version": _CHECKPOINT_FORMAT_VERSION}
+    _write(_checkpoint_path(path), header, lambda f: eqx.tree_serialise_leaves(f, _keys_to_data(state)))
 
 
-def load_checkpoint(path: Any, like_state: TrainState) -> TrainState:
+def load_checkpoint(path: Any, like_state: TrainState, *, allow_nonfinite: bool = False) -> TrainState:
     """Loads a training state saved by [`save_checkpoint`][].
+
+    The file's checksum is verified before anything is read from its data. A
+    checkpoint written before checksums existed (no header line) loads unverified.
 
     **Arguments:**
 
@@ -514,13 +693,15 @@ def load_checkpoint(path: Any, like_state: TrainState) -> TrainState:
     - `like_state`: a state of the same structure, shapes and dtypes (e.g. a fresh
         `init_train_state(...)`, or its `eqx.filter_eval_shape`); its arrays are not
         used.
+    - `allow_nonfinite`: load a state holding NaN or inf (refused by default).
 
     **Returns:**
 
     The saved [`TrainState`][], PRNG keys restored as typed keys of the same
     implementation as those of `like_state`.
 
-    Raises `ValueError` when the file does not fit `like_state`.
+    Raises `CheckpointFormatError` (a `ValueError`) when the file is truncated, corrupt,
+    has trailing bytes, does not fit `like_state` or holds non-finite values.
     """
 
     def is_key(x: Any) -> bool:
@@ -536,17 +717,66 @@ def load_checkpoint(path: Any, like_state: TrainState) -> TrainState:
     like_leaves, treedef = jax.tree.flatten(like_state)
     impls = [impl(x) for x in like_leaves]
     raw_like_state = jax.tree.unflatten(treedef, [raw_like(x) for x in like_leaves])
+    path = _checkpoint_path(path)
+    where = _where(path)
+
+    def read(f: Any) -> PyTree:
+        if _peek(f) == b"{":  # A checkpoint written before checksums begins with a leaf (b"\x93NUMPY").
+            header = _read_json_line(f, where, "checkpoint")
+            if header.get("format") != _CHECKPOINT_FORMAT or header.get("version") != _CHECKPOINT_FORMAT_VERSION:
+                raise CheckpointFormatError(
+                    f"`path`: {where} is not a pixeldit_eqx training checkpoint of version "
+                    f"{_CHECKPOINT_FORMAT_VERSION}: its header has format {str(header.get('format'))[:80]!r}, "
+                    f"version {str(header.get('version'))[:20]!r}."
+                )
+            f = read_checksummed(f, header, f"`path`: {where}")
+        raw = eqx.tree_deserialise_leaves(f, raw_like_state)
+        if f.read(1):
+            raise ValueError("expected the end of the file after the last leaf, got more data")
+        return raw
+
     try:
-        raw = eqx.tree_deserialise_leaves(path, raw_like_state)
-    except (RuntimeError, ValueError, EOFError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise ValueError(f"`path`: the checkpoint {path!r} does not fit `like_state`: {e}") from e
+        raw = _open_and(path, read)
+    except (FileNotFoundError, CheckpointFormatError):
+        raise
+    except (RuntimeError, ValueError, EOFError, OSError, TypeError, KeyError, MemoryError, RecursionError) as e:
+        raise CheckpointFormatError(
+            f"`path`: the checkpoint {where} does not fit `like_state`: {type(e).__name__}: {str(e)[:300]}"
+        ) from e
+    if not allow_nonfinite:
+        _refuse_nonfinite(raw, path, "training state")
     leaves = jax.tree.leaves(raw)
     return jax.tree.unflatten(
         treedef,
         [x if impl is None else jr.wrap_key_data(x, impl=impl) for x, impl in zip(leaves, impls)],
     )
+
+
+def _peek(f: Any) -> bytes:
+    position = f.tell()
+    head = f.read(1)
+    f.seek(position)
+    return head
+
+
+def _open_and(path: Any, read: Callable[[Any], Any]) -> Any:
+    if hasattr(path, "read"):
+        return read(path)
+    with open(path, "rb") as f:
+        return read(f)
+
+
+def _read_json_line(f: Any, where: str, what: str) -> dict[str, Any]:
+    line = f.readline(1 << 20)
+    try:
+        header = json.loads(line.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        header = None
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(
+            f"`path`: the header line of {where} is not a JSON object ({what} file damaged?): got {line[:120]!r}."
+        )
+    return header
 
 
 def _dtype_name(dtype: Any) -> str | None:
@@ -557,9 +787,10 @@ def save_model(path: Any, model: PyTree) -> None:
     """Writes a PixelDiT to a self-describing file: no skeleton is needed to load it.
 
     The file is one line of JSON (format, `variant`, `config` — `model.config`, the
-    constructor arguments —, parameter `dtype` and `compute_dtype`), then the leaves as
-    `eqx.tree_serialise_leaves` writes them. This is Equinox's documented pattern for
-    saving hyperparameters with a model.
+    constructor arguments —, parameter `dtype` and `compute_dtype`, and the `sha256`
+    and `size` that loading verifies), then the leaves as `eqx.tree_serialise_leaves`
+    writes them. This is Equinox's documented pattern for saving hyperparameters with
+    a model. The write is atomic (see [`save_checkpoint`][]).
 
     **Arguments:**
 
@@ -587,24 +818,15 @@ def save_model(path: Any, model: PyTree) -> None:
         "dtype": _dtype_name(dtypes.pop()),
         "compute_dtype": _dtype_name(getattr(model, "compute_dtype", None)),
     }
-    line = (json.dumps(header, sort_keys=True) + "\n").encode()
-
-    def write(f: Any) -> None:
-        f.write(line)
-        eqx.tree_serialise_leaves(f, model)
-
-    if hasattr(path, "write"):
-        write(path)
-    else:
-        with open(path, "wb") as f:
-            write(f)
+    _write(path, header, lambda f: eqx.tree_serialise_leaves(f, model))
 
 
 def _read_header(f: Any, path: Any) -> dict[str, Any]:
+    where = _where(path)
     line = f.readline(1 << 20)
     try:
         header = json.loads(line.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         header = None
     if (
         not isinstance(header, dict)
@@ -612,42 +834,51 @@ def _read_header(f: Any, path: Any) -> dict[str, Any]:
         or not isinstance(header.get("config"), dict)
         or header.get("variant") not in ("c2i", "t2i")
     ):
-        raise ValueError(
-            f"`path`: {path!r} is not a pixeldit_eqx model file: expected a first line "
+        raise CheckpointFormatError(
+            f"`path`: {where} is not a pixeldit_eqx model file: expected a first line "
             f'of JSON with "format": "{_MODEL_FORMAT}", "variant" and "config", got '
             f"{line[:120]!r}."
         )
-    if header.get("version") != _MODEL_FORMAT_VERSION:
-        raise ValueError(
-            f"`path`: {path!r} has model-file version {header.get('version')!r}; this "
-            f"version of pixeldit_eqx reads version {_MODEL_FORMAT_VERSION}."
+    if header.get("version") not in (1, _MODEL_FORMAT_VERSION):
+        raise CheckpointFormatError(
+            f"`path`: {where} has model-file version {str(header.get('version'))[:20]!r}; this "
+            f"version of pixeldit_eqx reads versions 1 and {_MODEL_FORMAT_VERSION}."
         )
     return header
 
 
-def load_model(path: Any, *, checkpoint: bool = False) -> PyTree:
+def load_model(path: Any, *, checkpoint: bool = False, allow_nonfinite: bool = False) -> PyTree:
     """Reads a model written by [`save_model`][].
 
-    The skeleton is built from the header with `eqx.filter_eval_shape(pixeldit_eqx.build,
-    ...)` (no parameters are initialised), then filled with the stored leaves.
+    The file's checksum is verified first (a version-1 file, written before checksums
+    existed, loads unverified). The skeleton is built from the header with
+    `eqx.filter_eval_shape(pixeldit_eqx.build, ...)` (no parameters are initialised),
+    then filled with the stored leaves.
 
     **Arguments:**
 
     - `path`: a file path, or a binary file object open for reading.
     - `checkpoint`: rematerialise blocks in the backward pass (a runtime choice, not
         stored in the file).
+    - `allow_nonfinite`: load weights holding NaN or inf (refused by default, as
+        `load_reference` refuses them).
 
     **Returns:**
 
     The `PixelDiT` or `PixelDiTT2I`, bit-identical to the one saved.
 
-    Raises `ValueError` when the header is missing or corrupt, or when the stored leaves
-    do not fit the model it describes.
+    Raises `CheckpointFormatError` (a `ValueError`) when the header is missing or
+    corrupt, the file truncated, corrupt or followed by trailing bytes, when the stored
+    leaves do not fit the model it describes, or hold non-finite values.
     """
     from ._model import build
 
+    where = _where(path)
+
     def read(f: Any) -> PyTree:
         header = _read_header(f, path)
+        if header["version"] != 1:
+            f = read_checksummed(f, header, f"`path`: {where}")
         try:
             skeleton = eqx.filter_eval_shape(
                 build,
@@ -658,20 +889,22 @@ def load_model(path: Any, *, checkpoint: bool = False) -> PyTree:
                 compute_dtype=header.get("compute_dtype"),
                 checkpoint=checkpoint,
             )
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"`path`: the header of {path!r} describes no valid model: {e}") from e
+        except (TypeError, ValueError, KeyError, OverflowError, MemoryError, RecursionError) as e:
+            raise CheckpointFormatError(f"`path`: the header of {where} describes no valid model: {e}") from e
         try:
             model = eqx.tree_deserialise_leaves(f, skeleton)
-        except (RuntimeError, ValueError, EOFError) as e:
-            raise ValueError(f"`path`: the leaves in {path!r} do not fit the model its header describes: {e}") from e
+        except (RuntimeError, ValueError, EOFError, OSError, TypeError, KeyError, MemoryError) as e:
+            raise CheckpointFormatError(
+                f"`path`: the leaves in {where} do not fit the model its header describes: {str(e)[:300]}"
+            ) from e
         if f.read(1):
-            raise ValueError(
-                f"`path`: the leaves in {path!r} do not fit the model its header "
+            raise CheckpointFormatError(
+                f"`path`: the leaves in {where} do not fit the model its header "
                 "describes: expected the end of the file after the last leaf, got more data."
             )
         return model
 
-    if hasattr(path, "read"):
-        return read(path)
-    with open(path, "rb") as f:
-        return read(f)
+    model = _open_and(path, read)
+    if not allow_nonfinite:
+        _refuse_nonfinite(model, path, "model")
+    return model

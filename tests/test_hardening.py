@@ -479,10 +479,14 @@ def test_model_file_of_another_config_or_damaged_fails_clearly(c2i, tmp_path):
     config = json.loads(header)
     config["config"]["num_classes"] = 12
     path.write_bytes(json.dumps(config).encode() + b"\n" + leaves)
+    with pytest.raises(ValueError, match=r"fails its sha256 checksum"):
+        train.load_model(path)
+    legacy = {k: v for k, v in config.items() if k not in ("sha256", "size")} | {"version": 1}
+    path.write_bytes(json.dumps(legacy).encode() + b"\n" + leaves)
     with pytest.raises(ValueError, match=r"the leaves in .* do not fit the model its header describes"):
         train.load_model(path)
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"the leaves in .* do not fit the model its header describes"):
+    with pytest.raises(ValueError, match=r"the file is truncated"):
         train.load_model(path)
     path.write_bytes(HTML_404)
     with pytest.raises(ValueError, match=r"is not a pixeldit_eqx model file"):
@@ -530,8 +534,9 @@ def _model_file_of_another_config(ctx: _Context) -> str:
     buffer = io.BytesIO()
     train.save_model(buffer, ctx.c2i)
     header, leaves = buffer.getvalue().split(b"\n", 1)
-    meta = json.loads(header)
+    meta = {k: v for k, v in json.loads(header).items() if k not in ("sha256", "size")}
     meta["config"]["num_classes"] = 12
+    meta["version"] = 1  # A file without a checksum (an edited checksummed header fails it).
     return ctx.file("edited.eqx", json.dumps(meta, sort_keys=True).encode() + b"\n" + leaves)
 
 

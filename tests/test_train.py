@@ -367,19 +367,34 @@ def test_model_file_errors(tmp_path, getkey):
     with pytest.raises(ValueError, match="not a pixeldit_eqx model file"):
         train.load_model(bad)
 
+    # An edited header fails the checksum, which covers it.
     info = json.loads(header)
     info["config"]["hidden_size"] = 32
     bad.write_bytes(json.dumps(info).encode() + b"\n" + leaves)
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="fails its sha256 checksum"):
         train.load_model(bad)
     bad.write_bytes(header + b"\n" + leaves[: len(leaves) // 2])
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="the file is truncated"):
         train.load_model(bad)
     bad.write_bytes(header + b"\n" + leaves + leaves[:64])
+    with pytest.raises(ValueError, match="trailing garbage"):
+        train.load_model(bad)
+
+    # A version-1 file (no checksum) loads unverified; its leaves are still checked.
+    legacy = {k: v for k, v in json.loads(header).items() if k not in ("sha256", "size")} | {"version": 1}
+    bad.write_bytes(json.dumps(legacy).encode() + b"\n" + leaves)
+    assert _leaves_equal(train.load_model(bad), model)
+    info = legacy | {"config": legacy["config"] | {"hidden_size": 32}}
+    bad.write_bytes(json.dumps(info).encode() + b"\n" + leaves)
+    with pytest.raises(ValueError, match="do not fit"):
+        train.load_model(bad)
+    bad.write_bytes(json.dumps(legacy).encode() + b"\n" + leaves[: len(leaves) // 2])
+    with pytest.raises(ValueError, match="do not fit"):
+        train.load_model(bad)
+    bad.write_bytes(json.dumps(legacy).encode() + b"\n" + leaves + leaves[:64])
     with pytest.raises(ValueError, match="end of the file"):
         train.load_model(bad)
-    info = json.loads(header)
-    info["config"]["nonsense"] = 1
+    info = legacy | {"config": legacy["config"] | {"nonsense": 1}}
     bad.write_bytes(json.dumps(info).encode() + b"\n" + leaves)
     with pytest.raises(ValueError, match="describes no valid model"):
         train.load_model(bad)
