@@ -70,3 +70,12 @@ def notebooks(session: nox.Session) -> None:
         *session.posargs,
         env=env | dict(os.environ),
     )
+
+
+@nox.session(python=PYTHON)
+def fuzz(session: nox.Session) -> None:
+    """A longer fuzz campaign of the checkpoint loaders (20x the CI cases; `PIXELDIT_FUZZ_SCALE`,
+    `PIXELDIT_FUZZ_SEED` to change), in a memory-limited subprocess."""
+    session.install("-e", ".[test]")
+    env = {"PIXELDIT_FUZZ_SCALE": os.environ.get("PIXELDIT_FUZZ_SCALE", "20")}
+    session.run("pytest", "tests/test_fuzz.py", *session.posargs, env=env)

@@ -7,6 +7,7 @@ key and shape first and reports all problems at once; nothing is half-loaded.
 """
 
 import collections
+import heapq
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -246,7 +247,7 @@ def _infer_prefix(tensors: Mapping[str, Any], expected: set[str]) -> str:
                 counts[k[: dot + 1]] += 1
             dot = k.rfind(".", 0, dot)
     if not counts:
-        sample = sorted(tensors)[:4]
+        sample = [k if len(k) <= 80 else k[:77] + "..." for k in heapq.nsmallest(4, tensors)]
         raise StateDictError(
             f"no key of the checkpoint names a weight of this model, under any prefix: the model expects "
             f"{len(expected)} keys such as {sorted(expected)[:2]}; the checkpoint's keys include {sample} "

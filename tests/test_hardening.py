@@ -30,6 +30,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
+from . import _hostile
 from ._reference import FIXTURES, load_weights, MANIFEST
 
 
@@ -548,6 +549,40 @@ def _checkpoint_into_another_config(ctx: _Context):
     train.load_checkpoint("state.eqx", other)
 
 
+def _damaged_model_file(ctx: _Context, how: str) -> str:
+    from pixeldit_eqx import train
+
+    train.save_model("model.eqx", ctx.c2i)
+    data = pathlib.Path(ctx.directory, "model.eqx").read_bytes()
+    damaged = {
+        "truncated": data[: len(data) // 2],
+        "flipped": data[:-5] + bytes([data[-5] ^ 1]) + data[-4:],
+        "trailing": data + b"\n",
+    }[how]
+    return ctx.file("model.eqx", damaged)
+
+
+def _model_file_with_nan(ctx: _Context) -> str:
+    from pixeldit_eqx import train
+
+    model = eqx.tree_at(lambda m: m.final_layer.linear.bias, ctx.c2i, replace_fn=lambda b: b.at[1].set(jnp.inf))
+    train.save_model("nan.eqx", model)
+    return "nan.eqx"
+
+
+def _safetensors_flipped(ctx: _Context) -> str:
+    _px().save_safetensors("model.safetensors", load_weights("model_c2i"))
+    data = pathlib.Path(ctx.directory, "model.safetensors").read_bytes()
+    return ctx.file("model.safetensors", data[:-5] + bytes([data[-5] ^ 1]) + data[-4:])
+
+
+def _fit_on_nan_batches():
+    def step(state, batch):
+        return state, {"loss": np.float32("nan"), "skipped": np.float32(1.0)}
+
+    return _train().fit(step, None, [None] * 4, num_steps=4, progress=False, max_consecutive_skips=3)
+
+
 def _px():
     import pixeldit_eqx as px
 
@@ -609,6 +644,14 @@ SCENARIOS: dict[str, tuple[Callable[[_Context], object], int | None]] = {
         ),
         None,
     ),
+    "pt-unsafe-global": (lambda c: _px().load_reference(c.file("model.pt", _hostile.hostile_global()), C2I), None),
+    "pt-structured-dtype": (
+        lambda c: _px().load_reference(c.file("model.pt", _hostile.structured_dtype()), C2I),
+        None,
+    ),
+    "pt-over-budget": (lambda c: _px().load_reference(c.file("model.pt", _hostile.stride_zero_view()), C2I), None),
+    "pt-crc": (lambda c: _px().load_reference(c.file("model.pt", _hostile.bad_crc_storage()), C2I), None),
+    "safetensors-checksum": (lambda c: _px().load_reference(_safetensors_flipped(c), C2I), None),
     "checkpoint-prefix": (lambda c: _px().load_reference(CHECKPOINTS[".ckpt"], C2I, prefix="ema."), None),
     "checkpoint-no-model-keys": (
         lambda c: _px().load_reference({"encoder.layers.0.weight": np.zeros((2, 2), np.float32)}, C2I),
@@ -617,6 +660,12 @@ SCENARIOS: dict[str, tuple[Callable[[_Context], object], int | None]] = {
     "train-checkpoint-other-config": (_checkpoint_into_another_config, None),
     "model-file-not-a-model": (lambda c: _train().load_model(c.file("model.eqx", HTML_404)), None),
     "model-file-other-config": (lambda c: _train().load_model(_model_file_of_another_config(c)), None),
+    "model-file-truncated": (lambda c: _train().load_model(_damaged_model_file(c, "truncated")), None),
+    "model-file-flipped": (lambda c: _train().load_model(_damaged_model_file(c, "flipped")), None),
+    "model-file-trailing": (lambda c: _train().load_model(_damaged_model_file(c, "trailing")), None),
+    "model-file-nonfinite": (lambda c: _train().load_model(_model_file_with_nan(c)), None),
+    "optimizer-not-finite": (lambda c: _train().default_optimizer(float("inf")), None),
+    "fit-nonfinite": (lambda c: _fit_on_nan_batches(), None),
     "flow-noise-dtype": (lambda c: _flow().sample(c.c2i, jnp.zeros((3, 16, 16), jnp.int32), 1, num_steps=4), None),
     "flow-x-dtype": (
         lambda c: _flow().flow_matching_loss(c.c2i, jnp.zeros((3, 16, 16), jnp.uint8), 1, key=jr.key(0)),
