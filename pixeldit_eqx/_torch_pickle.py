@@ -65,7 +65,7 @@ import zlib
 from collections import defaultdict, OrderedDict
 from collections.abc import Callable
 from types import FunctionType, MethodType
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, no_type_check
 
 import ml_dtypes
 import numpy as np
@@ -693,7 +693,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self._allowed = self._allow_table()
 
     def _count_opcode(self) -> None:
-        self._opcodes += 1
+        """Called once the count `_opcodes` passes the budget."""
         if self._opcodes > self._budget.max_opcodes:
             raise _over_budget(
                 self._archive.path, "pickle opcodes", self._opcodes, self._budget.max_opcodes, "max_opcodes"
@@ -1245,8 +1245,13 @@ def load_torch_file(path: str | os.PathLike) -> Any:
 
 
 def _counted(handler: Callable[[Any], None]) -> Callable[[Any], None]:
-    def run(self: _RestrictedUnpickler) -> None:
-        self._count_opcode()
+    # Runs once per opcode: `no_type_check`, so that a runtime type checker's import hook
+    # (the test suite's jaxtyping + beartype) leaves it unwrapped.
+    @no_type_check
+    def run(self):
+        self._opcodes += 1
+        if self._opcodes > self._budget.max_opcodes:
+            self._count_opcode()
         handler(self)
 
     return run
