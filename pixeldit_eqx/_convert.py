@@ -107,6 +107,15 @@ def state_dict(module: eqx.Module) -> dict[str, np.ndarray | jax.ShapeDtypeStruc
     return out
 
 
+def _shape_of(value: Any) -> tuple[int, ...] | str:
+    """`np.shape(value)`, or what `value` is when it has none (a ragged or too deep list
+    from a checkpoint file, on which numpy raises)."""
+    try:
+        return tuple(np.shape(value))
+    except (ValueError, TypeError, RecursionError, MemoryError):
+        return f"none: a {type(value).__name__} that is not an array"
+
+
 # A key only one variant has: found in a state dict loaded into the other, it names the mix-up.
 _VARIANT_MARKERS = {"c2i": "y_embedder.embedding_table.weight", "t2i": "y_pos_embedding"}
 
@@ -131,11 +140,11 @@ def load_state_dict(module: eqx.Module, state_dict: Mapping[str, Any], *, allow_
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     problems += [f"missing key {k!r} (expected shape {expected[k][2]})" for k in missing]
-    problems += [f"unexpected key {k!r} (shape {tuple(np.shape(state_dict[k]))})" for k in unexpected]
+    problems += [f"unexpected key {k!r} (shape {_shape_of(state_dict[k])})" for k in unexpected]
     arrays = {}
     for key in sorted(set(expected) & set(state_dict)):
         value = state_dict[key]
-        shape = tuple(np.shape(value))
+        shape = _shape_of(value)
         want = expected[key][2]
         if shape != want:
             problems.append(f"key {key!r}: expected shape {want}, got {shape}")

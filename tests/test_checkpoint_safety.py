@@ -172,6 +172,22 @@ def test_prefix_inference_is_linear_in_the_key_length():
     assert time.process_time() - start < 1.0
 
 
+def test_values_that_are_no_arrays_give_a_state_dict_error(tmp_path):
+    """Ragged or too deep lists under a weight's key: listed as problems, not numpy's errors."""
+    import pixeldit_eqx as px
+
+    deep = [1.0]
+    for _ in range(80):
+        deep = [deep]
+    for value in ([[1.0], [1.0, 2.0]], deep):
+        path = tmp_path / "lists.pt"
+        path.write_bytes(
+            _hostile.zip_records({"data.pkl": pickle.dumps({_hostile.KEY: value, "x": value}, protocol=2)})
+        )
+        with pytest.raises(px.StateDictError, match=r"got none: a list that is not an array"):
+            px.load_reference(path, C2I, "c2i")
+
+
 def test_safetensors_with_a_huge_key_is_refused_quickly(tmp_path):
     import safetensors.numpy
 
