@@ -739,7 +739,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
                 f"not {nbytes}"
             )
         self._materialise(nbytes)
-        np.ndarray.__setstate__(array, (1, shape, spec.dtype, bool(fortran), bytes(raw)))
+        # In native byte order, as the tensors are.
+        native = np.frombuffer(bytes(raw), spec.dtype).astype(spec.dtype.newbyteorder("="))
+        np.ndarray.__setstate__(array, (1, shape, native.dtype, bool(fortran), native.tobytes()))
 
     def _allow_table(self) -> dict[tuple[str, str], Any]:
         table: dict[tuple[str, str], Any] = {
@@ -1209,8 +1211,10 @@ def load_torch_file(path: str | os.PathLike) -> Any:
     - `UnsafeCheckpointError`: the pickle names a global that could run code (for
         example `os.system`); raised before anything from the file executes.
     - `CheckpointFormatError`: not a zip checkpoint (legacy torch format, another kind of
-        file), truncated, or missing a record. Both are `ValueError`s whose messages name
-        `path`.
+        file), truncated, corrupt (a record failing its CRC-32, a decoder's error), missing
+        a record, holding a non-numeric numpy dtype or a view outside its storage, or over
+        a budget of [`BUDGET`][] (named in the message). Both are `ValueError`s whose
+        messages name `path`; no `MemoryError` or `RecursionError` escapes.
     """
     path_str = os.fsdecode(path)
     try:

@@ -90,7 +90,9 @@ class TrainState(eqx.Module):
     - `ema`: an exponential moving average of `model`, of the same structure: its
         trainable leaves are averaged, the others are the model's. Ready to sample from.
     - `opt_state`: the optax state of the trainable partition.
-    - `step`: the number of steps taken, an int32 scalar.
+    - `step`: the number of steps taken, an int32 scalar; also the data position: [`fit`][]
+        with a step-indexed `batches(i)` resumes from batch `step` (skipped non-finite
+        steps count too).
     - `key`: a typed PRNG key, split at every step.
     """
 

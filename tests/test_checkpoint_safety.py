@@ -100,7 +100,7 @@ def test_plain_numpy_dtypes_load_and_others_do_not(tmp_path):
     got = load_torch_file(path)
     for key, want in values.items():
         np.testing.assert_array_equal(got[key], want)
-        assert got[key].dtype == want.dtype, key
+        assert got[key].dtype == want.dtype.newbyteorder("="), key  # In native byte order.
     for refused in (np.dtype("O"), np.dtype([("a", "<f4")]), np.dtype("M8[s]"), np.dtype("V8")):
         array = np.zeros(2, refused)
         path.write_bytes(_hostile.zip_records({"data.pkl": pickle.dumps({"x": array}, protocol=2)}))
@@ -317,13 +317,13 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path):
 
 
 def test_writers_killed_at_random_points_or_racing_never_leave_a_mix(tmp_path):
-    """SIGKILL 24 times per writer at random points of a save (72 kills), and 5 races of
+    """SIGKILL 16 times per writer at random points of a save (48 kills), and 4 races of
     two writers per writer: the target is always the previous or the new file, byte for
     byte, and both load."""
     import pixeldit_eqx as px
     from pixeldit_eqx import train
 
-    plan = {"folder": str(tmp_path), "config": C2I, "seed": 0, "kills": 24, "concurrent": 5}
+    plan = {"folder": str(tmp_path), "config": C2I, "seed": 0, "kills": 16, "concurrent": 4}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     done = subprocess.run(
         [sys.executable, "-m", "tests._writer", str(tmp_path / "plan.json")],
@@ -388,12 +388,22 @@ def test_a_non_finite_step_is_skipped_and_reported(setup):
         np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(eqx.filter(again.model, eqx.is_inexact_array))
     )
 
-    poisoned = eqx.filter_jit(train.make_train_step(train.c2i_loss, optimizer, skip_nonfinite=False))
-    bad, metrics = poisoned(state, _batch(1, nan=True))
-    assert float(metrics["skipped"]) == 1.0
-    assert not all(
-        np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(eqx.filter(bad.model, eqx.is_inexact_array))
-    )
+
+def test_skipping_can_be_switched_off():
+    """With `skip_nonfinite=False` a NaN batch poisons the model (a toy: one cheap compile)."""
+    from pixeldit_eqx import train
+
+    def loss(model, batch, key):
+        return jnp.mean((jax.vmap(model)(batch) - 1.0) ** 2)
+
+    optimizer = train.default_optimizer(1e-2)
+    state = train.init_train_state(eqx.nn.Linear(2, 2, key=jr.key(0)), optimizer, key=jr.key(1))
+    x = jnp.asarray(np.array([[1.0, np.nan]], np.float32))
+    for skip in (True, False):
+        step = eqx.filter_jit(train.make_train_step(loss, optimizer, skip_nonfinite=skip))
+        after, metrics = step(state, x)
+        assert float(metrics["skipped"]) == 1.0
+        assert np.isfinite(np.asarray(after.model.weight)).all() == skip
 
 
 def test_fit_stops_after_too_many_consecutive_skips(setup):
@@ -416,14 +426,14 @@ def test_fit_stops_after_too_many_consecutive_skips(setup):
     [
         ({"lr": float("inf")}, "`lr` must be a finite number > 0"),
         ({"lr": float("nan")}, "`lr` must be a finite number > 0"),
-        ({"lr": True}, "`lr` must be a finite number > 0"),
+        ({"lr": -1e-3}, "`lr` must be a finite number > 0"),
         ({"lr": 1e-3, "weight_decay": float("inf")}, "`weight_decay` must be a finite number >= 0"),
         ({"lr": 1e-3, "clip": float("nan")}, "`clip` must be a finite number > 0 or None"),
         ({"lr": 1e-3, "b1": 1.0}, "`b1` must be a finite number >= 0 and < 1"),
         ({"lr": 1e-3, "b2": -0.1}, "`b2` must be a finite number >= 0 and < 1"),
         ({"lr": 1e-3, "eps": float("inf")}, "`eps` must be a finite number >= 0"),
         ({"lr": 1e-3, "decay_steps": True}, "`decay_steps` must be an integer"),
-        ({"lr": 1e-3, "warmup_steps": 2.0}, "`warmup_steps` must be an integer"),
+        ({"lr": 1e-3, "warmup_steps": -1}, "`warmup_steps` must be an integer"),
     ],
 )
 def test_optimizer_numbers_are_validated(kwargs, message):
