@@ -677,6 +677,9 @@ class _RestrictedUnpickler(pickle._Unpickler):
             else:
                 self._build_array(inst, state)
             return
+        # Setting a memoised state on many objects copies it each time: charged.
+        state = self.stack[-1]
+        self._charge_args(state if isinstance(state, tuple) else (state,))
         pickle._Unpickler.load_build(self)
 
     dispatch[pickle.BUILD[0]] = _load_build
@@ -707,7 +710,15 @@ class _RestrictedUnpickler(pickle._Unpickler):
             )
 
     def _charge_args(self, args: Any) -> None:
-        self._charge(1 + (sum(map(_length, args)) if isinstance(args, tuple) else 0))
+        """Charge a call: its arguments (a memoised argument tuple may be used many times),
+        the elements a constructor would copy, and the text or bytes it would copy."""
+        if not isinstance(args, tuple):
+            self._charge(1)
+            return
+        self._charge(1 + len(args) + sum(map(_length, args)))
+        copied = sum(len(a) for a in args if isinstance(a, str | bytes | bytearray))
+        if copied:
+            self._materialise(copied)
 
     def _materialise(self, nbytes: int) -> None:
         """Charge `nbytes` of array data about to be built."""
@@ -717,7 +728,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         if self._materialised > limit:
             raise _over_budget(
                 self._archive.path,
-                "bytes materialised by tensors (relative to the storages read)",
+                "bytes materialised by tensors, arrays and copies (relative to the storages and pickle read)",
                 self._materialised,
                 limit,
                 "materialise_ratio",

