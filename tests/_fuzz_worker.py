@@ -11,6 +11,7 @@ types are documented. A case that runs past `case_timeout_s` is stopped by SIGAL
 reported as `"timeout"`.
 """
 
+import hashlib
 import json
 import os
 import resource
@@ -25,6 +26,32 @@ class CaseTimeout(BaseException):
 
 def _on_alarm(signum, frame):
     raise CaseTimeout()
+
+
+def digest(result) -> str:
+    """The sha256 of every array a load returned (dtype, shape, bytes), in a fixed order."""
+    import equinox as eqx
+    import jax
+    import jax.random as jr
+    import numpy as np
+
+    h = hashlib.sha256()
+    stack = [result]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend(x[k] for k in sorted(x, key=repr, reverse=True))
+        elif isinstance(x, list | tuple):
+            stack.extend(reversed(x))
+        elif isinstance(x, np.ndarray | np.generic):
+            x = np.asarray(x)
+            h.update(f"{x.dtype.str}{x.shape}".encode() + x.tobytes())
+        elif isinstance(x, eqx.Module):
+            for leaf in jax.tree.leaves(eqx.filter(x, eqx.is_array)):
+                if jax.numpy.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                    leaf = jr.key_data(leaf)
+                stack.append(np.asarray(leaf))
+    return h.hexdigest()
 
 
 def main(plan_path: str) -> None:
@@ -67,8 +94,7 @@ def main(plan_path: str) -> None:
             signal.alarm(plan["case_timeout_s"])
             start = time.process_time()
             try:
-                loaders[case["loader"]](case["path"])
-                outcome = {"outcome": "loaded"}
+                outcome = {"outcome": "loaded", "digest": digest(loaders[case["loader"]](case["path"]))}
             except CaseTimeout:
                 outcome = {"outcome": "timeout"}
             except Exception as e:

@@ -193,16 +193,19 @@ def make_cases(tmp: Path, scale: int, seed: int, canary: str) -> list[dict]:
     folder.mkdir()
     cases = []
 
-    def add(name: str, data: bytes, loader: str, suffix: str) -> None:
+    def add(name: str, data: bytes, loader: str, suffix: str, source: str | None = None) -> None:
         path = folder / f"{len(cases):05d}-{name}{suffix}"
         path.write_bytes(data)
-        cases.append({"name": path.name, "path": str(path), "loader": loader})
+        cases.append({"name": path.name, "path": str(path), "loader": loader, "source": source})
+
+    for source, (data, loader) in sources.items():
+        add(f"baseline-{source}", data, loader, Path(source).suffix, source)
 
     for source, count in RAW_CASES.items():
         data, loader = sources[source]
         for _ in range(count * scale):
             mutate = rng.choice(RAW)
-            add(f"{source}-{mutate.__name__}", mutate(data, rng), loader, Path(source).suffix)
+            add(f"{source}-{mutate.__name__}", mutate(data, rng), loader, Path(source).suffix, source)
     for source, count in PICKLE_CASES.items():
         records = _records(sources[source][0])
         name = _pickle_name(records)
@@ -254,6 +257,8 @@ def run_campaign(tmp: Path, scale: int, seed: int, timeout_s: float) -> list[dic
         else []
     )
     results = [e for e in events if e["event"] == "done"]
+    for result, case in zip(results, plan["cases"]):
+        result["source"] = case["source"]
     if returncode != 0 or len(results) != len(plan["cases"]):
         started = [e["name"] for e in events if e["event"] == "start"]
         last = started[-1] if started else None
@@ -271,6 +276,17 @@ def check(results: list[dict]) -> None:
         if r["canary"] or r["outcome"] == "timeout" or (r["outcome"] == "error" and r["type"] not in DOCUMENTED)
     ]
     assert not bad, json.dumps(bad[:10], indent=1)
+    # A file whose bytes were mutated either is refused or loads the very arrays of the
+    # file it came from (the change hit bytes no array depends on: zip padding, ...):
+    # flipped bits in tensor data never load silently.
+    baseline = {r["source"]: r for r in results if r["name"].split("-", 1)[1].startswith("baseline-")}
+    assert all(r["outcome"] == "loaded" for r in baseline.values()), baseline
+    altered = [
+        r
+        for r in results
+        if r["source"] and r["outcome"] == "loaded" and r["digest"] != baseline[r["source"]]["digest"]
+    ]
+    assert not altered, json.dumps(altered[:10], indent=1)
     attacks = [r for r in results if r["name"].split("-", 1)[1].startswith("attack-")]
     assert attacks and all(r["outcome"] == "error" for r in attacks), [r for r in attacks if r["outcome"] != "error"]
 
