@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for results.npz and checkpoints (default: a temporary one)")
     p.add_argument("--restore-check", default=None, help="restore this run folder's FSDP checkpoint on 4 devices")
+    p.add_argument(
+        "--different-keys", action="store_true", help="a mistake, to see it caught: a different key in each process"
+    )
     args = p.parse_args(argv)
     if not 0 < args.save_at < args.steps:
         p.error(f"--save-at must lie in [1, --steps), got {args.save_at}")
@@ -226,7 +229,8 @@ def train_all(args: argparse.Namespace) -> None:
     results: dict[str, np.ndarray] = {}
 
     def init_state():
-        return train.init_train_state(model, optimizer, key=jr.key(args.seed + 1))
+        seed = args.seed + 1 + (me if args.different_keys else 0)
+        return train.init_train_state(model, optimizer, key=jr.key(seed))
 
     like = eqx.filter_eval_shape(init_state)  # structure, shapes, dtypes; nothing allocated
     for strategy in ("replicated", "fsdp"):

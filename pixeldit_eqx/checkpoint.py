@@ -35,6 +35,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 
@@ -53,6 +54,28 @@ def _is_key(x: Any) -> bool:
 def _key_impl(x: Any) -> Any:
     # `jr.key_impl` needs a concrete key: a zero key of the same dtype stands in.
     return jr.key_impl(jnp.zeros((), x.dtype))
+
+
+#: Replicated arrays smaller than this per replica are written whole by one replica.
+#: Orbax splits the writing of a replicated array among its replicas by slicing it on
+#: the devices, one small program compiled per slice; for the many small arrays of a
+#: training state that compiling (seconds, at the first save) costs more than the
+#: parallel write saves.
+_MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's pytree handler, replica-parallel writing only for large slices."""
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES)),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()),
+    )
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def _name(path: tuple) -> str:
+    """A key path as `a.b.0.c`, the same for an attribute and a dict key of that name."""
+    return ".".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
 
 
 def _check_step(step: Any, name: str = "step") -> int:
@@ -94,7 +117,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handler())
 
     # --- Saving -------------------------------------------------------------------------
 
@@ -125,7 +148,7 @@ class Checkpointer:
         if not jax.tree.leaves(arrays):
             raise ValueError("`state`: expected a pytree with array leaves, got none.")
         arrays = jax.tree.map(lambda x: jr.key_data(x) if _is_key(x) else x, arrays)
-        self._manager.save(step, args=ocp.args.StandardSave(arrays))
+        self._manager.save(step, args=ocp.args.PyTreeSave(arrays))
 
     def wait(self) -> None:
         """Blocks until the checkpoint being written (if any) is complete on disk."""
@@ -202,8 +225,33 @@ class Checkpointer:
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
         targets = jax.tree.map(abstract, like, shardings)
+        # Checked against the stored metadata first: a restore that fails half-way leaves
+        # Orbax's reads pending.
+        stored = {
+            _name(p): (tuple(m.shape), np.dtype(m.dtype))
+            for p, m in jax.tree_util.tree_leaves_with_path(self._manager.item_metadata(step))
+        }
+        wanted = {
+            _name(p): (tuple(t.shape), np.dtype(t.dtype)) for p, t in jax.tree_util.tree_leaves_with_path(targets)
+        }
+        problems = [f"{k} missing from the checkpoint" for k in wanted if k not in stored]
+        problems += [f"{k} in the checkpoint, not in `like_state`" for k in stored if k not in wanted]
+        problems += [
+            f"{k} expected {wanted[k][1]}{list(wanted[k][0])}, stored {stored[k][1]}{list(stored[k][0])}"
+            for k in wanted
+            if k in stored and stored[k] != wanted[k]
+        ]
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ValueError(
+                f"`like_state`: the checkpoint of step {step} in {self.directory!r} does not fit it: "
+                + "; ".join(problems[:5])
+                + more
+                + "."
+            )
         try:
-            raw = self._manager.restore(step, args=ocp.args.StandardRestore(targets))
+            restore_args = ocp.checkpoint_utils.construct_restore_args(targets)
+            raw = self._manager.restore(step, args=ocp.args.PyTreeRestore(targets, restore_args=restore_args))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(
                 f"`like_state`: the checkpoint of step {step} in {self.directory!r} does not fit it: {e}"

@@ -326,10 +326,10 @@ def shard_state(
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(arrays)):
         arrays = jax.tree.map(jax.lax.with_sharding_constraint, arrays, shardings)
         return eqx.combine(arrays, rest)
-    # Copy first: `device_put` may reuse a buffer of the input for one of the output's
-    # shards (even with `may_alias=False`, jax 0.10), and a step that donates the sharded
-    # state would then delete arrays of the input (the user's model, say).
     if jax.process_count() == 1:
+        # Copy first: `device_put` may reuse a buffer of the input for one of the output's
+        # shards (even with `may_alias=False`, jax 0.10), and a step that donates the
+        # sharded state would then delete arrays of the input (the user's model, say).
         copies = jax.tree.map(jnp.copy, arrays)
         return eqx.combine(jax.device_put(copies, shardings), rest)
     _check_processes_agree(arrays)
