@@ -167,7 +167,8 @@ def test_a_dead_process_fails_the_run_at_once(tmp_path):
     """Kill one worker once both have joined: the launcher stops the other and fails."""
     proc = _start("--processes", "2", "--devices", "4", "--out", str(tmp_path), "--timeout", "120")
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    reader.start()
     output, pids = [], {}
     try:
         deadline = time.monotonic() + 120
@@ -188,7 +189,8 @@ def test_a_dead_process_fails_the_run_at_once(tmp_path):
         elapsed = time.monotonic() - killed
     finally:
         _kill_group(proc)
-    time.sleep(0.2)
+        reader.join(timeout=10)
+        proc.stdout.close()
     while not lines.empty():
         output.append(lines.get().rstrip())
     log = "\n".join(output)
