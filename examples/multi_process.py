@@ -248,7 +248,8 @@ def train_all(args: argparse.Namespace) -> None:
                     checkpoints.save(state)  # in the background: the loop goes on at once
                     save_call = time.perf_counter() - start
                     saving = checkpoints.saving()
-                state, metrics = step(state, local_batch(i))  # numpy rows: assembled into the global batch
+                # This process's rows become its shards of the global batch.
+                state, metrics = step(state, sharding.shard_batch(local_batch(i), mesh))
                 losses.append(metrics["loss"])
                 if i == 0:
                     jax.block_until_ready(state)
@@ -279,7 +280,7 @@ def train_all(args: argparse.Namespace) -> None:
             at_save = gather(restored)
             say(f"{strategy}: restored")
             for i in range(args.save_at, args.steps):
-                restored, _ = step(restored, local_batch(i))
+                restored, _ = step(restored, local_batch(i))  # numpy rows: the step assembles them alike
             resumed = gather(restored)
         same = all(np.array_equal(resumed[k], final[k]) for k in final)
         say(f"{strategy}: resumed from step {args.save_at}, bit-identical to the uninterrupted run: {same}")
