@@ -28,11 +28,18 @@ fewer than `min_size` elements (4096 by default), scalars, arrays with no divisi
 dimension and PRNG keys are replicated. The rule reads shapes only, so Adam's moments and
 the EMA are split exactly like the parameters they follow.
 
-**Several hosts.** Call `jax.distributed.initialize()` first on every host, build the
+**Several processes, several hosts.** JAX's multi-controller runtime runs one process
+per host (or per group of devices), each holding its own devices. Call
+`jax.distributed.initialize(...)` first in every process (on CPU, with
+`jax.config.update("jax_cpu_collectives_implementation", "gloo")` before it), build the
 mesh over all devices (`make_mesh()`, the default), initialise the state with the same
-key on every host, and feed each host its own part of the global batch:
-[`shard_batch`][] then assembles the global array with
-`jax.make_array_from_process_local_data`. Everything else is unchanged.
+key in every process, and feed each process its own part of every global batch. The
+functions here then work unchanged: [`shard_state`][] builds each global array from the
+shards a process holds (it checks that the processes agree on the PRNG keys and step),
+[`shard_batch`][] and the step and sampler assemble the global batch with
+`jax.make_array_from_process_local_data`. Sharded checkpoints, each process writing its
+own shards, are [`pixeldit_eqx.checkpoint`][]'s. `docs/multi_host.md` has the recipe and
+`examples/multi_process.py` runs it (2 processes x 4 CPU devices on one machine).
 
 Reference: none (the PyTorch PixelDiT trains with Lightning's DDP/FSDP strategies). This
 module replaces those with `jax.sharding`.
@@ -46,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
@@ -106,11 +114,16 @@ def _is_key(x: Any) -> bool:
     return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _is_global(x: Any) -> bool:
+    """Whether `x` is a `jax.Array` spanning devices of other processes too."""
+    return isinstance(x, jax.Array) and not x.is_fully_addressable
+
+
 def _batch_size(tree: PyTree, name: str, size: int, *, scale: int = 1) -> int:
     """The common leading size of the array leaves of `tree`, checked divisible by `size`.
 
-    `scale` multiplies the leading sizes first (the number of processes, for a batch of
-    which each process holds its own part).
+    `scale` multiplies the leading sizes of the leaves that are not global arrays first
+    (the number of processes, for a batch of which each process holds its own part).
     """
     leaves = [x for x in jax.tree.leaves(tree) if _is_array_like(x)]
     if not leaves:
@@ -119,7 +132,7 @@ def _batch_size(tree: PyTree, name: str, size: int, *, scale: int = 1) -> int:
     for x in leaves:
         if len(x.shape) == 0:
             raise ValueError(f"`{name}`: expected arrays with a leading batch dimension, got a scalar.")
-        sizes.add(x.shape[0] * scale)
+        sizes.add(x.shape[0] * (1 if _is_global(x) else scale))
     if len(sizes) != 1:
         raise ValueError(f"`{name}`: expected one leading batch size for all arrays, got sizes {sorted(sizes)}.")
     (batch,) = sizes
@@ -277,8 +290,14 @@ def shard_state(
 
     Call it once, before the first step; the sharded step keeps the layout. The arrays
     are copied: a step that donates the sharded state leaves `state` (and the model it
-    was built from) intact. On several hosts every host must pass the same values
-    (initialise with the same key).
+    was built from) intact.
+
+    Across several processes every process must pass the same values (initialise with
+    the same key); each builds the global arrays from the shards its own devices hold
+    (`jax.make_array_from_callback`: nothing is placed on another process's devices),
+    and arrays that are already global are re-laid out by a compiled copy. The PRNG keys
+    and integer scalars (the step) are compared across processes first: `ValueError`
+    when they differ.
 
     Inside `jit` it constrains the layout instead, so that a state too large for one
     device can be created already split:
@@ -307,20 +326,67 @@ def shard_state(
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(arrays)):
         arrays = jax.tree.map(jax.lax.with_sharding_constraint, arrays, shardings)
         return eqx.combine(arrays, rest)
-    # Copy first: `device_put` may reuse a buffer of the input for one of the output's
-    # shards (even with `may_alias=False`, jax 0.10), and a step that donates the sharded
-    # state would then delete arrays of the input (the user's model, say).
-    copies = jax.tree.map(jnp.copy, arrays)
-    return eqx.combine(jax.device_put(copies, shardings), rest)
+    if jax.process_count() == 1:
+        # Copy first: `device_put` may reuse a buffer of the input for one of the output's
+        # shards (even with `may_alias=False`, jax 0.10), and a step that donates the
+        # sharded state would then delete arrays of the input (the user's model, say).
+        copies = jax.tree.map(jnp.copy, arrays)
+        return eqx.combine(jax.device_put(copies, shardings), rest)
+    _check_processes_agree(arrays)
+    return eqx.combine(jax.tree.map(_place, arrays, shardings), rest)
+
+
+def _place(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+    """`x` as a global array laid out by `sharding`, built from this process's shards."""
+    if _is_global(x):
+        return jax.jit(lambda a: a, out_shardings=sharding)(x)
+    if _is_key(x):
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: jnp.copy(x[index]))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: host[index])
+
+
+def _check_processes_agree(arrays: PyTree) -> None:
+    """Raises unless every process holds the same PRNG keys and integer scalars."""
+    named = []
+    for path, x in jax.tree_util.tree_leaves_with_path(arrays):
+        if _is_global(x):
+            continue  # one array already: nothing to disagree on
+        if _is_key(x):
+            x = jax.random.key_data(x)
+        elif x.ndim or not jnp.issubdtype(x.dtype, jnp.integer):
+            continue
+        named.append((jax.tree_util.keystr(path), np.asarray(x).reshape(-1)))
+    if not named:
+        return
+    mine = np.concatenate([np.ascontiguousarray(v).view(np.uint8) for _, v in named])
+    everyone = np.asarray(multihost_utils.process_allgather(mine))
+    for process, theirs in enumerate(everyone):
+        if np.array_equal(theirs, mine):
+            continue
+        start = 0
+        for path, value in named:
+            stop = start + value.nbytes
+            if not np.array_equal(theirs[start:stop], mine[start:stop]):
+                other = theirs[start:stop].view(value.dtype)
+                raise ValueError(
+                    f"`state`: expected the same PRNG keys and steps in every process, got {path} = "
+                    f"{value.tolist()} in process {jax.process_index()} and {other.tolist()} in process {process} "
+                    "(initialise the state with the same key everywhere)."
+                )
+            start = stop
 
 
 def shard_batch(batch: PyTree, mesh: Mesh, *, axis: str = "data") -> PyTree:
     """Places a batch on the mesh, every array split along its leading dimension.
 
-    On one host, `batch` is the whole (global) batch: numpy or JAX arrays. On several
-    hosts (after `jax.distributed.initialize()`), each host passes its own part of the
-    global batch, in process order, and the global arrays are assembled with
-    `jax.make_array_from_process_local_data`.
+    In one process, `batch` is the whole (global) batch: numpy or JAX arrays. Across
+    several processes (after `jax.distributed.initialize()`), each process passes its
+    own part of the global batch (its examples: process `i` of `n` holds rows
+    `i * B / n` to `(i + 1) * B / n` of a global batch of `B` when the mesh lists the
+    devices in process order, as `make_mesh` does), and the global arrays are assembled
+    with `jax.make_array_from_process_local_data`; leaves that are global arrays already
+    are kept.
 
     **Arguments:**
 
@@ -341,7 +407,18 @@ def shard_batch(batch: PyTree, mesh: Mesh, *, axis: str = "data") -> PyTree:
     sharding = NamedSharding(mesh, P(axis))
     if processes == 1:
         return jax.device_put(batch, sharding)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    return _assemble(batch, sharding)
+
+
+def _assemble(batch: PyTree, sharding: NamedSharding) -> PyTree:
+    """Across processes: each array leaf not yet global is this process's part of it."""
+
+    def one(x: Any) -> Any:
+        if not eqx.is_array(x) or _is_global(x):
+            return x
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree.map(one, batch)
 
 
 def _constrain(tree: PyTree, sharding_of: Callable[[Any], NamedSharding]) -> PyTree:
@@ -395,9 +472,10 @@ def make_sharded_train_step(
 
     `step(state, batch) -> (state, metrics)`, compiled on its first call. Pass a state
     placed by [`shard_state`][] with the same `strategy` (so that the layout it arrives
-    in is the one it leaves in) and a batch from [`shard_batch`][] (on one host, numpy
-    arrays work too, at the cost of a host-to-device copy inside the call). The global batch size
-    must be divisible by the size of `axis` (`ValueError` otherwise).
+    in is the one it leaves in) and a batch from [`shard_batch`][] (numpy arrays work
+    too, at the cost of a host-to-device copy inside the call; across processes, as for
+    `shard_batch`, each process's own part of the batch). The global batch size must be
+    divisible by the size of `axis` (`ValueError` otherwise).
     """
     size = _check_mesh(mesh, axis)
     layout = _layout(mesh, strategy, axis, min_size)
@@ -425,7 +503,10 @@ def make_sharded_train_step(
     compiled = eqx.filter_jit(sharded, donate="all-except-first" if donate else "none")
 
     def sharded_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Float[Array, ""]]]:
-        _batch_size(batch, "batch", size)
+        processes = jax.process_count()
+        _batch_size(batch, "batch", size, scale=processes)
+        if processes > 1:
+            batch = _assemble(batch, data)
         return compiled(batch, state)
 
     return sharded_step
@@ -474,10 +555,16 @@ def sharded_sample(
     it is gathered whole on every device for the integration. Compiled programs are
     cached across calls with the same shapes and options.
 
+    Across several processes, `noise` and `cond` are as for [`shard_batch`][]: global
+    arrays, or each process's own part of the batch. The samples come back as a global
+    array; `jax.experimental.multihost_utils.process_allgather(samples)` gives every
+    process all of them.
+
     **Arguments:**
 
     - `velocity_fn`: `velocity_fn(x, t, cond) -> v` for one example, e.g. a `PixelDiT`.
-    - `noise`: the starting points `(B, *shape)`, `B` divisible by the size of `axis`.
+    - `noise`: the starting points `(B, *shape)`, `B` divisible by the size of `axis`
+        (across processes, `B` counts the examples of all processes).
     - `cond`: the conditions, a pytree of arrays with leading dimension `B` (labels
         `(B,)`, say).
     - `mesh`: the device mesh.
@@ -503,8 +590,13 @@ def sharded_sample(
     ```
     """
     size = _check_mesh(mesh, axis)
-    batch = _batch_size(noise, "noise", size)
-    cond_sizes = {x.shape[0] if len(x.shape) else None for x in jax.tree.leaves(cond) if _is_array_like(x)}
+    processes = jax.process_count()
+    batch = _batch_size(noise, "noise", size, scale=processes)
+    cond_sizes = {
+        x.shape[0] * (1 if _is_global(x) else processes) if len(x.shape) else None
+        for x in jax.tree.leaves(cond)
+        if _is_array_like(x)
+    }
     if cond_sizes and cond_sizes != {batch}:
         raise ValueError(
             f"`cond`: expected arrays with leading dimension {batch} (the batch size of `noise`), got "
@@ -520,4 +612,7 @@ def sharded_sample(
         exact=exact,
         return_trajectory=return_trajectory,
     )
+    if processes > 1:
+        data = NamedSharding(mesh, P(axis))
+        noise, cond = _assemble(noise, data), _assemble(cond, data)
     return _sample_batch(velocity_fn, noise, cond, mesh, axis, options)
