@@ -63,12 +63,27 @@ def _points(n, seed=1):
     return (mean(THETA)[None] + z @ chol.T).reshape(n, *SHAPE)
 
 
-def test_exact_divergence_equals_gaussian_log_density():
-    xs = _points(3)
-    for x in xs:
-        got = flow.log_likelihood(gaussian_velocity, x, THETA, **TIGHT)
-        assert got.dtype == jnp.float32 and got.shape == ()
-        np.testing.assert_allclose(got, exact_log_density(x, THETA), atol=1e-4, rtol=0)
+@jax.jit
+def _value_and_grads(x, theta):
+    """log_likelihood (exact divergence, tight tolerances) and its gradients in x and theta, one compile."""
+    return jax.value_and_grad(lambda y, th: flow.log_likelihood(gaussian_velocity, y, th, **TIGHT), argnums=(0, 1))(
+        x, theta
+    )
+
+
+def test_exact_divergence_equals_gaussian_log_density_and_its_gradients():
+    for x in _points(3):
+        value, (grad_x, grad_theta) = _value_and_grads(x, THETA)
+        assert value.dtype == jnp.float32 and value.shape == ()
+        np.testing.assert_allclose(value, exact_log_density(x, THETA), atol=1e-4, rtol=0)
+        precision_diff = jnp.linalg.solve(SIGMA, x.reshape(-1) - mean(THETA))
+        np.testing.assert_allclose(grad_theta, W.T @ precision_diff, atol=1e-3, rtol=1e-3)
+        np.testing.assert_allclose(grad_x, -precision_diff.reshape(SHAPE), atol=1e-3, rtol=1e-3)
+    # Not jitted, and at another theta: the same answer.
+    x, theta = _points(1, seed=4)[0], -THETA
+    np.testing.assert_allclose(
+        flow.log_likelihood(gaussian_velocity, x, theta, **TIGHT), exact_log_density(x, theta), atol=1e-4, rtol=0
+    )
 
 
 def test_fixed_step_heun_is_close_and_converges():
@@ -106,20 +121,6 @@ def test_hutchinson_is_unbiased():
         stderr = estimates.std(ddof=1) / np.sqrt(len(estimates))
         assert abs(estimates.mean() - exact_fixed) < 3 * stderr
         assert abs(estimates.mean() - want) < 3 * stderr + 2e-3
-
-
-def test_gradient_in_theta_matches_analytic():
-    x = _points(1, seed=4)[0]
-    got = jax.grad(lambda th: flow.log_likelihood(gaussian_velocity, x, th, **TIGHT))(THETA)
-    want = W.T @ jnp.linalg.solve(SIGMA, x.reshape(-1) - mean(THETA))
-    np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-3)
-
-
-def test_gradient_in_x_matches_analytic():
-    x = _points(1, seed=5)[0]
-    got = jax.grad(lambda y: flow.log_likelihood(gaussian_velocity, y, THETA, **TIGHT))(x)
-    want = -jnp.linalg.solve(SIGMA, x.reshape(-1) - mean(THETA)).reshape(SHAPE)
-    np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-3)
 
 
 def test_vmap_and_jit_equal_per_example_calls():
