@@ -33,7 +33,7 @@ def _diffrax() -> Any:
     """The diffrax module, or an ImportError that names the extra to install."""
     try:
         import diffrax
-    except ImportError as err:  # pragma: no cover - exercised only without diffrax
+    except ImportError as err:
         raise ImportError(
             "pixeldit_eqx.flow.log_likelihood and sample_ode need diffrax: "
             "`pip install 'pixeldit-eqx[likelihood]'` (or `pip install diffrax`)."

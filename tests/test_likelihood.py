@@ -7,6 +7,8 @@ and the marginal velocity `E[x - eps | x_t = y]` is linear:
 `t = 0` to `N(mu, Sigma)` at `t = 1`, so `log_likelihood` must equal the Gaussian log-density.
 """
 
+import sys
+
 import diffrax
 import equinox as eqx
 import jax
@@ -248,3 +250,11 @@ def test_velocity_of_the_wrong_shape_raises_value_error():
         flow.log_likelihood(lambda x, t, c: x[0], _points(1)[0], THETA)
     with pytest.raises(ValueError, match="shaped like"):
         flow.sample_ode(lambda x, t, c: x[0], _points(1)[0], THETA, num_steps=2)
+
+
+def test_missing_diffrax_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffrax", None)  # `import diffrax` now raises ImportError
+    with pytest.raises(ImportError, match=r"pixeldit-eqx\[likelihood\]"):
+        flow.log_likelihood(gaussian_velocity, _points(1)[0], THETA)
+    with pytest.raises(ImportError, match=r"pixeldit-eqx\[likelihood\]"):
+        flow.sample_ode(gaussian_velocity, _points(1)[0], THETA)
