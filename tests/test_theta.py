@@ -74,7 +74,7 @@ def test_null_theta_gives_null_tokens_with_finite_gradients():
     assert params.low.array is None and params.high.array is None
 
 
-def test_conditioned_model_is_a_velocity_for_training_sampling_and_likelihood():
+def test_conditioned_model_is_a_velocity_for_training_and_likelihood():
     model = pixeldit_eqx.ParameterConditioned(_tiny_model(), pixeldit_eqx.ParameterTokens(LOW, HIGH, 12, key=jr.key(3)))
     theta = jnp.array([1.2, 1.7], dtype=jnp.float32)
     x = jr.normal(jr.key(4), (1, 4, 4))
