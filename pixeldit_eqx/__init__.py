@@ -25,6 +25,7 @@ from ._convert import (
 from ._model import build as build, PixelDiT as PixelDiT, PixelDiTT2I as PixelDiTT2I
 from ._presets import PRESETS as PRESETS
 from ._rope import apply_rope as apply_rope, rope_1d as rope_1d, rope_2d as rope_2d
+from ._theta import ParameterConditioned as ParameterConditioned, ParameterTokens as ParameterTokens
 from ._tokens import (
     ClassEmbedder as ClassEmbedder,
     PatchEmbedder as PatchEmbedder,

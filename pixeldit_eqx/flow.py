@@ -29,6 +29,7 @@ import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._custom_types import Array, ArrayLike, Float, Real
+from ._likelihood import log_likelihood as log_likelihood, ProbabilityFlow as ProbabilityFlow, sample_ode as sample_ode
 from ._linspace import torch_linspace
 
 
