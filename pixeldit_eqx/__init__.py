@@ -22,9 +22,11 @@ from ._convert import (
     state_dict as state_dict,
     StateDictError as StateDictError,
 )
+from ._dinov2 import DINOv2 as DINOv2
 from ._model import build as build, PixelDiT as PixelDiT, PixelDiTT2I as PixelDiTT2I
 from ._presets import PRESETS as PRESETS
 from ._rope import apply_rope as apply_rope, rope_1d as rope_1d, rope_2d as rope_2d
+from ._sample import sample as sample
 from ._tokens import (
     ClassEmbedder as ClassEmbedder,
     PatchEmbedder as PatchEmbedder,
