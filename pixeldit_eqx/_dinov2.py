@@ -42,7 +42,7 @@ class LayerScale(eqx.Module):
         self.gamma = jnp.full((dim,), init_values, dtype=jnp.float32)
 
     def __call__(self, x: Float[Array, "N D"]) -> Float[Array, "N D"]:
-        return x * self.gamma
+        return x * self.gamma[None, :]
 
 
 class _Attention(eqx.Module):
@@ -127,7 +127,7 @@ class _Conv(eqx.Module):
         d, c, p, _ = self.weight.shape
         gh, gw = x.shape[1] // p, x.shape[2] // p
         patches = x[:, : gh * p, : gw * p].reshape(c, gh, p, gw, p)
-        return jnp.einsum("cipjq,dcpq->ijd", patches, self.weight) + self.bias
+        return jnp.einsum("cipjq,dcpq->ijd", patches, self.weight) + self.bias[None, None, :]
 
 
 class DINOv2(eqx.Module):

@@ -309,22 +309,25 @@ class PixelDiT2REPA(eqx.Module):
         """The network's x-prediction (see `PixelDiT2.__call__`)."""
         return self.model(x, t, y, skip_grounding=skip_grounding)
 
-    def teacher_features(self, x: Float[Array, "C H W"]) -> Float[Array, "L E"]:
-        """The teacher's patch tokens for a clean image `x` in [-1, 1], rounded to bfloat16.
-
-        `(x + 1) / 2`, ImageNet-normalised, bicubic-resized to `int(14 H / p) x int(14 W / p)`
-        (`p` the denoiser's patch), through the DINOv2. Reference: `REPATeacher.forward`
-        (its bf16 autocast is a CUDA-only path; here the teacher runs in float32 and its
-        output is rounded to bfloat16, as the reference's `.to(torch.bfloat16)` does).
-        """
+    def teacher_input(self, x: Float[Array, "C H W"]) -> Float[Array, "C h w"]:
+        """The teacher's view of a clean image `x` in [-1, 1]: `(x + 1) / 2`, ImageNet-normalised,
+        bicubic-resized to `int(q H / p) x int(q W / p)` (`p` the denoiser's patch, `q` the
+        teacher's), float32. Reference: `REPATeacher.forward`."""
         images = (x.astype(jnp.float32) + 1.0) / 2.0
         mean = jnp.asarray(_IMAGENET_MEAN, dtype=jnp.float32)[:, None, None]
         std = jnp.asarray(_IMAGENET_STD, dtype=jnp.float32)[:, None, None]
         images = (images - mean) / std
         p, q = self.model.patch_size, self.teacher.patch_size
-        size = (int(q * x.shape[1] / p), int(q * x.shape[2] / p))
-        images = resize_bicubic(images, size)
-        return jax.lax.stop_gradient(self.teacher(images)).astype(jnp.bfloat16)
+        return resize_bicubic(images, (int(q * x.shape[1] / p), int(q * x.shape[2] / p)))
+
+    def teacher_features(self, x: Float[Array, "C H W"]) -> Float[Array, "L E"]:
+        """The teacher's patch tokens for a clean image `x` in [-1, 1], rounded to bfloat16.
+
+        Reference: `REPATeacher.forward` (its bf16 autocast is a CUDA-only path; here the
+        teacher runs in float32 and its output is rounded to bfloat16, as the reference's
+        `.to(torch.bfloat16)` does).
+        """
+        return jax.lax.stop_gradient(self.teacher(self.teacher_input(x))).astype(jnp.bfloat16)
 
 
 def cosine_loss(src: Float[Array, "L E"], dst: Float[Array, "L E"]) -> Float[Array, ""]:
@@ -343,15 +346,11 @@ def cosine_loss(src: Float[Array, "L E"], dst: Float[Array, "L E"]) -> Float[Arr
     return jnp.mean(1.0 - jnp.sum(unit(src) * unit(dst), axis=-1))
 
 
-def _block_features(net: Any, x: Array, t: Array, y: Any, skip: Any, layer: int) -> tuple[Array, Array]:
-    """The x-prediction and the patch tokens after block `layer` (1-based), context tokens
-    stripped when they are present there. Reference: the forward hook of
-    `GroundedFlowTrainer._impl_trainstep` and `_strip_context_tokens`."""
-    x_pred, tokens = net.forward_with_block_output(x, t, y, block=layer - 1, skip_grounding=skip)
-    context = int(getattr(net, "in_context_len", 0))
-    if context > 0 and layer - 1 >= int(getattr(net, "in_context_start", 0)):
-        tokens = tokens[context:]
-    return x_pred, tokens
+def _x_pred_and_features(net: Any, x: Array, t: Array, y: Any, skip: Any, layer: int, key: Any) -> tuple[Array, Array]:
+    """The x-prediction and the patch tokens after block `layer` (1-based), in-context tokens
+    stripped, from one forward pass (`PixelDiT2.with_features`). Reference: the forward hook
+    of `GroundedFlowTrainer._impl_trainstep` and `_strip_context_tokens`."""
+    return net.with_features(x, t, y, depth=layer, skip_grounding=skip, key=key)
 
 
 def pixeldit2_example_losses(
@@ -364,6 +363,7 @@ def pixeldit2_example_losses(
     drop_label: bool | Bool[ArrayLike, ""],
     drop_grounding: bool | Bool[ArrayLike, ""],
     t_eps: Real[ArrayLike, ""] = 0.05,
+    key: PRNGKeyArray | None = None,
 ) -> dict[str, Float[Array, ""]]:
     """PixelDiT2's losses of one example at given draws: `fm_loss`, with REPA `cos_loss`,
     and `loss = fm_loss + weight * cos_loss` (see [`pixeldit2_example_loss`][])."""
@@ -383,9 +383,9 @@ def pixeldit2_example_losses(
     scale = jnp.maximum(1 - t, jnp.asarray(t_eps, dtype=x.dtype))
     skip = jnp.asarray(drop_grounding, dtype=bool)
     if repa is not None and repa.weight > 0:
-        x_pred, tokens = _block_features(net, x_t, t, y, skip, repa.align_layer)
+        x_pred, tokens = _x_pred_and_features(net, x_t, t, y, skip, repa.align_layer, key)
     else:
-        x_pred = net(x_t, t, y, skip_grounding=skip)
+        x_pred = net(x_t, t, y, skip_grounding=skip, key=key)
     velocity = (x - x_t) / scale
     velocity_pred = (x_pred - x_t) / scale
     fm_loss = jnp.mean(jnp.square((velocity - velocity_pred).astype(jnp.float32)))
@@ -411,6 +411,7 @@ def pixeldit2_example_loss(
     drop_label: bool | Bool[ArrayLike, ""],
     drop_grounding: bool | Bool[ArrayLike, ""],
     t_eps: Real[ArrayLike, ""] = 0.05,
+    key: PRNGKeyArray | None = None,
 ) -> Float[Array, ""]:
     """PixelDiT2's training loss of one example at given draws.
 
@@ -431,13 +432,15 @@ def pixeldit2_example_loss(
     - `drop_label`, `drop_grounding`: train this example with the null label / without
         grounding.
     - `t_eps`: the floor of `1 - t` in the velocity.
+    - `key`: a PRNG key for the network's training-mode dropout (`proj_dropout`); None runs
+        it as in evaluation (the same when the dropout rates are 0).
 
     **Returns:**
 
     A float32 scalar.
     """
     return pixeldit2_example_losses(
-        model, x, y, t=t, noise=noise, drop_label=drop_label, drop_grounding=drop_grounding, t_eps=t_eps
+        model, x, y, t=t, noise=noise, drop_label=drop_label, drop_grounding=drop_grounding, t_eps=t_eps, key=key
     )["loss"]
 
 
@@ -537,7 +540,7 @@ def pixeldit2_loss(
     if not p_std >= 0:
         raise ValueError(f"`p_std` must be >= 0, got p_std={p_std!r}.")
     b = x.shape[0]
-    k_class, k_grounding, k_joint, k_t, k_noise = jr.split(key, 5)
+    k_class, k_grounding, k_joint, k_t, k_noise, k_dropout = jr.split(key, 6)
     class_drop, grounding_drop = pixeldit2_dropout(
         jr.uniform(k_class, (b,)),
         jr.uniform(k_grounding, (b,)),
@@ -550,9 +553,10 @@ def pixeldit2_loss(
     t = jax.nn.sigmoid(jr.normal(k_t, (b,)) * jnp.float32(p_std) + jnp.float32(p_mean))
     noise = jr.normal(k_noise, x.shape, dtype=x.dtype) * jnp.asarray(noise_scale, dtype=x.dtype)
 
-    def one(x, y, t, noise, drop_label, drop_grounding):
+    def one(x, y, t, noise, drop_label, drop_grounding, k):
         return pixeldit2_example_loss(
-            model, x, y, t=t, noise=noise, drop_label=drop_label, drop_grounding=drop_grounding, t_eps=t_eps
+            model, x, y, t=t, noise=noise, drop_label=drop_label, drop_grounding=drop_grounding, t_eps=t_eps, key=k
         )
 
-    return jnp.mean(jax.vmap(one)(x, y, t, noise, class_drop, grounding_drop))
+    keys = jr.split(k_dropout, b)
+    return jnp.mean(jax.vmap(one)(x, y, t, noise, class_drop, grounding_drop, keys))
