@@ -196,20 +196,27 @@ def grounded_sample(
 
         x, states = jax.lax.scan(euler_step, x0, (eval_t, eval_w, dts))
     else:
-        pair_t = eval_t[:-1].reshape(num_steps - 1, 2)
-        pair_w = eval_w[:-1].reshape(num_steps - 1, 2)
+        # One scan over all steps: step k evaluates (x, t_k) and, unless it is the last
+        # step (Euler), the corrector at (x + dt v, t_{k+1}) (a `lax.cond` on the unbatched
+        # step index, so the last step evaluates once, also under `jax.vmap`).
+        ends = jnp.concatenate([eval_t[1:-1:2], eval_t[-1:]])  # t_{k+1}, a dummy at the end
+        ends_w = jnp.concatenate([eval_w[1:-1:2], eval_w[-1:]])
 
         def heun_step(x, inputs):
-            t, w, dt = inputs
-            v = velocity(x, t[0], w[0])
-            v_next = velocity(x + dt * v, t[1], w[1])
-            x = x + dt * jnp.asarray(0.5, dtype=dtype) * (v + v_next)
+            k, t, w, t_end, w_end, dt = inputs
+            v = velocity(x, t, w)
+            x_hat = x + dt * v
+
+            def corrector():
+                v_next = velocity(x_hat, t_end, w_end)
+                return x + dt * jnp.asarray(0.5, dtype=dtype) * (v + v_next)
+
+            x = jax.lax.cond(k < num_steps - 1, corrector, lambda: x_hat)
             return x, emit(x)
 
-        x, states = jax.lax.scan(heun_step, x0, (pair_t, pair_w, dts[:-1]))
-        x = x + dts[-1] * velocity(x, eval_t[-1], eval_w[-1])
-        if return_trajectory:
-            states = jnp.concatenate([states, x[None]])
+        steps = jnp.arange(num_steps)
+        starts, starts_w = eval_t[0::2], eval_w[0::2]  # t_k for every step
+        x, states = jax.lax.scan(heun_step, x0, (steps, starts, starts_w, ends, ends_w, dts))
     if not return_trajectory:
         return x
     return x, jnp.concatenate([x0[None], states])

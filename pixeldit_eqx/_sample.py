@@ -7,13 +7,8 @@ import jax.numpy as jnp
 from ._custom_types import Array, ArrayLike, Float, Real
 from ._grounded import grounded_sample, PixelDiT2REPA
 from ._model import PixelDiT, PixelDiTT2I
+from ._pixeldit2 import PixelDiT2
 from .flow import sample as flow_sample
-
-
-def _is_pixeldit2(model: Any) -> bool:
-    from ._pixeldit2 import PixelDiT2
-
-    return isinstance(model, PixelDiT2)
 
 
 def sample(
@@ -102,7 +97,7 @@ def sample(
             return model(x, t, cond[0], cond[1])
 
         return flow_sample(velocity, start, (text, mask), null_cond=null, **options)
-    if _is_pixeldit2(model):
+    if isinstance(model, PixelDiT2):
 
         def x_pred(x: Array, t: Array, label: Any, skip_grounding: bool) -> Array:
             return model(x, t, label, skip_grounding=skip_grounding)

@@ -14,7 +14,6 @@ from safetensors.numpy import load_file
 
 import pixeldit_eqx as px
 from pixeldit_eqx import train
-from pixeldit_eqx._pixeldit2 import PixelDiT2
 
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pixeldit2"
@@ -30,13 +29,14 @@ def _rel_err(port, ref) -> float:
 @pytest.fixture(scope="module")
 def net():
     init = MANIFEST["model_pixeldit2"]["init"]
-    model = PixelDiT2(**init, key=jax.random.key(0))
-    return px.load_state_dict(model, load_file(FIXTURES / "model_pixeldit2.safetensors"))
+    skeleton = eqx.filter_eval_shape(px.PixelDiT2, **init, key=jax.random.key(0))
+    return px.load_state_dict(skeleton, load_file(FIXTURES / "model_pixeldit2.safetensors"))
 
 
 def _teacher() -> px.DINOv2:
     sizes = MANIFEST["trainer_grounded_repa"]["init"]["repa_encoder"]["timm.create_model"]
-    teacher = px.DINOv2(
+    teacher = eqx.filter_eval_shape(
+        px.DINOv2,
         "dinov2_vitb14",
         embed_dim=sizes["embed_dim"],
         depth=sizes["depth"],
@@ -239,7 +239,7 @@ def test_teacher_is_frozen_and_proj_trains(repa):
 )
 def test_batch_loss_trains_with_make_train_step(options, getkey):
     init = dict(MANIFEST["model_pixeldit2"]["init"], depth=2, in_context_start=1)
-    model = PixelDiT2(**init, key=getkey())
+    model = px.PixelDiT2(**init, key=getkey())
     model = train.PixelDiT2REPA(model, _teacher(), align_layer=2, weight=0.5, key=getkey())
     optimizer = train.default_optimizer(1e-3)
     state = train.init_train_state(model, optimizer, key=getkey())
