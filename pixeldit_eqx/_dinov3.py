@@ -319,8 +319,8 @@ class DINOv3Block(eqx.Module):
     def __call__(
         self, x: Float[Array, "N D"], sin: Float[Array, "L hd"], cos: Float[Array, "L hd"]
     ) -> Float[Array, "N D"]:
-        x = x + self.gamma_1.astype(x.dtype) * self.attn(self.norm1(x), sin, cos)
-        return x + self.gamma_2.astype(x.dtype) * self.mlp.apply(self.norm2(x))
+        x = x + self.gamma_1.astype(x.dtype)[None, :] * self.attn(self.norm1(x), sin, cos)
+        return x + self.gamma_2.astype(x.dtype)[None, :] * self.mlp.apply(self.norm2(x))
 
 
 def _stop_gradient(tree: Any) -> Any:
