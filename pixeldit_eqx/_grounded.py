@@ -353,6 +353,11 @@ def cosine_loss(src: Float[Array, "L E"], dst: Float[Array, "L E"]) -> Float[Arr
     return jnp.mean(1.0 - jnp.sum(unit(src) * unit(dst), axis=-1))
 
 
+def _has_dropout(net: Any) -> bool:
+    config = getattr(net, "config", None)
+    return any(getattr(config, name, 0) > 0 for name in ("attn_dropout", "proj_dropout"))
+
+
 def _x_pred_and_features(net: Any, x: Array, t: Array, y: Any, skip: Any, layer: int, key: Any) -> tuple[Array, Array]:
     """The x-prediction and the patch tokens after block `layer` (1-based), in-context tokens
     stripped, from one forward pass (`PixelDiT2.with_features`). Reference: the forward hook
@@ -389,6 +394,8 @@ def pixeldit2_example_losses(
     x_t = t * x + (1 - t) * noise
     scale = jnp.maximum(1 - t, jnp.asarray(t_eps, dtype=x.dtype))
     skip = jnp.asarray(drop_grounding, dtype=bool)
+    if not _has_dropout(net):  # without dropout, training mode is evaluation mode
+        key = None
     if repa is not None and repa.weight > 0:
         x_pred, tokens = _x_pred_and_features(net, x_t, t, y, skip, repa.align_layer, key)
     else:

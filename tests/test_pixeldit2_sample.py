@@ -230,3 +230,33 @@ def test_pixeldit_delegates_to_flow_sample(tiny_pixeldit):
 def test_unknown_model_is_refused():
     with pytest.raises(ValueError, match="model"):
         px.sample(lambda x, t, y: x, jnp.zeros((1, 4, 4)), 0, num_steps=2)
+
+
+def test_pixeldit_t2i_samples_with_the_empty_text_as_null():
+    model = px.PixelDiTT2I(
+        in_channels=1,
+        num_groups=2,
+        hidden_size=16,
+        pixel_hidden_size=4,
+        patch_depth=1,
+        pixel_depth=1,
+        patch_size=4,
+        txt_embed_dim=8,
+        txt_max_length=6,
+        key=jax.random.key(3),
+    )
+    rng = np.random.default_rng(2)
+    noise = jnp.asarray(rng.standard_normal((1, 8, 8), dtype=np.float32))
+    text = jnp.asarray(rng.standard_normal((6, 8), dtype=np.float32))
+    mask = jnp.asarray([True, True, True, False, False, False])
+    options = dict(num_steps=2, method="euler", guidance=3.0, guidance_interval=(0.0, 1.0))
+    x = px.sample(model, noise, (text, mask), noise_scale=0.5, **options)
+
+    def velocity(x, t, cond):
+        return model(x, t, cond[0], cond[1])
+
+    null = (jnp.zeros_like(text), jnp.ones((6,), dtype=bool))
+    expected = flow.sample(velocity, noise * 0.5, (text, mask), null_cond=null, **options)
+    assert np.array_equal(np.asarray(x), np.asarray(expected))
+    with pytest.raises(ValueError, match="text_mask"):
+        px.sample(model, noise, text, num_steps=2)
