@@ -27,9 +27,8 @@ def sample(
 ) -> Float[Array, "C H W"] | tuple[Float[Array, "C H W"], Float[Array, " {num_steps+1} C H W"]]:
     """Samples one image from noise with the model's own conventions.
 
-    - `PixelDiT2` (or a `train.PixelDiT2REPA`, whose network is used): the grounded
-        samplers (`pixeldit_eqx.train`'s PixelDiT2 reference, `GroundedEulerSampler` /
-        `GroundedHeunSampler`): x-prediction turned into the velocity
+    - `PixelDiT2` (or a `train.PixelDiT2REPA`, whose network is used): the reference's
+        `GroundedEulerSampler` / `GroundedHeunSampler`: x-prediction turned into the velocity
         `(x_pred - x) / max(1 - t, t_eps)`; the unconditional branch is the null label
         `model.num_classes` *and* no grounding; guidance `w` where `t < t_max` and
         `t > t_min` (every `t` when `t_min == 0`); `"heun"` is exact Heun (two
