@@ -149,32 +149,38 @@ def test_repa_matches_the_reference_trainer(repa):
     x_t = t[:, None, None, None] * x + (1 - t[:, None, None, None]) * noise
     assert _rel_err(x_t, ref["mid_x_t"]) < 1e-6
 
-    # The block features (context tokens stripped), their projection and the teacher.
-    def features(x_t, t, y, skip):
-        return repa.model.with_features(x_t, t, y, depth=repa.align_layer, skip_grounding=skip)
+    # One program: the block features (context tokens stripped), their projection, the
+    # teacher's view and features (its own test checks it on the reference input), and the
+    # per-example losses, averaged as the reference averages the batch.
+    @jax.jit
+    def run(x, y_in, x_t, t, noise, class_drop, grounding_drop):
+        def features(x_t, t, y, skip):
+            return repa.model.with_features(x_t, t, y, depth=repa.align_layer, skip_grounding=skip)
 
-    x_pred, tokens = jax.jit(jax.vmap(features))(x_t, t, y, grounding_drop)
-    context = repa.model.in_context_len
-    assert _rel_err(x_pred, ref["out_x_pred"]) < 1e-4
-    assert _rel_err(tokens, ref["mid_src_feature"][:, context:]) < 1e-4
-    assert _rel_err(jax.jit(jax.vmap(jax.vmap(repa.proj)))(tokens), ref["mid_src"]) < 1e-4
-    assert _rel_err(jax.jit(jax.vmap(repa.teacher_input))(x), ref["mid_teacher_input"]) < 1e-5
-    pos = repa.teacher.position_embedding((4, 4)).at[0].add(repa.teacher.cls_token[0, 0])
-    assert _rel_err(pos, ref["mid_teacher_pos_zeros"][0]) < 1e-5
-    assert (
-        _rel_err(jax.vmap(repa.teacher)(jnp.asarray(ref["mid_teacher_input"])), ref["mid_teacher_features_fp32"]) < 1e-5
-    )
-    dst = jax.vmap(repa.teacher_features)(x)
-    assert dst.dtype == jnp.bfloat16
-    assert _rel_err(dst.astype(jnp.float32), ref["out_teacher_features"]) < 1e-2  # one bf16 ulp at most
+        def one(x, y, t, noise, drop_label, drop_grounding):
+            return train.pixeldit2_example_losses(
+                repa, x, y, t=t, noise=noise, drop_label=drop_label, drop_grounding=drop_grounding, t_eps=init["t_eps"]
+            )
 
-    # The losses, per example then averaged as the reference averages the batch.
-    def one(x, y, t, noise, drop_label, drop_grounding):
-        return train.pixeldit2_example_losses(
-            repa, x, y, t=t, noise=noise, drop_label=drop_label, drop_grounding=drop_grounding, t_eps=init["t_eps"]
+        x_pred, tokens = jax.vmap(features)(x_t, t, jnp.where(class_drop, 10, y_in), grounding_drop)
+        return dict(
+            x_pred=x_pred,
+            tokens=tokens,
+            src=jax.vmap(jax.vmap(repa.proj))(tokens),
+            teacher_input=jax.vmap(repa.teacher_input)(x),
+            dst=jax.vmap(repa.teacher_features)(x),
+            losses=jax.vmap(one)(x, y_in, t, noise, class_drop, grounding_drop),
         )
 
-    losses = jax.jit(jax.vmap(one))(x, jnp.asarray(ref["in_y"]), t, noise, class_drop, grounding_drop)
+    out = run(x, jnp.asarray(ref["in_y"]), x_t, t, noise, class_drop, grounding_drop)
+    context = repa.model.in_context_len
+    assert _rel_err(out["x_pred"], ref["out_x_pred"]) < 1e-4
+    assert _rel_err(out["tokens"], ref["mid_src_feature"][:, context:]) < 1e-4
+    assert _rel_err(out["src"], ref["mid_src"]) < 1e-4
+    assert _rel_err(out["teacher_input"], ref["mid_teacher_input"]) < 1e-5
+    assert out["dst"].dtype == jnp.bfloat16
+    assert _rel_err(out["dst"].astype(jnp.float32), ref["out_teacher_features"]) < 1e-2  # one bf16 ulp at most
+    losses = out["losses"]
     assert _rel_err(jnp.mean(losses["fm_loss"]), ref["out_fm_loss"]) < 1e-4
     assert _rel_err(jnp.mean(losses["cos_loss"]), ref["out_cos_loss"]) < 1e-4
     assert _rel_err(jnp.mean(losses["loss"]), ref["out_loss"]) < 1e-4
