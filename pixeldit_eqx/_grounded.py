@@ -26,7 +26,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
-from ._custom_types import Array, ArrayLike, Bool, Float, Int, Real
+from ._custom_types import Array, ArrayLike, Bool, Float, Image, Int, LabelLike, Real, TimeLike
 from ._dinov2 import DINOv2
 from ._linspace import torch_linspace
 from ._resize import resize_bicubic
@@ -312,7 +312,9 @@ class PixelDiT2REPA(eqx.Module):
     def num_classes(self) -> int:
         return self.model.num_classes
 
-    def __call__(self, x, t, y, *, skip_grounding=False):
+    def __call__(
+        self, x: Image, t: TimeLike, y: LabelLike, *, skip_grounding: bool | Bool[Array, ""] = False
+    ) -> Float[Array, "C H W"]:
         """The network's x-prediction (see `PixelDiT2.__call__`)."""
         return self.model(x, t, y, skip_grounding=skip_grounding)
 
