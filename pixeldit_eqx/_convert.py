@@ -295,6 +295,10 @@ def load_reference(
             checkpoint=checkpoint,
         )
     )
+    if encoder_weights is not None and not isinstance(skeleton, PixelDiT2):
+        raise ValueError(
+            f"`encoder_weights` is for PixelDiT2 (its grounding encoder); this is a {type(skeleton).__name__}."
+        )
     weights = _select_weights(_read(source), prefix, set(_expected(skeleton)))
     if encoder_weights is not None:
         weights = _with_encoder_weights(skeleton, weights, _read(encoder_weights))
@@ -307,10 +311,6 @@ _ENCODER_PREFIX = "dino_conditioner.encoder."
 def _with_encoder_weights(skeleton: Any, weights: dict[str, Any], raw: Any) -> dict[str, Any]:
     """`weights` with the PixelDiT2 grounding encoder's entries taken from a timm DINOv3
     state dict `raw` (found under any prefix)."""
-    if not isinstance(skeleton, PixelDiT2):
-        raise ValueError(
-            f"`encoder_weights` is for PixelDiT2 (its grounding encoder); this is a {type(skeleton).__name__}."
-        )
     wanted = {k[len(_ENCODER_PREFIX) :] for k in _expected(skeleton) if k.startswith(_ENCODER_PREFIX)}
     encoder = _select_weights(raw, None, wanted)
     problems = []

@@ -22,16 +22,16 @@ from ._model import _check_label, _check_time, _initialise, _stream_dtype
 from ._resize import resize_bicubic
 from ._rope import rope_2d
 from ._tokens import check_image_size, ClassEmbedder, PatchEmbedder, patchify, unpatchify
-from .modules import Buffer, cast_params, keep, linear, RESIDUAL, RMSNorm, silu_gate, TimestepConditioner, zero_linear
+from .modules import cast_params, keep, linear, RESIDUAL, RMSNorm, silu_gate, TimestepConditioner, zero_linear
 
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _dropout(x: Array, rate: Array, key: PRNGKeyArray | None) -> Array:
+def _dropout(x: Array, rate: float | Array, key: PRNGKeyArray | None) -> Array:
     """`nn.Dropout(rate)` in training mode when `key` is given, else the identity."""
-    if key is None:
+    if key is None or (isinstance(rate, float) and rate == 0.0):
         return x
     keep_mask = jr.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep_mask, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
@@ -46,13 +46,14 @@ class FeedForward(eqx.Module):
     `int(2 * hidden_dim / 3)`, rounded up to a multiple of `hidden_multiple` when > 0.
 
     Reference: `modules.FeedForward(dim, hidden_dim, drop, hidden_multiple)`; `drop` is the
-    dropout on the gated hidden activations (training only: active when a `key` is given).
+    dropout on the gated hidden activations (training only: active when a `key` is given;
+    `rate` overrides it per call).
     """
 
     w1: eqx.nn.Linear
     w2: eqx.nn.Linear
     w3: eqx.nn.Linear
-    drop: Buffer
+    drop: float = eqx.field(static=True)
 
     def __init__(
         self,
@@ -77,11 +78,17 @@ class FeedForward(eqx.Module):
         self.w1 = eqx.nn.Linear(dim, hidden, use_bias=False, dtype=dtype, key=k1)
         self.w2 = eqx.nn.Linear(hidden, dim, use_bias=False, dtype=dtype, key=k2)
         self.w3 = eqx.nn.Linear(dim, hidden, use_bias=False, dtype=dtype, key=k3)
-        self.drop = Buffer(jnp.asarray(drop, jnp.float32))
+        self.drop = float(drop)
 
-    def __call__(self, x: Float[Array, "*batch dim"], *, key: PRNGKeyArray | None = None) -> Float[Array, "*batch dim"]:
+    def __call__(
+        self,
+        x: Float[Array, "*batch dim"],
+        *,
+        key: PRNGKeyArray | None = None,
+        rate: float | Float[Array, ""] | None = None,
+    ) -> Float[Array, "*batch dim"]:
         gate, value = keep(linear(self.w1, x)), keep(linear(self.w3, x))
-        hidden = _dropout(silu_gate(gate, value), self.drop.value, key)
+        hidden = _dropout(silu_gate(gate, value), self.drop if rate is None else rate, key)
         return keep(linear(self.w2, hidden))
 
 
@@ -93,7 +100,8 @@ class ModulatedDiTBlock(eqx.Module):
     6D))`, so the SiLU is applied here (PixelDiT2 passes an already activated condition, a
     second SiLU); chunks shift, scale, gate (attention) then shift, scale, gate (SwiGLU);
     RMSNorm eps 1e-6; q/k RMSNorm per head then rope. `proj_drop` is the dropout after the
-    attention projection and inside the SwiGLU (training only: when a `key` is given);
+    attention projection and inside the SwiGLU (training only: when a `key` is given;
+    `dropout` overrides it per call, as PixelDiT2 does for its scanned blocks);
     the reference's `attn_drop` never acts (its attention runs with `dropout_p=0`).
     """
 
@@ -102,7 +110,7 @@ class ModulatedDiTBlock(eqx.Module):
     norm2: RMSNorm
     mlp: FeedForward
     adaln: eqx.nn.Linear
-    proj_drop: Buffer
+    proj_drop: float = eqx.field(static=True)
 
     _torch_names: ClassVar[dict[str, str]] = {"adaln": "adaLN_modulation.1"}
 
@@ -125,7 +133,7 @@ class ModulatedDiTBlock(eqx.Module):
         self.norm2 = RMSNorm(hidden_size, dtype=dtype)
         self.mlp = FeedForward(hidden_size, int(hidden_size * mlp_ratio), proj_drop, mlp_hidden_multiple, dtype, key=k2)
         self.adaln = eqx.nn.Linear(hidden_size, 6 * hidden_size, dtype=dtype, key=k3)
-        self.proj_drop = Buffer(jnp.asarray(proj_drop, jnp.float32))
+        self.proj_drop = float(proj_drop)
 
     def __call__(
         self,
@@ -134,15 +142,17 @@ class ModulatedDiTBlock(eqx.Module):
         angles: Float[Array, "N hd2"],
         *,
         key: PRNGKeyArray | None = None,
+        dropout: float | Float[Array, ""] | None = None,
     ) -> Float[Array, "N D"]:
         dtype = self.adaln.weight.dtype  # the compute dtype; x carries the stream's
+        rate = self.proj_drop if dropout is None else dropout
         mod = keep(linear(self.adaln, jax.nn.silu(c.astype(dtype)), x.dtype))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         k_attn, k_mlp = _split(key, 2)
         h = _modulated(self.norm1, x, shift_msa, scale_msa, dtype)
-        x = _add(x, gate_msa, _dropout(self.attn(h, angles), self.proj_drop.value, k_attn))
+        x = _add(x, gate_msa, _dropout(self.attn(h, angles), rate, k_attn))
         h = _modulated(self.norm2, x, shift_mlp, scale_mlp, dtype)
-        return _add(x, gate_mlp, self.mlp(h, key=k_mlp))
+        return _add(x, gate_mlp, self.mlp(h, key=k_mlp, rate=rate))
 
 
 class PatchFinalLayer(eqx.Module):
@@ -431,11 +441,13 @@ def _run_blocks(
     c: Array,
     angles: Array,
     keys: Array | None,
+    rates: Array | None,
 ) -> Array:
-    """Blocks `lo..hi-1` of `stack` as one `lax.scan` (`keys`: one dropout key per block).
+    """Blocks `lo..hi-1` of `stack` as one `lax.scan`; in training mode (`keys`, `rates`:
+    one dropout key and rate per block) with dropout.
 
     The same scan and backward-pass policy as `BlockStack.__call__`, on a slice of the
-    stacked layers, with a per-layer key.
+    stacked layers, with per-layer keys and rates.
     """
     if hi <= lo:
         return x
@@ -443,14 +455,15 @@ def _run_blocks(
     params = jax.tree.map(lambda a: a[lo:hi], params)
 
     def body(x, layer):
-        layer_params, key = layer
-        return eqx.combine(layer_params, static)(x, c, angles, key=key), None
+        layer_params, key, rate = layer
+        return eqx.combine(layer_params, static)(x, c, angles, key=key, dropout=rate), None
 
     if stack.checkpoint:
         body = jax.checkpoint(body)
     else:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(RESIDUAL))
-    x, _ = jax.lax.scan(body, x, (params, None if keys is None else keys[lo:hi]))
+    training = keys is not None and rates is not None
+    x, _ = jax.lax.scan(body, x, (params, keys[lo:hi] if training else None, rates[lo:hi] if training else None))
     return x
 
 
@@ -547,14 +560,7 @@ class PixelDiT2(eqx.Module):
 
         def make_parts(key):
             kt, ky, ks, kc, kb, kf, kg = jr.split(key, 7)
-            # As the reference: dropout only in blocks depth//4 <= i < 3 * (depth//4).
-            quarter = config.depth // 4
-            rates = jnp.asarray(
-                [config.proj_dropout if quarter <= i < 3 * quarter else 0.0 for i in range(config.depth)],
-                jnp.float32,
-            )
             blocks = eqx.filter_vmap(make_block)(jr.split(kb, config.depth))
-            blocks = eqx.tree_at(lambda b: (b.proj_drop.array, b.mlp.drop.array), blocks, (rates, rates))
             final = PatchFinalLayer(d, config.patch_size, config.in_channels, dtype, key=kf)
             final = eqx.tree_at(
                 lambda f: (f.linear, f.adaln), final, (zero_linear(final.linear), zero_linear(final.adaln))
@@ -693,7 +699,13 @@ class PixelDiT2(eqx.Module):
         stream = _stream_dtype(x.dtype)
         s = self.s_embedder(patchify(x, self.patch_size)).astype(stream)
         angles = rope_2d(cfg.hidden_size // cfg.num_heads, hs, ws)
-        keys = None if key is None else jr.split(key, cfg.depth)
+        keys = rates = None
+        if key is not None:
+            keys = jr.split(key, cfg.depth)
+            # As the reference: dropout only in the blocks depth//4 <= i < 3 * (depth//4).
+            index, quarter = jnp.arange(cfg.depth), cfg.depth // 4
+            inside = (index >= quarter) & (index < 3 * quarter)
+            rates = jnp.where(inside, jnp.float32(cfg.proj_dropout), jnp.float32(0.0))
         n = cfg.in_context_len
         start = cfg.in_context_start if n else cfg.depth
         stop = cfg.depth if run_head else feature_depth
@@ -707,9 +719,9 @@ class PixelDiT2(eqx.Module):
                 c_all = jnp.concatenate([jnp.broadcast_to(jnp.mean(c, axis=0), (n, c.shape[1])), c])
                 angles_all = jnp.concatenate([jnp.zeros((n, angles.shape[1]), angles.dtype), angles])
             if lo >= start:
-                s = _run_blocks(self.patch_blocks, lo, hi, s, c_all, angles_all, keys)
+                s = _run_blocks(self.patch_blocks, lo, hi, s, c_all, angles_all, keys, rates)
             else:
-                s = _run_blocks(self.patch_blocks, lo, hi, s, c, angles, keys)
+                s = _run_blocks(self.patch_blocks, lo, hi, s, c, angles, keys, rates)
             if hi == feature_depth:
                 features = s[n:] if hi > start else s
         if not run_head:
