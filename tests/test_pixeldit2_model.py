@@ -163,14 +163,13 @@ def _randomised_model(config, key):
 
 
 @eqx.filter_jit
-def _general_outputs(model, x, t, y, key):
-    """The model (eval and with a dropout key), its features after the first block with
-    context tokens, and the block-by-block statement, as one program."""
+def _general_outputs(model, x, t, y):
+    """The model's output and its features after the first block with context tokens, and
+    the block-by-block statement of both, as one program."""
     depth = model.in_context_start + 1
     out, with_feats = jax.vmap(lambda x, t, y: model.with_features(x, t, y, depth=depth))(x, t, y)
     ref, ref_feats = jax.vmap(lambda x, t, y: _reference_forward(model, x, t, y, depth))(x, t, y)
-    trained = jax.vmap(lambda x, t, y: model(x, t, y, key=key))(x, t, y)
-    return out, ref, with_feats, ref_feats, trained
+    return out, ref, with_feats, ref_feats
 
 
 @pytest.mark.parametrize(
@@ -184,19 +183,17 @@ def _general_outputs(model, x, t, y, key):
 )
 def test_general_configs_match_the_block_by_block_forward(config, getkey):
     encoder = dict(embed_dim=16, depth=1, num_heads=2)
-    # depth 3: depth // 4 = 0, so no block has dropout, whatever `proj_dropout`
-    base = dict(hidden_size=32, num_heads=4, depth=3, num_classes=5, grounding_encoder=encoder, proj_dropout=0.5)
+    base = dict(hidden_size=32, num_heads=4, depth=3, num_classes=5, grounding_encoder=encoder)
     model = _randomised_model({**base, **config}, getkey())
     c = model.in_channels
     x = jax.random.normal(getkey(), (2, c, 16, 24))
     t, y = jnp.asarray([0.2, 0.7]), jnp.asarray([1, 5])
-    out, ref, feats, ref_feats, trained = _general_outputs(model, x, t, y, getkey())
+    out, ref, feats, ref_feats = _general_outputs(model, x, t, y)
     assert out.shape == (2, c, 16, 24)
     assert rel_err(out, ref) <= 1e-5
     # the REPA features after the first block with context tokens (stripped of them)
     assert feats.shape == (2, 16 * 24 // model.patch_size**2, 32)
     assert rel_err(feats, ref_feats) <= 1e-5
-    np.testing.assert_array_equal(trained, out)  # depth 3: no block has dropout
 
 
 def test_dropout_only_with_a_key(getkey):
