@@ -22,9 +22,18 @@ from ._convert import (
     state_dict as state_dict,
     StateDictError as StateDictError,
 )
+from ._dinov2 import DINOv2 as DINOv2
+from ._dinov3 import DINOv3 as DINOv3, DINOv3Config as DINOv3Config
 from ._model import build as build, PixelDiT as PixelDiT, PixelDiTT2I as PixelDiTT2I
+from ._pixeldit2 import (
+    GroundingConditioner as GroundingConditioner,
+    PixelDiT2 as PixelDiT2,
+    PixelDiT2Config as PixelDiT2Config,
+)
 from ._presets import PRESETS as PRESETS
+from ._resize import resize_bicubic as resize_bicubic
 from ._rope import apply_rope as apply_rope, rope_1d as rope_1d, rope_2d as rope_2d
+from ._sample import sample as sample
 from ._theta import ParameterConditioned as ParameterConditioned, ParameterTokens as ParameterTokens
 from ._tokens import (
     ClassEmbedder as ClassEmbedder,

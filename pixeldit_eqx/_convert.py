@@ -19,6 +19,7 @@ import numpy as np
 
 from ._blocks import BlockStack
 from ._model import build, PixelDiT, PixelDiTT2I
+from ._pixeldit2 import PixelDiT2
 from .modules import Buffer
 
 
@@ -117,7 +118,11 @@ def _shape_of(value: Any) -> tuple[int, ...] | str:
 
 
 # A key only one variant has: found in a state dict loaded into the other, it names the mix-up.
-_VARIANT_MARKERS = {"c2i": "y_embedder.embedding_table.weight", "t2i": "y_pos_embedding"}
+_VARIANT_MARKERS = {
+    "c2i": "y_embedder.embedding_table.weight",
+    "t2i": "y_pos_embedding",
+    "pixeldit2": "dino_conditioner.dino_proj.output_proj.weight",
+}
 
 
 def load_state_dict(module: eqx.Module, state_dict: Mapping[str, Any], *, allow_nonfinite: bool = False) -> Any:
@@ -163,7 +168,11 @@ def load_state_dict(module: eqx.Module, state_dict: Mapping[str, Any], *, allow_
             f"\n  hint: key {marker!r} belongs to a {other!r} model: these look like {other} weights "
             f"(load them with variant={other!r} and a {other} config)"
             for other, marker in _VARIANT_MARKERS.items()
-            if own is not None and other != own and marker in state_dict
+            if own is not None
+            and other != own
+            and marker in state_dict
+            # PixelDiT2 shares the c2i class table: its own marker rules the hint out.
+            and _VARIANT_MARKERS.get(own) not in state_dict
         ]
         raise StateDictError(
             f"state dict does not fit {type(module).__name__} ({len(problems)} problem(s)); nothing was loaded:"
@@ -293,10 +302,11 @@ def load_reference(
     variant: str | None = None,
     *,
     prefix: str | None = None,
+    encoder_weights: Mapping[str, Any] | str | os.PathLike | None = None,
     dtype: Any = None,
     compute_dtype: Any = None,
     checkpoint: bool = False,
-) -> PixelDiT | PixelDiTT2I:
+) -> PixelDiT | PixelDiTT2I | PixelDiT2:
     """Build a model from `config` and load reference weights into it.
 
     **Arguments:**
@@ -304,12 +314,16 @@ def load_reference(
     - `source`: a state dict of arrays, or a path to a `.safetensors`, `.pt`/`.pth` or
       Lightning `.ckpt` file (read without torch, by a restricted unpickler).
     - `config`: the reference constructor arguments or a preset name.
-    - `variant`: `"c2i"` or `"t2i"` (default: the preset's, else `"c2i"`).
+    - `variant`: `"c2i"`, `"t2i"` or `"pixeldit2"` (default: the preset's, else `"c2i"`).
     - `prefix`: where the weights sit in the checkpoint (`"ema_denoiser."`,
       `"denoiser."`, ...). Default: the prefix (any, or none) under which most of the
       model's keys are found; on a tie the first of `ema_denoiser.`, `denoiser.`,
       `model.`, `module.`, none, so a Lightning checkpoint loads its EMA weights. Keys
       outside the prefix are ignored; inside it, the accounting is strict.
+    - `encoder_weights` (PixelDiT2 only): the grounding encoder's weights, a timm DINOv3
+      state dict or `.safetensors` file (timm key names, any prefix), for a checkpoint
+      that lacks them; they replace any encoder weights `source` holds. timm's
+      non-persistent `rope.periods` and zero `attn.k_bias` entries are dropped.
     - `dtype`, `compute_dtype`, `checkpoint`: as for `build`.
     """
     skeleton = eqx.filter_eval_shape(
@@ -322,8 +336,34 @@ def load_reference(
             checkpoint=checkpoint,
         )
     )
+    if encoder_weights is not None and not isinstance(skeleton, PixelDiT2):
+        raise ValueError(
+            f"`encoder_weights` is for PixelDiT2 (its grounding encoder); this is a {type(skeleton).__name__}."
+        )
     weights = _select_weights(_read(source), prefix, set(_expected(skeleton)))
+    if encoder_weights is not None:
+        weights = _with_encoder_weights(skeleton, weights, _read(encoder_weights))
     return load_state_dict(skeleton, weights)
+
+
+_ENCODER_PREFIX = "dino_conditioner.encoder."
+
+
+def _with_encoder_weights(skeleton: Any, weights: dict[str, Any], raw: Any) -> dict[str, Any]:
+    """`weights` with the PixelDiT2 grounding encoder's entries taken from a timm DINOv3
+    state dict `raw` (found under any prefix)."""
+    wanted = {k[len(_ENCODER_PREFIX) :] for k in _expected(skeleton) if k.startswith(_ENCODER_PREFIX)}
+    encoder = _select_weights(raw, None, wanted)
+    problems = []
+    for key in [k for k in encoder if k == "rope.periods" or k.endswith("attn.k_bias")]:
+        value = encoder.pop(key)
+        if key.endswith("k_bias") and np.any(np.asarray(value, np.float32) != 0):
+            problems.append(f"{key!r} is not zero (DINOv3 has no key bias)")
+    if problems:
+        raise StateDictError("`encoder_weights` do not fit the DINOv3 grounding encoder: " + "; ".join(problems))
+    merged = {k: v for k, v in weights.items() if not k.startswith(_ENCODER_PREFIX)}
+    merged.update({_ENCODER_PREFIX + k: v for k, v in encoder.items()})
+    return merged
 
 
 def save_safetensors(path: str | os.PathLike, module_or_state_dict: Any) -> None:

@@ -567,7 +567,7 @@ class PixelDiTT2I(_PixelDiTBase):
         return model._pixel_level(xc, model._patch_level(xc, t, text, text_mask))
 
 
-VARIANTS: dict[str, type[_PixelDiTBase]] = {"c2i": PixelDiT, "t2i": PixelDiTT2I}
+VARIANTS: dict[str, type[eqx.Module]] = {"c2i": PixelDiT, "t2i": PixelDiTT2I}
 
 _CONFIG_TYPE_NAMES = {bool: "a bool", int: "an int", float: "a number", type(None): "None"}
 
@@ -610,11 +610,11 @@ def build(
     dtype: Any = None,
     compute_dtype: Any = None,
     checkpoint: bool = False,
-) -> PixelDiT | PixelDiTT2I:
+) -> "PixelDiT | PixelDiTT2I | PixelDiT2":
     """Build a model from the reference's constructor arguments (a released YAML's
     `init_args`) or a preset name (see `pixeldit_eqx.presets`).
 
-    `variant` (`"c2i"` or `"t2i"`; a plain `str` so that a wrong one gets the
+    `variant` (`"c2i"`, `"t2i"` or `"pixeldit2"`; a plain `str` so that a wrong one gets the
     `ValueError` below, not a type-checker error) defaults to the preset's, else
     `"c2i"`. Unknown or wrongly typed arguments raise `ValueError`; the t2i reference's
     `num_text_blocks` and `repa_encoder_index`, which change nothing the model computes,
@@ -662,3 +662,10 @@ def build(
         checkpoint=checkpoint,
         key=key,
     )
+
+
+# PixelDiT2 builds on the helpers above, so it joins the variants once they exist.
+from ._pixeldit2 import PixelDiT2  # noqa: E402
+
+
+VARIANTS["pixeldit2"] = PixelDiT2

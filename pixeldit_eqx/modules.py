@@ -68,8 +68,15 @@ def _is_buffer(x: Any) -> bool:
     return isinstance(x, Buffer)
 
 
+def _is_frozen(x: Any) -> bool:
+    """A `Buffer`, or a module whose class declares all its arrays frozen
+    (`frozen_parameters = True`, e.g. the grounding encoder `DINOv3`)."""
+    return _is_buffer(x) or getattr(type(x), "frozen_parameters", False) is True
+
+
 def trainable(tree: PyTree) -> PyTree[bool]:
-    """Filter spec for `eqx.partition`: True on inexact arrays, False inside `Buffer`s.
+    """Filter spec for `eqx.partition`: True on inexact arrays, False inside `Buffer`s
+    and inside frozen modules (those whose class sets `frozen_parameters = True`).
 
     ```python
     params, static = eqx.partition(model, pixeldit_eqx.trainable(model))
@@ -77,11 +84,11 @@ def trainable(tree: PyTree) -> PyTree[bool]:
     """
 
     def spec(x):
-        if _is_buffer(x):
+        if _is_frozen(x):
             return jax.tree.map(lambda _: False, x)
         return eqx.is_inexact_array(x)
 
-    return jax.tree.map(spec, tree, is_leaf=_is_buffer)
+    return jax.tree.map(spec, tree, is_leaf=_is_frozen)
 
 
 def cast_params(tree: PyTree, dtype: Any) -> PyTree:

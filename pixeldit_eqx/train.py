@@ -46,6 +46,15 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Real
 
 from . import flow
 from ._atomic import atomic_write, read_checksummed, write_checksummed
+from ._grounded import (
+    cosine_loss as cosine_loss,
+    pixeldit2_dropout as pixeldit2_dropout,
+    pixeldit2_example_loss as pixeldit2_example_loss,
+    pixeldit2_example_losses as pixeldit2_example_losses,
+    pixeldit2_loss as pixeldit2_loss,
+    PixelDiT2REPA as PixelDiT2REPA,
+    REPAProjection as REPAProjection,
+)
 from ._torch_pickle import CheckpointFormatError
 from .modules import trainable
 

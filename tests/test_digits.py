@@ -34,15 +34,17 @@ def _load_script():
     return module
 
 
-def test_quick_run(tmp_path, capsys):
+@pytest.mark.parametrize("model", ["pixeldit", "pixeldit2"])
+def test_quick_run(tmp_path, capsys, model):
     """`--quick`, in process (so under the suite's strict promotion and shape checks)."""
     digits = _load_script()
     png, npz = tmp_path / "grid", tmp_path / "samples.npz"
-    digits.main(["--quick", "--steps", "3", "--out", str(png), "--save-samples", str(npz), "--no-progress"])
+    argv = ["--quick", "--steps", "3", "--out", str(png), "--save-samples", str(npz), "--no-progress"]
+    digits.main([*argv, "--model", model])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
     assert SUMMARY_KEYS <= set(summary)
-    assert summary["steps"] == 3 and summary["seed"] == 0
+    assert summary["steps"] == 3 and summary["seed"] == 0 and summary["model"] == model
     assert 0.0 <= summary["sample_accuracy"] <= 1.0
     assert summary["classifier_heldout_accuracy"] > 0.9
     assert summary["frechet_distance"] >= 0.0 and summary["frechet_distance_real_vs_real"] >= 0.0
@@ -58,12 +60,13 @@ def test_quick_run(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_default_run_reaches_the_bar(tmp_path):
+@pytest.mark.parametrize("model", ["pixeldit", "pixeldit2"])
+def test_default_run_reaches_the_bar(tmp_path, model):
     """The main job with its defaults, as a user runs it: accuracy >= 0.95 and a PNG."""
     png = tmp_path / "digits.png"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(png), "--no-progress"],
+        [sys.executable, str(SCRIPT), "--model", model, "--out", str(png), "--no-progress"],
         capture_output=True,
         text=True,
         env=env,
@@ -75,4 +78,5 @@ def test_default_run_reaches_the_bar(tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert SUMMARY_KEYS <= set(summary)
     assert summary["sample_accuracy"] >= 0.95, summary
+    assert summary["model"] == model
     assert png.is_file()

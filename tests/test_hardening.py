@@ -174,7 +174,7 @@ def test_variant_mixups_are_named():
     assert str(info.value) == (
         "`variant`='t2i' contradicts the preset 'pixeldit-xl-c2i-256', which is a 'c2i' model; leave `variant` out."
     )
-    with pytest.raises(ValueError, match=re.escape("`variant` must be one of ['c2i', 't2i'], got 'x2y'.")):
+    with pytest.raises(ValueError, match=re.escape("`variant` must be one of ['c2i', 'pixeldit2', 't2i'], got 'x2y'.")):
         px.load_reference(FIXTURES / "model_c2i.safetensors", C2I, "x2y")
     with pytest.raises(ValueError, match=re.escape("unknown argument(s) ['num_classes'] for variant 't2i'")):
         px.load_reference(FIXTURES / "model_c2i.safetensors", C2I, "t2i")
