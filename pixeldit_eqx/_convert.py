@@ -18,6 +18,7 @@ import numpy as np
 
 from ._blocks import BlockStack
 from ._model import build, PixelDiT, PixelDiTT2I
+from ._optional import require
 from .modules import Buffer
 
 
@@ -189,10 +190,7 @@ def _read(source: Any) -> Any:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
     if path.endswith(".safetensors"):
-        try:
-            from safetensors.numpy import load_file
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("reading .safetensors needs `pip install pixeldit-eqx[safetensors]`.") from e
+        load_file = require("safetensors.numpy", "safetensors", "reading a .safetensors file").load_file
         try:
             return load_file(path)
         except Exception as e:
@@ -287,7 +285,7 @@ def load_reference(
 
 def save_safetensors(path: str | os.PathLike, module_or_state_dict: Any) -> None:
     """Write a module's reference state dict (or a state dict) as `.safetensors`."""
-    from safetensors.numpy import save_file
+    save_file = require("safetensors.numpy", "safetensors", "save_safetensors").save_file
 
     sd = module_or_state_dict if isinstance(module_or_state_dict, Mapping) else state_dict(module_or_state_dict)
     save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, os.fspath(path))

@@ -38,11 +38,14 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-import optax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Real
 
 from . import flow
+from ._optional import require
 from .modules import trainable
+
+
+optax = require("optax", "train", "pixeldit_eqx.train")
 
 
 __all__ = [
@@ -454,7 +457,7 @@ def fit(
         raise ValueError(f"`num_steps` must be an integer >= 0, got num_steps={num_steps!r}.")
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"`log_every` must be an integer >= 1, got log_every={log_every!r}.")
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto", "train", "the progress bar of `fit`").tqdm
 
     show = progress and sys.stderr.isatty()
     losses: list[Array] = []
