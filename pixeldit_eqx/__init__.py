@@ -18,7 +18,6 @@ from ._blocks import (
     MMDiTBlock as MMDiTBlock,
     PiTBlock as PiTBlock,
 )
-from ._images import save_image_grid as save_image_grid
 from ._convert import (
     load_reference as load_reference,
     load_state_dict as load_state_dict,
@@ -26,6 +25,7 @@ from ._convert import (
     state_dict as state_dict,
     StateDictError as StateDictError,
 )
+from ._images import save_image_grid as save_image_grid
 from ._model import build as build, PixelDiT as PixelDiT, PixelDiTT2I as PixelDiTT2I
 from ._presets import PRESETS as PRESETS
 from ._rope import apply_rope as apply_rope, rope_1d as rope_1d, rope_2d as rope_2d

@@ -31,7 +31,6 @@ python examples/digits.py --quick               # a smoke test of the plumbing (
 ```
 """
 
-
 import argparse
 import json
 import pathlib
@@ -291,4 +290,3 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     summary["sample_accuracy_per_class"] = [round(a, 3) for a in summary["sample_accuracy_per_class"]]
     print(json.dumps(summary))
     return summary
-

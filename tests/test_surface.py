@@ -35,7 +35,11 @@ def test_submodules_are_attributes():
         ("optax", lambda px: importlib.import_module("pixeldit_eqx.train"), "train"),
         ("optax", lambda px: px.sharding, "train"),
         ("safetensors", lambda px: px.save_safetensors("unused.safetensors", {"a": np.zeros(2)}), "safetensors"),
-        ("safetensors", lambda px: px.load_reference(_fixture("model_c2i.safetensors"), "pixeldit-xl-c2i-256"), "safetensors"),
+        (
+            "safetensors",
+            lambda px: px.load_reference(_fixture("model_c2i.safetensors"), "pixeldit-xl-c2i-256"),
+            "safetensors",
+        ),
         ("PIL", lambda px: px.save_image_grid(np.zeros((1, 1, 2, 2), np.float32), "unused.png"), "images"),
     ],
 )

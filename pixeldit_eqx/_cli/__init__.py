@@ -23,8 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         from .._optional import require
 
         require("typer", "cli", "the pixeldit-eqx command line")
-        import click
-
+        import typer
         import typer.main
 
         from ._app import app

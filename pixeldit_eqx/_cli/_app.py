@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import tempfile
+import typing
 from typing import Annotated, Any
 
 import equinox as eqx
@@ -167,8 +168,10 @@ def sample(
 
 @app.command()
 def convert(
-    source: Annotated[pathlib.Path, typer.Argument(help="a torch checkpoint (.ckpt, .pt, .pth) or .safetensors")],
-    target: Annotated[pathlib.Path, typer.Argument(help="the .safetensors file to write")],
+    source: Annotated[
+        pathlib.Path, typer.Argument(metavar="SOURCE", help="a torch checkpoint (.ckpt, .pt, .pth) or .safetensors")
+    ],
+    target: Annotated[pathlib.Path, typer.Argument(metavar="TARGET", help="the .safetensors file to write")],
     ema: Annotated[
         bool | None,
         typer.Option("--ema/--no-ema", help="keep the EMA weights (default: the EMA weights when present)"),
@@ -205,7 +208,9 @@ def convert(
 
 @app.command()
 def info(
-    file: Annotated[pathlib.Path, typer.Argument(help="a model file, .safetensors or torch checkpoint")],
+    file: Annotated[
+        pathlib.Path, typer.Argument(metavar="FILE", help="a model file, .safetensors or torch checkpoint")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of lines")] = False,
 ) -> None:
     """Describe a weights file: variant, config, parameters, dtype, EMA, problems found."""
@@ -228,7 +233,7 @@ def info(
             dtype=header.get("dtype"),
             ema="one set of weights (a model file holds one model)",
         )
-        nonfinite = sum(int(jnp.sum(~jnp.isfinite(x))) for x in leaves)
+        nonfinite = sum(int(np.sum(~np.isfinite(np.asarray(x, dtype=np.float32)))) for x in leaves)
         if nonfinite:
             problems.append(f"{nonfinite} non-finite parameter value(s) (nan/inf)")
     else:
@@ -279,6 +284,7 @@ def info(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
     add_help_option=False,
 )
+@typing.no_type_check  # typer hands over its own Context class, not the annotated one
 def train_digits(ctx: typer.Context) -> None:
     """Train a small PixelDiT on scikit-learn's digits and sample a 10x10 grid (--help: its options)."""
     from .. import _digits, runtime

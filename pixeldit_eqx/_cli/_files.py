@@ -166,8 +166,10 @@ def infer_config(weights: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
                 config["pixel_attn_hidden_size"] = attn
                 config["pixel_num_groups"] = attn // _shape(weights, "pixel_blocks.0.attn.q_norm.weight")[0]
     except (KeyError, ValueError, ZeroDivisionError, IndexError) as e:
-        raise ValueError(f"the weights look like a {variant} PixelDiT, but a weight that fixes its config is "
-                         f"missing or misshaped: {e}") from e
+        raise ValueError(
+            f"the weights look like a {variant} PixelDiT, but a weight that fixes its config is "
+            f"missing or misshaped: {e}"
+        ) from e
     return variant, config
 
 
