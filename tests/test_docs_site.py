@@ -1,0 +1,110 @@
+"""The documentation site, opened in a real headless browser (`nox -s docs`, after
+`mkdocs build --strict`): the API page of `PixelDiT` shows its signature with shapes, and
+the site's search finds `load_reference`.
+
+Marked `docs`: the default test session leaves these out (they need the `docs` extra and a
+browser). The browser is Debian's chromium (`apt-get install -y chromium`), or one that
+playwright installed; without either the tests skip and say so.
+"""
+
+import functools
+import http.server
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+
+pytestmark = pytest.mark.docs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SITE = pathlib.Path(os.environ.get("PIXELDIT_DOCS_SITE", ROOT / "site"))
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def _chromium() -> str | None:
+    """Debian's chromium, else None (then playwright's own, if it installed one)."""
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
+        if found:
+            return found
+    return None
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def site_url():
+    if not (SITE / "index.html").is_file():  # not built yet: build it as `nox -s docs` does
+        subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(SITE)], cwd=ROOT, check=True)
+    handler = functools.partial(_QuietHandler, directory=str(SITE))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def page(site_url):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the `docs` extra installs playwright")
+    with sync_api.sync_playwright() as p:
+        executable = _chromium()
+        try:
+            browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        except Exception as e:  # no browser to launch on this machine
+            if executable is None:
+                pytest.skip(
+                    "no browser could be installed: neither Debian's chromium (`apt-get install -y chromium`) "
+                    f"nor playwright's (`playwright install chromium`) is present ({type(e).__name__})"
+                )
+            raise
+        page = browser.new_page()
+        page.set_default_timeout(30_000)
+        yield page
+        browser.close()
+
+
+def test_api_page_of_pixeldit_renders_its_signature(page, site_url):
+    page.goto(f"{site_url}/api/models.html")
+    heading = page.locator("[id='pixeldit_eqx.PixelDiT']")
+    assert heading.count() == 1 and heading.is_visible()
+    assert "PixelDiT" in heading.inner_text()
+    signatures = page.locator(".doc-signature").all_inner_texts()
+    call = [s for s in signatures if s.startswith("__call__(x: Float[Array, 'C H W']")]
+    assert call, signatures[:6]
+    assert "y: Int[ArrayLike, '']" in call[0] and "-> Float[Array, '{self.in_channels} H W']" in call[0]
+
+
+def test_search_finds_load_reference(page, site_url):
+    page.goto(f"{site_url}/index.html")
+    # The search index loads in a web worker; until then the box says "Initializing search".
+    page.wait_for_function(
+        "() => { const m = document.querySelector('.md-search-result__meta');"
+        " return m !== null && m.textContent.trim() !== '' && !/initializing/i.test(m.textContent); }"
+    )
+    box = page.locator("input.md-search__input")
+    box.click()
+    box.press_sequentially("load_reference")
+    results = page.locator(".md-search-result__item a")
+    results.first.wait_for(state="visible")
+    hrefs = [results.nth(i).get_attribute("href") for i in range(results.count())]
+    # Results link to the page with the search term as `?h=...`, then the anchor.
+    assert any("/api/loading.html" in h and h.endswith("#pixeldit_eqx.load_reference") for h in hrefs), hrefs
+    assert "load_reference" in page.locator(".md-search-result").inner_text()
