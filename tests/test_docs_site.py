@@ -108,3 +108,34 @@ def test_search_finds_load_reference(page, site_url):
     # Results link to the page with the search term as `?h=...`, then the anchor.
     assert any("/api/loading.html" in h and h.endswith("#pixeldit_eqx.load_reference") for h in hrefs), hrefs
     assert "load_reference" in page.locator(".md-search-result").inner_text()
+
+
+def test_strict_build_flags_a_public_name_without_a_docstring(tmp_path, caplog):
+    """The griffe extension of the site: a missing docstring on a public name is a warning
+    (which `mkdocs build --strict` turns into a failure), and shape aliases are expanded."""
+    griffe = pytest.importorskip("griffe", reason="the `docs` extra installs mkdocstrings-python (griffe)")
+    pkg = tmp_path / "fakepkg"  # laid out as pixeldit_eqx is
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('"""A package."""\nfrom ._x import Model as Model, helper as helper\n')
+    (pkg / "_custom_types.py").write_text('from jaxtyping import Array, Float\nImage = Float[Array, "C H W"]\n')
+    (pkg / "_x.py").write_text(
+        "from ._custom_types import Image\n\n"
+        "class Model:\n"
+        '    """Documented."""\n\n'
+        "    def __call__(self, x: Image) -> Image:\n"
+        "        return x\n\n"
+        "    def _private(self):\n"
+        "        pass\n\n"
+        "def helper():\n"
+        '    """Documented too."""\n'
+    )
+    extension = griffe.load_extensions({str(ROOT / "docs" / "_griffe" / "checks.py"): {"package": "fakepkg"}})
+    with caplog.at_level("WARNING"):
+        loaded = griffe.load("fakepkg", search_paths=[str(tmp_path)], extensions=extension)
+    flagged = [r.getMessage() for r in caplog.records if "without a docstring" in r.getMessage()]
+    assert len(flagged) == 1, flagged  # not the documented class, function, or the private method
+    assert flagged[0].startswith("fakepkg.Model.__call__: a public name without a docstring (")
+    assert flagged[0].endswith("fakepkg/_x.py:6)")
+    call = loaded["_x"].members["Model"].members["__call__"]
+    assert str(call.parameters["x"].annotation) == "Float[Array, 'C H W']"
+    assert str(call.returns) == "Float[Array, 'C H W']"

@@ -29,12 +29,17 @@ def _target(obj: griffe.Object | griffe.Alias) -> griffe.Object | None:
 class RequireDocstrings(griffe.Extension):
     """Warns about public objects without a docstring; expands the shape aliases."""
 
+    def __init__(self, package: str = "pixeldit_eqx") -> None:
+        super().__init__()
+        self.package = package
+
     def on_package(self, *, pkg: griffe.Module, **kwargs: object) -> None:
-        if pkg.name != "pixeldit_eqx":
+        if pkg.name != self.package:
             return
         aliases = self._shape_aliases(pkg)
         checked: set[str] = set()
-        roots = [pkg] + [pkg.get_member(n.split(".", 1)[1]) for n in PUBLIC_MODULES + (SEED_MODULE,)]
+        names = [n.split(".", 1)[1] for n in PUBLIC_MODULES + (SEED_MODULE,)]
+        roots = [pkg] + [pkg.members[n] for n in names if n in pkg.members]
         for module in roots:
             exported = module.exports if module.exports is not None else None
             for name, member in module.members.items():
@@ -48,7 +53,9 @@ class RequireDocstrings(griffe.Extension):
                 self._check(target, f"{module.path}.{name}", checked, aliases)
 
     def _shape_aliases(self, pkg: griffe.Module) -> dict[str, griffe.Expr | str]:
-        types = pkg.get_member("_custom_types")
+        if "_custom_types" not in pkg.members:
+            return {}
+        types = pkg.members["_custom_types"]
         return {
             name: attr.value
             for name, attr in types.members.items()
