@@ -79,6 +79,6 @@ def docs(session: nox.Session) -> None:
     in headless chromium (Debian's `/usr/bin/chromium`; `.ci/run` installs it when missing).
     """
     session.install("-e", ".[docs]")
-    session.run("mkdocs", "build", "--strict", "--site-dir", "site")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site", env={"NO_MKDOCS_2_WARNING": "1"})
     env = {"PIXELDIT_DOCS_SITE": "site"}
     session.run("pytest", "-m", "docs", "tests/test_docs_site.py", *session.posargs, env=env)

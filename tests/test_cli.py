@@ -232,3 +232,23 @@ def test_as_a_process(tmp_path):
         check=False,
     )
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "no such file" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "presets"),
+    [("pixeldit_xl_c2i", ["pixeldit-xl-c2i-256", "pixeldit-xl-c2i-512"]), ("pixeldit_t2i_1024", ["pixeldit-t2i-1024"])],
+)
+def test_info_reads_the_config_of_the_released_networks(name, presets):
+    """`info`'s config and presets for the released files, from their key names and shapes
+    (`released_shapes.json`; zero-strided arrays stand in for the weights)."""
+    from pixeldit_eqx._cli import _files
+
+    released = json.loads((FIXTURES / "released_shapes.json").read_text())[name]
+    weights = {k: np.broadcast_to(np.float32(0), s) for k, s in released["state_dict_shapes"].items()}
+    variant, config = _files.infer_config(weights)
+    assert variant == released["variant"]
+    # The text rope settings leave no trace in the weights (the released ones are the defaults).
+    traceless = ("use_text_rope", "text_rope_theta")
+    assert config == {k: v for k, v in released["init"].items() if k not in traceless}
+    assert _files.mismatches(weights, _files.skeleton_shapes(config, variant)) == []
+    assert _files.fitting_presets(variant, config, weights) == presets
