@@ -11,6 +11,8 @@ import pytest
 from ._reference import FIXTURES, load_weights, MANIFEST
 
 
+pytest.importorskip("typer", reason="the command line needs the `cli` extra (the `test` extra installs it)")
+
 CKPT = FIXTURES / "checkpoints" / "model_c2i_lightning.ckpt"
 BF16 = FIXTURES / "checkpoints" / "model_c2i_bf16.pt"
 TINY = dict(
@@ -202,21 +204,6 @@ def test_train_digits_runs_the_digits_job(capsys, monkeypatch):
     code, _, _ = cli(capsys, "train-digits", "--quick", "--steps", "3", "--out", "x.png")
     assert code == 0
     assert calls == ["tuned", (["--quick", "--steps", "3", "--out", "x.png"], "pixeldit-eqx train-digits")]
-
-
-def test_digits_grid_is_a_save_image_grid(tmp_path):
-    """The digits job's 10x10 grid: one row per class, dark ink on white, 48-pixel cells."""
-    from pixeldit_eqx import _digits
-
-    labels = np.repeat(np.arange(10), 12)
-    samples = np.zeros((120, 1, 16, 16), np.float32)
-    samples[labels == 3, :, :8] = 16.0  # class 3: the top half inked
-    _digits.write_grid(tmp_path / "d.png", samples, labels)
-    mode, got = _png(tmp_path / "d.png")
-    assert mode == "L" and got.shape == (502, 502)
-    row3 = got[2 + 3 * 50 : 2 + 3 * 50 + 48]
-    assert (row3[:24, 2:50] == 0).all() and (row3[24:, 2:50] == 255).all()
-    assert (got[2:50, 2:50] == 255).all()  # class 0: blank
 
 
 def test_as_a_process(tmp_path):

@@ -194,3 +194,18 @@ def test_image_grid_refuses_bad_input_and_writes_nothing(tmp_path, images, kwarg
     with pytest.raises(ValueError, match=match):
         save(images, tmp_path / "x.png", **kwargs)
     assert not list(tmp_path.iterdir())
+
+
+def test_digits_grid_is_a_save_image_grid(tmp_path):
+    """The digits job's 10x10 grid: one row per class, dark ink on white, 48-pixel cells."""
+    from pixeldit_eqx import _digits
+
+    labels = np.repeat(np.arange(10), 12)
+    samples = np.zeros((120, 1, 16, 16), np.float32)
+    samples[labels == 3, :, :8] = 16.0  # class 3: the top half inked
+    _digits.write_grid(tmp_path / "d.png", samples, labels)
+    mode, got = _read_png(tmp_path / "d.png")
+    assert mode == "L" and got.shape == (502, 502)
+    row3 = got[2 + 3 * 50 : 2 + 3 * 50 + 48]
+    assert (row3[:24, 2:50] == 0).all() and (row3[24:, 2:50] == 255).all()
+    assert (got[2:50, 2:50] == 255).all()  # class 0: blank
