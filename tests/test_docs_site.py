@@ -50,6 +50,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def site_url():
+    pytest.importorskip("mkdocs", reason="the `docs` extra installs mkdocs (nox -s docs)")
     if not (SITE / "index.html").is_file():  # not built yet: build it as `nox -s docs` does
         subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(SITE)], cwd=ROOT, check=True)
     handler = functools.partial(_QuietHandler, directory=str(SITE))
