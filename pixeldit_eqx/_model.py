@@ -570,7 +570,8 @@ class PixelDiTT2I(_PixelDiTBase):
                 raise ValueError(
                     "`text`: expected a text array (T, txt_embed_dim) or one pair (text, text_mask) with "
                     f"`text_mask` left out, as in `flow.sample(model, noise, (text, mask), ...)`; got a "
-                    f"{type(text).__name__} of length {len(text)} and text_mask={'None' if text_mask is None else '...'}."
+                    f"{type(text).__name__} of length {len(text)}"
+                    + (" and a `text_mask` too." if text_mask is not None else ".")
                 )
             text, text_mask = text
         if not hasattr(text, "ndim"):
