@@ -140,3 +140,26 @@ def test_strict_build_flags_a_public_name_without_a_docstring(tmp_path, caplog):
     call = loaded["_x"].members["Model"].members["__call__"]
     assert str(call.parameters["x"].annotation) == "Float[Array, 'C H W']"
     assert str(call.returns) == "Float[Array, 'C H W']"
+
+
+@pytest.mark.parametrize(
+    ("path", "title"),
+    [
+        ("index.html", "Getting started"),
+        ("cli.html", "Command line"),
+        ("pytorch.html", "Coming from PyTorch"),
+        ("troubleshooting.html", "Troubleshooting"),
+        ("performance.html", "Performance"),
+        ("api/index.html", "API overview"),
+    ],
+)
+def test_pages_of_the_site(page, site_url, path, title):
+    page.goto(f"{site_url}/{path}")
+    assert page.locator("article h1").first.inner_text().strip().startswith(title)
+
+
+def test_notebooks_render_with_their_outputs(page, site_url):
+    page.goto(f"{site_url}/examples/digits.html")
+    assert "Training PixelDiT on handwritten digits" in page.locator("article").inner_text()
+    images = page.locator("article img[src^='data:image/png']")
+    assert images.count() >= 1 and images.first.evaluate("img => img.naturalWidth") > 0
