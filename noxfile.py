@@ -16,7 +16,7 @@ PYTHON = "3.11"
 def tests(session: nox.Session) -> None:
     """The test suite with jaxtyping + beartype shape checking on (slow tests excluded)."""
     session.install("-e", ".[test]")
-    session.run("pytest", "-m", "not slow", *session.posargs)
+    session.run("pytest", "-m", "not slow and not docs", *session.posargs)
 
 
 @nox.session(python=PYTHON)
@@ -79,3 +79,14 @@ def fuzz(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     env = {"PIXELDIT_FUZZ_SCALE": os.environ.get("PIXELDIT_FUZZ_SCALE", "20")}
     session.run("pytest", "tests/test_fuzz.py", *session.posargs, env=env)
+
+
+def docs(session: nox.Session) -> None:
+    """The documentation site: `mkdocs build --strict` into `site/` (a broken cross-reference
+    or a public name without a docstring fails it), then `tests/test_docs_site.py` opens it
+    in headless chromium (Debian's `/usr/bin/chromium`; `.ci/run` installs it when missing).
+    """
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site", env={"NO_MKDOCS_2_WARNING": "1"})
+    env = {"PIXELDIT_DOCS_SITE": "site"}
+    session.run("pytest", "-m", "docs", "tests/test_docs_site.py", *session.posargs, env=env)

@@ -4,7 +4,10 @@ Typed, shape-checked, one example per call (`jax.vmap` for batches), and equal t
 PyTorch reference; loads the released checkpoints without torch.
 """
 
-from . import modules as modules, runtime as runtime
+import importlib as _importlib
+from typing import Any as _Any
+
+from . import flow as flow, modules as modules, runtime as runtime
 from ._attention import (
     JointAttention as JointAttention,
     RotaryAttention as RotaryAttention,
@@ -24,6 +27,7 @@ from ._convert import (
 )
 from ._dinov2 import DINOv2 as DINOv2
 from ._dinov3 import DINOv3 as DINOv3, DINOv3Config as DINOv3Config
+from ._images import save_image_grid as save_image_grid
 from ._model import build as build, PixelDiT as PixelDiT, PixelDiTT2I as PixelDiTT2I
 from ._pixeldit2 import (
     GroundingConditioner as GroundingConditioner,
@@ -63,3 +67,17 @@ from .modules import (
 
 
 __version__ = "0.1.0"
+
+# `train` and `sharding` need optax (the `train` extra): imported on first use, so that
+# `import pixeldit_eqx` works without it and `px.train` names the extra when it is missing.
+_LAZY_SUBMODULES = ("sharding", "train")
+
+
+def __getattr__(name: str) -> _Any:
+    if name in _LAZY_SUBMODULES:
+        return _importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))

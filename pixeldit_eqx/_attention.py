@@ -104,6 +104,7 @@ class RotaryAttention(eqx.Module):
         angles: Float[Array, "N hd2"],
         key_mask: Bool[Array, " N"] | None = None,
     ) -> Float[Array, "N dim"]:
+        """Self-attention over the `N` tokens of `x`, rope on queries and keys; `key_mask` False drops a token as a key."""
         q, k, v = self.qkv_heads(x, angles)
         out = attend(q, k, v, key_mask).reshape(x.shape)
         return keep(linear(self.proj, out))
@@ -150,6 +151,7 @@ class JointAttention(eqx.Module):
         text_angles: Float[Array, "T hd2"] | None = None,
         text_mask: Bool[Array, " T"] | None = None,
     ) -> tuple[Float[Array, "L dim"], Float[Array, "T dim"]]:
+        """Joint attention over `[text, image]`: returns the image and text streams `(x, y)`; padded text (`text_mask` False) takes no part as keys."""
         (n_x, dim), n_y = x.shape, y.shape[0]
         hd = dim // self.heads
         qkv_x = keep(linear(self.qkv_x, x)).reshape(n_x, 3, self.heads, hd)

@@ -84,6 +84,7 @@ class DiTBlock(eqx.Module):
         c: Float[Array, " D"],
         angles: Float[Array, "L hd2"],
     ) -> Float[Array, "L D"]:
+        """One DiT block on the patch tokens `x` under the activated conditioning `c`."""
         dtype = self.adaln.weight.dtype  # the compute dtype; x carries the stream's
         mod = keep(linear(self.adaln, c, x.dtype))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6)
@@ -143,6 +144,7 @@ class MMDiTBlock(eqx.Module):
         text_angles: Float[Array, "T hd2"] | None = None,
         text_mask: Bool[Array, " T"] | None = None,
     ) -> tuple[Float[Array, "L D"], Float[Array, "T D"]]:
+        """One MMDiT block on the pair of streams `(image, text)`; returns the updated pair."""
         x, y = xy
         dtype = self.adaln_img.weight.dtype  # the compute dtype; x, y carry the streams'
         mod_x = keep(linear(self.adaln_img, c, x.dtype))
@@ -217,6 +219,7 @@ class PiTBlock(eqx.Module):
         s_cond: Float[Array, "L D"],
         angles: Float[Array, "L hd2"],
     ) -> Float[Array, "L p2 D_pix"]:
+        """One PiT block on the pixel tokens of every patch, modulated pixel by pixel by `s_cond`."""
         n, p2, d = x.shape
         n_mod = 4 if self.post_modulation else 6
         # Pixel-wise AdaLN: one (L, D) @ (D, n_mod*p2*D_pix) matmul. The reference's
@@ -319,6 +322,7 @@ class BlockStack(eqx.Module, Generic[_Block]):
         return eqx.combine(jax.tree.map(lambda x: x[i], params), static)
 
     def __call__(self, carry: PyTree[Array], *args: Any) -> PyTree[Array]:
+        """Runs the stacked blocks in order under `lax.scan`: `carry = block_i(carry, *args)`."""
         if self.depth == 0:  # an empty stack (e.g. a reference config with `patch_depth=0`)
             return carry
         params, static = eqx.partition(self.blocks, eqx.is_array)

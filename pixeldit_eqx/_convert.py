@@ -19,6 +19,7 @@ import numpy as np
 
 from ._blocks import BlockStack
 from ._model import build, PixelDiT, PixelDiTT2I
+from ._optional import require
 from ._pixeldit2 import PixelDiT2
 from .modules import Buffer
 
@@ -217,11 +218,8 @@ def _read(source: Any) -> Any:
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     """A `.safetensors` file's tensors, checked against the checksum in its metadata when
     it has one (as `save_safetensors` writes), with keys within the reading budget."""
-    try:
-        from safetensors import safe_open
-        from safetensors.numpy import load_file
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("reading .safetensors needs `pip install pixeldit-eqx[safetensors]`.") from e
+    safe_open = require("safetensors", "safetensors", "reading a .safetensors file").safe_open
+    load_file = require("safetensors.numpy", "safetensors", "reading a .safetensors file").load_file
     from . import _torch_pickle
     from ._atomic import safetensors_checksum, SAFETENSORS_CHECKSUM_KEY
     from ._torch_pickle import CheckpointFormatError
@@ -373,7 +371,7 @@ def save_safetensors(path: str | os.PathLike, module_or_state_dict: Any) -> None
     leaves the previous file), and the file's metadata holds the sha256 of its tensors
     (`pixeldit_eqx.sha256`), which `load_reference` verifies.
     """
-    from safetensors.numpy import save
+    save = require("safetensors.numpy", "safetensors", "save_safetensors").save
 
     from ._atomic import atomic_write, safetensors_checksum, SAFETENSORS_CHECKSUM_KEY
 

@@ -553,15 +553,32 @@ class PixelDiTT2I(_PixelDiTBase):
         self,
         x: Image,
         t: TimeLike,
-        text: Float[Array, "T txt"],
+        text: Float[Array, "T txt"] | tuple[Float[Array, "T txt"], Bool[Array, " T"] | None],
         text_mask: Bool[Array, " T"] | None = None,
     ) -> Float[Array, "{self.in_channels} H W"]:
         """Velocity `(C, H, W)` at time `t` for text embeddings `(T, txt_embed_dim)`;
         `text_mask` False marks padding tokens, which then take no part as keys.
 
+        `text` may also be the pair `(text, text_mask)`: the one condition that
+        `flow.sample(model, noise, (text, mask), ...)` hands over as the third argument.
+
         Text longer than `txt_max_length` tokens is truncated to its first
         `txt_max_length` tokens (and `text_mask` with it), silently, as the reference
         does: the position table has no rows beyond."""
+        if isinstance(text, tuple | list):
+            if len(text) != 2 or text_mask is not None:
+                raise ValueError(
+                    "`text`: expected a text array (T, txt_embed_dim) or one pair (text, text_mask) with "
+                    f"`text_mask` left out, as in `flow.sample(model, noise, (text, mask), ...)`; got a "
+                    f"{type(text).__name__} of length {len(text)}"
+                    + (" and a `text_mask` too." if text_mask is not None else ".")
+                )
+            text, text_mask = text
+        if not hasattr(text, "ndim"):
+            raise ValueError(
+                "`text`: expected a text array (T, txt_embed_dim) or a pair (text, text_mask), as in "
+                f"`flow.sample(model, noise, (text, mask), ...)`; got {type(text).__name__}."
+            )
         self._check_image(x)
         model, xc = self._compute_view(x)
         return model._pixel_level(xc, model._patch_level(xc, t, text, text_mask))
@@ -612,7 +629,7 @@ def build(
     checkpoint: bool = False,
 ) -> "PixelDiT | PixelDiTT2I | PixelDiT2":
     """Build a model from the reference's constructor arguments (a released YAML's
-    `init_args`) or a preset name (see `pixeldit_eqx.presets`).
+    `init_args`) or a preset name (see `pixeldit_eqx.PRESETS`).
 
     `variant` (`"c2i"`, `"t2i"` or `"pixeldit2"`; a plain `str` so that a wrong one gets the
     `ValueError` below, not a type-checker error) defaults to the preset's, else

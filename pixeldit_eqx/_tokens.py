@@ -63,6 +63,7 @@ class PatchEmbedder(eqx.Module):
         self.proj = eqx.tree_at(lambda m: (m.weight, m.bias), proj, (weight, jnp.zeros_like(proj.bias)))
 
     def __call__(self, patches: Float[Array, "L in"]) -> Float[Array, "L D"]:
+        """Patch vectors `(L, C*p*p)` (see `patchify`) -> patch tokens `(L, D)`."""
         return token_wise(self.proj, patches)
 
 
@@ -105,6 +106,7 @@ class PixelEmbedder(eqx.Module):
         self.use_abs_pos = use_abs_pos
 
     def __call__(self, x: Image, patch_size: int) -> Float[Array, "L {patch_size*patch_size} D_pix"]:
+        """An image `(C, H, W)` -> pixel tokens grouped per patch, `(L, p*p, D_pix)`."""
         c, h, w = x.shape
         hs, ws = check_image_size(h, w, patch_size)
         p = patch_size
@@ -146,6 +148,7 @@ class ClassEmbedder(eqx.Module):
         self.embedding_table = eqx.nn.Embedding(weight=weight)
 
     def __call__(self, label: Int[Array, ""]) -> Float[Array, " D"]:
+        """The embedding of one class label (`num_classes` is the null class)."""
         return self.embedding_table(label)
 
 
@@ -164,4 +167,5 @@ class TextEmbedder(eqx.Module):
         self.norm = RMSNorm(hidden_size, dtype=dtype)
 
     def __call__(self, text: Float[Array, "T txt"]) -> Float[Array, "T D"]:
+        """Text embeddings `(T, txt)` -> text tokens `(T, D)`."""
         return self.norm.apply(linear(self.proj, text))

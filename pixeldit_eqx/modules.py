@@ -327,6 +327,7 @@ class RMSNorm(eqx.Module):
         self.eps = eps
 
     def __call__(self, x: Float[Array, " dim"]) -> Float[Array, " dim"]:
+        """One vector `(dim,)`, RMS-normalised (statistics in float32) and scaled by `weight`."""
         return _rms_normalise(x, self.weight, self.eps)
 
     def apply(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
@@ -357,6 +358,7 @@ class SwiGLU(eqx.Module):
         self.w3 = eqx.nn.Linear(dim, hidden, use_bias=False, dtype=dtype, key=k3)
 
     def __call__(self, x: Float[Array, " dim"]) -> Float[Array, " dim"]:
+        """One vector `(dim,)` through `w2(silu(w1 x) * w3 x)`."""
         return self.apply(x)
 
     def apply(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
@@ -385,6 +387,7 @@ class PixelMLP(eqx.Module):
         self.fc2 = eqx.nn.Linear(hidden, dim, dtype=dtype, key=k2)
 
     def __call__(self, x: Float[Array, " dim"]) -> Float[Array, " dim"]:
+        """One vector `(dim,)` through `fc2(gelu(fc1 x))`."""
         return self.apply(x)
 
     def apply(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
@@ -423,6 +426,7 @@ class TimestepConditioner(eqx.Module):
         self.freq_dim = freq_dim
 
     def __call__(self, t: TimeLike) -> Float[Array, " hidden"]:
+        """A scalar time -> its conditioning vector `(hidden_size,)`."""
         emb = timestep_embedding(t, self.freq_dim).astype(self.linear1.weight.dtype)
         return self.linear2(jax.nn.silu(self.linear1(emb)))
 
@@ -452,6 +456,7 @@ class FinalLayer(eqx.Module):
         self.linear = zero_linear(eqx.nn.Linear(hidden_size, out_channels, dtype=dtype, key=key))
 
     def __call__(self, x: Float[Array, " dim"]) -> Float[Array, " out"]:
+        """One vector `(dim,)` -> `(out,)`: RMSNorm then the Linear."""
         return self.apply(x)
 
     def apply(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch out"]:

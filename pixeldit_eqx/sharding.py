@@ -52,14 +52,17 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
 from . import flow
 from ._custom_types import Array, ArrayLike, Float, Int, Real
+from ._optional import require
 from .train import make_train_step, TrainState
+
+
+optax = require("optax", "train", "pixeldit_eqx.sharding")
 
 
 __all__ = [

@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-import optax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Real
 
 from . import flow
@@ -55,8 +54,12 @@ from ._grounded import (
     PixelDiT2REPA as PixelDiT2REPA,
     REPAProjection as REPAProjection,
 )
+from ._optional import require
 from ._torch_pickle import CheckpointFormatError
 from .modules import trainable
+
+
+optax = require("optax", "train", "pixeldit_eqx.train")
 
 
 __all__ = [
@@ -557,7 +560,7 @@ def fit(
         raise ValueError(
             f"`max_consecutive_skips` must be an integer >= 1 or None, got max_consecutive_skips={max_consecutive_skips!r}."
         )
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto", "train", "the progress bar of `fit`").tqdm
 
     indexed = callable(batches) and not isinstance(batches, Iterable)
     if indexed:

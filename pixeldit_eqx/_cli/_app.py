@@ -1,0 +1,293 @@
+"""The commands of `pixeldit-eqx` (typer): sample, convert, info, train-digits."""
+
+import json
+import os
+import pathlib
+import tempfile
+import typing
+from typing import Annotated, Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import typer
+
+from .. import flow
+from .._convert import load_state_dict, save_safetensors
+from .._images import save_image_grid
+from .._model import build
+from .._optional import require
+from .._presets import PRESETS
+from ..modules import trainable
+from . import _files
+
+
+app = typer.Typer(
+    name="pixeldit-eqx",
+    help="PixelDiT in JAX: sample, convert and inspect PixelDiT weights, or train the digits job.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_METHODS = ("euler", "heun", "flowdpm")
+
+
+def _preset(name: str | None) -> dict[str, Any] | None:
+    if name is None:
+        return None
+    if name not in PRESETS:
+        raise ValueError(f"`--preset`: unknown preset {name!r}; presets are {sorted(PRESETS)}.")
+    return PRESETS[name]
+
+
+def _load_model(path: pathlib.Path, preset: str | None) -> Any:
+    """A model from any file this project reads: a `train.save_model` file, or reference
+    weights (`.safetensors`, `.pt`, `.ckpt`: EMA weights when present) for `--preset`."""
+    kind = _files.kind_of(path)
+    if kind == "model":
+        from .. import train
+
+        return train.load_model(path)
+    if preset is None:
+        raise ValueError(
+            f"`--preset`: {path.name} holds reference weights, which carry no config: name the preset they "
+            f"belong to ({', '.join(sorted(PRESETS))}), or pass a model file written by train.save_model."
+        )
+    tensors, _ = _files.read_tensors(path, kind)
+    weights, _, _ = _files.select(tensors, ema=None)
+    skeleton = eqx.filter_eval_shape(lambda: build(preset, None, key=jr.key(0)))
+    return load_state_dict(skeleton, weights)
+
+
+def _parse_classes(text: str) -> list[int]:
+    try:
+        classes = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        classes = []
+    if not classes:
+        raise ValueError(f"`--classes`: expected comma-separated class labels such as 207,360,387, got {text!r}.")
+    return classes
+
+
+@app.command()
+def sample(
+    weights: Annotated[
+        str, typer.Option(help="a model file (train.save_model) or reference weights (.safetensors, .pt, .ckpt)")
+    ],
+    preset: Annotated[
+        str | None,
+        typer.Option(help="the released network the weights belong to; its sampling settings become the defaults"),
+    ] = None,
+    classes: Annotated[str, typer.Option(help="comma-separated class labels, one grid row each")] = "0",
+    per_class: Annotated[int, typer.Option(help="samples per class (the grid's columns)")] = 4,
+    steps: Annotated[int | None, typer.Option(help="integration steps [default: the preset's, else 50]")] = None,
+    method: Annotated[str, typer.Option(help="euler, heun or flowdpm (the released PixelDiT's sampler)")] = "flowdpm",
+    guidance: Annotated[
+        float | None, typer.Option(help="classifier-free guidance scale [default: the preset's, else 1]")
+    ] = None,
+    guidance_interval: Annotated[
+        tuple[float, float] | None,
+        typer.Option(help="times (t_min, t_max) where guidance applies [default: the preset's, else 0 1]"),
+    ] = None,
+    shift: Annotated[float | None, typer.Option(help="time shift of the grid [default: the preset's, else 1]")] = None,
+    resolution: Annotated[int | None, typer.Option(help="image side in pixels [default: the preset's]")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the noise")] = 0,
+    batch_size: Annotated[int, typer.Option(help="images per compiled call")] = 8,
+    out: Annotated[pathlib.Path, typer.Option(help="the PNG grid to write")] = pathlib.Path("grid.png"),
+    progress: Annotated[bool, typer.Option(help="a progress bar over batches")] = True,
+) -> None:
+    """Draw class-conditional samples and write them as a PNG grid, one row per class."""
+    weights_path = _files._resolve_weights(weights)
+    settings = _preset(preset)
+    sampling = (settings or {}).get("sampling") or {}
+    steps = sampling.get("num_steps", 50) if steps is None else steps
+    guidance = sampling.get("guidance", 1.0) if guidance is None else guidance
+    interval = tuple(sampling.get("guidance_interval", (0.0, 1.0)) if guidance_interval is None else guidance_interval)
+    shift = sampling.get("shift", 1.0) if shift is None else shift
+    resolution = (settings or {}).get("resolution") if resolution is None else resolution
+    labels = _parse_classes(classes)
+    if method not in _METHODS:
+        raise ValueError(f"`--method` must be one of {', '.join(_METHODS)}, got {method!r}.")
+    if per_class < 1 or batch_size < 1:
+        raise ValueError(f"`--per-class` and `--batch-size` must be >= 1, got {per_class} and {batch_size}.")
+    if resolution is None:
+        raise ValueError("`--resolution`: needed without a --preset (the image side in pixels).")
+
+    model = _load_model(weights_path, preset)
+    if getattr(type(model), "variant", None) != "c2i":
+        raise ValueError(
+            f"`--weights`: `sample` draws class-conditional models; this is a {type(model).__name__}, which "
+            "needs text embeddings (use pixeldit_eqx.flow.sample from Python)."
+        )
+    bad = [c for c in labels if not 0 <= c < model.num_classes]
+    if bad:
+        raise ValueError(f"`--classes`: labels must be in [0, {model.num_classes}), got {bad}.")
+    if resolution % model.patch_size:
+        raise ValueError(f"`--resolution` must be a multiple of the patch size {model.patch_size}, got {resolution}.")
+
+    all_labels = np.repeat(np.asarray(labels, dtype=np.int32), per_class)
+    shape = (model.in_channels, resolution, resolution)
+    null = model.num_classes if guidance != 1.0 else None
+    key = jr.key(seed)
+
+    @eqx.filter_jit
+    def draw(model, indices, ys):
+        def one(i, y):
+            noise = jr.normal(jr.fold_in(key, i), shape)  # image i's noise, whatever the batch size
+            return flow.sample(
+                model,
+                noise,
+                y,
+                num_steps=steps,
+                method=method,
+                guidance=guidance,
+                null_cond=null,
+                guidance_interval=interval,
+                shift=shift,
+            )
+
+        return jax.vmap(one)(indices, ys)
+
+    tqdm = require("tqdm.auto", "cli", "the progress bar of `sample`").tqdm
+    n = len(all_labels)
+    images = []
+    with tqdm(total=n, unit="image", desc="sample", disable=not progress) as bar:
+        for start in range(0, n, batch_size):
+            idx = np.arange(start, start + batch_size)  # the last batch is padded: one compiled shape
+            ys = all_labels[np.minimum(idx, n - 1)]
+            batch = np.asarray(draw(model, jnp.asarray(idx), jnp.asarray(ys)))
+            images.append(batch[: n - start])
+            bar.update(min(batch_size, n - start))
+    save_image_grid(np.concatenate(images), out, nrow=per_class)
+    typer.echo(f"wrote {out}: {len(labels)} classes x {per_class} samples, {resolution}x{resolution}")
+
+
+@app.command()
+def convert(
+    source: Annotated[
+        pathlib.Path, typer.Argument(metavar="SOURCE", help="a torch checkpoint (.ckpt, .pt, .pth) or .safetensors")
+    ],
+    target: Annotated[pathlib.Path, typer.Argument(metavar="TARGET", help="the .safetensors file to write")],
+    ema: Annotated[
+        bool | None,
+        typer.Option("--ema/--no-ema", help="keep the EMA weights (default: the EMA weights when present)"),
+    ] = None,
+) -> None:
+    """Write the weights of one model of a checkpoint as .safetensors, without torch."""
+    path = _files._resolve_weights(str(source), "SOURCE")
+    kind = _files.kind_of(path)
+    if kind == "model":
+        raise ValueError(f"`{source}`: a pixeldit_eqx model file; load it with train.load_model, nothing to convert.")
+    tensors, others = _files.read_tensors(path, kind)
+    weights, prefix, dropped = _files.select(tensors, ema)
+    if not weights:
+        raise ValueError(f"`{source}`: holds no tensors to convert.")
+    params = sum(int(np.size(v)) for v in weights.values())
+    dtypes = sorted({np.asarray(v).dtype.name for v in weights.values()})
+    what = "the EMA weights" if prefix == _files.EMA_PREFIX else "the weights"
+    where = f" under {prefix!r} (prefix removed)" if prefix else ""
+    typer.echo(f"kept: {len(weights)} tensors, {params:,} parameters ({', '.join(dtypes)}): {what}{where}")
+    parts = [f"{k} ({n} tensors)" for k, n in dropped.items()] + others
+    typer.echo(f"dropped: {', '.join(parts) if parts else 'nothing'}")
+    folder = os.path.dirname(os.path.abspath(target))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".convert-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_safetensors(tmp, weights)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    typer.echo(f"wrote {target}")
+
+
+@app.command()
+def info(
+    file: Annotated[
+        pathlib.Path, typer.Argument(metavar="FILE", help="a model file, .safetensors or torch checkpoint")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of lines")] = False,
+) -> None:
+    """Describe a weights file: variant, config, parameters, dtype, EMA, problems found."""
+    path = _files._resolve_weights(str(file), "FILE")
+    kind = _files.kind_of(path)
+    report: dict[str, Any] = {"file": str(file)}
+    problems: list[str] = []
+    if kind == "model":
+        from .. import train
+
+        with open(path, "rb") as f:
+            header = train._read_header(f, str(file))
+        model = train.load_model(path)
+        leaves = jax.tree.leaves(eqx.filter(model, trainable(model)))
+        report.update(
+            format="pixeldit_eqx model file (train.save_model)",
+            variant=header["variant"],
+            config=header["config"],
+            parameters=sum(int(x.size) for x in leaves),
+            dtype=header.get("dtype"),
+            ema="one set of weights (a model file holds one model)",
+        )
+        nonfinite = sum(int(np.sum(~np.isfinite(np.asarray(x, dtype=np.float32)))) for x in leaves)
+        if nonfinite:
+            problems.append(f"{nonfinite} non-finite parameter value(s) (nan/inf)")
+    else:
+        tensors, others = _files.read_tensors(path, kind)
+        weights, prefix, dropped = _files.select(tensors, None)
+        report.update(
+            format="safetensors" if kind == "safetensors" else "torch checkpoint (read without torch)",
+            weights_prefix=prefix or None,
+            ema=_files.EMA_PREFIX in {k.split(".", 1)[0] + "." for k in tensors},
+            parameters=sum(int(np.size(v)) for v in weights.values()),
+            dtype=", ".join(sorted({np.asarray(v).dtype.name for v in weights.values()})) or None,
+            other_entries=[f"{k} ({n} tensors)" for k, n in dropped.items()] + others,
+        )
+        try:
+            variant, config = _files.infer_config(weights)
+        except ValueError as e:
+            problems.append(str(e))
+        else:
+            report.update(variant=variant, config=config)
+            try:
+                found = _files.mismatches(weights, _files.skeleton_shapes(config, variant))
+            except ValueError as e:
+                found = [f"the config read from the weights builds no model: {e}"]
+            problems += found
+            report["presets"] = _files.fitting_presets(variant, config, weights) if not found else []
+        bad = sorted(k for k, v in weights.items() if not np.isfinite(np.asarray(v, dtype=np.float32)).all())
+        problems += [f"key {k!r}: has non-finite values (nan/inf)" for k in bad]
+    report["problems"] = problems
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    for k, v in report.items():
+        if k == "problems":
+            v = "none" if not v else f"{len(v)}\n  " + "\n  ".join(v)
+        elif isinstance(v, dict):
+            v = ", ".join(f"{a}={b!r}" for a, b in v.items())
+        elif isinstance(v, list):
+            v = ", ".join(v) if v else "none"
+        elif isinstance(v, bool) or v is None:
+            v = {True: "yes", False: "no", None: "none"}[v]
+        elif isinstance(v, int):
+            v = f"{v:,}"
+        typer.echo(f"{k}: {v}")
+
+
+@app.command(
+    "train-digits",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+@typing.no_type_check  # typer hands over its own Context class, not the annotated one
+def train_digits(ctx: typer.Context) -> None:
+    """Train a small PixelDiT on scikit-learn's digits and sample a 10x10 grid (--help: its options)."""
+    from .. import _digits, runtime
+
+    runtime.tune_cpu_allocator()
+    _digits.main(list(ctx.args), prog="pixeldit-eqx train-digits")
