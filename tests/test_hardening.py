@@ -30,6 +30,8 @@ import jax.random as jr
 import numpy as np
 import pytest
 
+from pixeldit_eqx._compat import compile_lowered
+
 from ._reference import FIXTURES, load_weights, MANIFEST
 
 
@@ -53,12 +55,7 @@ def compiled(fn: Callable, *args):
     """`fn` compiled once for the shapes of `args` (arrays traced, the rest static)."""
     dyn, static = eqx.partition(args, eqx.is_array)
     lowered = jax.jit(lambda d: fn(*eqx.combine(d, static))).lower(dyn)
-    try:
-        exe = lowered.compile(_FAST)
-    except Exception as e:  # an XLA that lacks one of the options
-        if "compile option" not in str(e):
-            raise
-        exe = lowered.compile()
+    exe = compile_lowered(lowered, _FAST)  # without the options an XLA does not know
     return lambda *new: exe(eqx.filter(new, eqx.is_array))
 
 
