@@ -4,6 +4,8 @@ Typed, shape-checked, one example per call (`jax.vmap` for batches), and equal t
 PyTorch reference; loads the released checkpoints without torch.
 """
 
+from importlib import metadata as _metadata
+
 from . import modules as modules, runtime as runtime
 from ._attention import (
     JointAttention as JointAttention,
@@ -52,4 +54,7 @@ from .modules import (
 )
 
 
-__version__ = "0.1.0"
+try:  # the version is written once, in pyproject.toml
+    __version__ = _metadata.version("pixeldit-eqx")
+except _metadata.PackageNotFoundError:  # imported from a checkout that was not installed
+    __version__ = "0+unknown"

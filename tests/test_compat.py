@@ -3,6 +3,9 @@ construction works with and without `_INIT_CPU_OPTIONS`, and the glibc allocator
 degrade to a no-op where glibc is missing."""
 
 import ctypes
+import pathlib
+import re
+import tomllib
 
 import equinox as eqx
 import jax
@@ -98,3 +101,34 @@ def test_glibc_lookup_degrades_to_none(monkeypatch, platform, cdll):
     monkeypatch.setattr(runtime.sys, "platform", platform)
     monkeypatch.setattr(ctypes, "CDLL", fake_cdll)
     assert runtime._glibc.__wrapped__() is None
+
+
+def test_oldest_constraints_pin_every_declared_minimum():
+    """`nox -s tests-oldest` installs exactly the lower bounds pyproject.toml declares for
+    the package, its train/safetensors extras and the test tools."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = {}
+    for extra in [
+        project["dependencies"],
+        *(project["optional-dependencies"][k] for k in ("train", "safetensors", "test")),
+    ]:
+        for requirement in extra:
+            name, low = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement).groups()
+            declared[name] = low
+    pins = {}
+    for line in (root / "tests" / "constraints-oldest.txt").read_text().splitlines():
+        if line.split("#")[0].strip():
+            name, _, version = line.partition("==")
+            pins[name.strip()] = version.strip()
+    assert pins.pop("jaxlib") == pins["jax"]
+    assert {k: pins.get(k) for k in declared} == {k: v + ".0" * (2 - v.count(".")) for k, v in declared.items()}
+    assert set(pins) == set(declared)
+
+
+def test_benchmark_probes_xla_flags_before_using_them():
+    """An XLA flag this jaxlib does not know aborts a process; the benchmark asks first."""
+    from tests.benchmarks.bench import xla_knows_flags
+
+    assert xla_knows_flags("--xla_force_host_platform_device_count=2")
+    assert not xla_knows_flags("--xla_no_such_flag_in_any_version=1")
