@@ -31,7 +31,7 @@ def main(fixtures: pathlib.Path) -> None:
         patch_depth=2, pixel_depth=2, patch_size=4, num_classes=10, key=jr.key(0),
     )  # fmt: skip
     x, t, y = jnp.zeros((2, 3, 16, 16)), jnp.full((2,), 0.5), jnp.arange(2)
-    v = eqx.filter_jit(jax.vmap(model))(x, t, y)
+    v = eqx.filter_jit(lambda m, *a: jax.vmap(m)(*a))(model, x, t, y)
     if v.shape != x.shape or not bool(jnp.isfinite(v).all()):
         raise SystemExit(f"smoke: forward gave shape {v.shape}, finite={bool(jnp.isfinite(v).all())}")
 
