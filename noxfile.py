@@ -1,6 +1,14 @@
-"""Sessions that CI and developers share: `nox -s tests`, `nox -s lint`, `nox -s digits`, ..."""
+"""Sessions that CI and developers share: `nox -s tests`, `nox -s lint`, `nox -s digits`, ...
+
+Sessions without a version run on the interpreter that runs nox (any Python >= 3.11).
+`tests-newest-3.1x`, `tests-oldest` and `smoke-3.1x` name their interpreter; one that is
+missing is an error, not a skip.
+"""
 
 import os
+import pathlib
+import shutil
+import tempfile
 
 import nox
 
@@ -8,25 +16,67 @@ import nox
 nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.default_venv_backend = "venv"
+nox.options.error_on_missing_interpreters = True
 
-PYTHON = "3.11"
+SUPPORTED = ["3.11", "3.12", "3.13"]
+ROOT = pathlib.Path(__file__).parent
+# The lowest version of every dependency pyproject.toml declares, pinned with `==`.
+OLDEST = ROOT / "tests" / "constraints-oldest.txt"
+_VERSIONS = (
+    "import sys, jax, jaxlib, equinox, optax, numpy; "
+    "print('python', sys.version.split()[0], '| jax', jax.__version__, '| jaxlib', jaxlib.__version__, "
+    "'| equinox', equinox.__version__, '| optax', optax.__version__, '| numpy', numpy.__version__)"
+)
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def tests(session: nox.Session) -> None:
     """The test suite with jaxtyping + beartype shape checking on (slow tests excluded)."""
     session.install("-e", ".[test]")
     session.run("pytest", "-m", "not slow and not docs", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@nox.session(name="tests-newest", python=SUPPORTED)
+def tests_newest(session: nox.Session) -> None:
+    """The suite with the newest jax, equinox and optax the registry offers for this Python."""
+    session.install("--upgrade", "--upgrade-strategy", "eager", "-e", ".[test]")
+    session.run("python", "-c", _VERSIONS)
+    session.run("pytest", "-m", "not slow", *session.posargs)
+
+
+@nox.session(name="tests-oldest", python=SUPPORTED[0])
+def tests_oldest(session: nox.Session) -> None:
+    """The suite with the lowest versions pyproject.toml declares (`tests/constraints-oldest.txt`),
+    on the oldest supported Python."""
+    session.install("-c", str(OLDEST), "-e", ".[test]")
+    session.run("python", "-c", _VERSIONS)
+    session.run("python", "tests/check_pins.py", str(OLDEST))
+    session.run("pytest", "-m", "not slow", *session.posargs)
+
+
+@nox.session(python=SUPPORTED, reuse_venv=False)
+def smoke(session: nox.Session) -> None:
+    """A wheel of the checkout, installed in a fresh venv with the newest dependencies,
+    runs `tests/smoke.py` outside the checkout (build, jit, vmap, train step, load, sample)."""
+    outside = pathlib.Path(tempfile.mkdtemp(prefix="pixeldit-smoke-"))
+    session.run("python", "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(outside), str(ROOT))
+    (wheel,) = outside.glob("pixeldit_eqx-*.whl")
+    session.install(f"{wheel}[train,safetensors]")
+    shutil.copy(ROOT / "tests" / "smoke.py", outside)
+    session.chdir(outside)
+    session.run("python", "-c", _VERSIONS)
+    session.run("python", "smoke.py", str(ROOT / "tests" / "fixtures" / "reference"))
+    shutil.rmtree(outside)
+
+
+@nox.session
 def slow(session: nox.Session) -> None:
     """End-to-end runs marked `slow` (the digits job's quality bar, long trainings)."""
     session.install("-e", ".[test,examples]")
     session.run("pytest", "-m", "slow", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint and formatting."""
     session.install("ruff==0.17.6")
@@ -34,21 +84,21 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def digits(session: nox.Session) -> None:
     """The main job: train a small PixelDiT on scikit-learn's digits and sample a grid."""
     session.install("-e", ".[examples]")
     session.run("python", "examples/digits.py", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def bench(session: nox.Session) -> None:
     """Speed, compile time and memory benchmark; prints a table (see README)."""
     session.install("-e", ".[test]")
     session.run("python", "tests/benchmarks/bench.py", *session.posargs)
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def notebooks(session: nox.Session) -> None:
     """Re-execute the example notebooks with small settings through nbmake.
 
@@ -72,7 +122,7 @@ def notebooks(session: nox.Session) -> None:
     )
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def fuzz(session: nox.Session) -> None:
     """A longer fuzz campaign of the checkpoint loaders (20x the CI cases; `PIXELDIT_FUZZ_SCALE`,
     `PIXELDIT_FUZZ_SEED` to change), in a memory-limited subprocess."""

@@ -5,6 +5,7 @@ PyTorch reference; loads the released checkpoints without torch.
 """
 
 import importlib as _importlib
+from importlib import metadata as _metadata
 from typing import Any as _Any
 
 from . import flow as flow, modules as modules, runtime as runtime
@@ -66,7 +67,11 @@ from .modules import (
 )
 
 
-__version__ = "0.1.0"
+try:  # the version is written once, in pyproject.toml
+    __version__ = _metadata.version("pixeldit-eqx")
+except _metadata.PackageNotFoundError:  # imported from a checkout that was not installed
+    __version__ = "0+unknown"
+
 
 # `train` and `sharding` need optax (the `train` extra): imported on first use, so that
 # `import pixeldit_eqx` works without it and `px.train` names the extra when it is missing.

@@ -16,6 +16,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ._blocks import BlockStack, DiTBlock, MMDiTBlock, PiTBlock
+from ._compat import compile_lowered
 from ._custom_types import Image, LabelLike, TimeLike
 from ._rope import rope_1d, rope_2d
 from ._tokens import (
@@ -37,7 +38,8 @@ from .modules import (
 
 
 # The program that draws a model's initial parameters runs once, so on CPU XLA's
-# optimisation passes cost more time than they save.
+# optimisation passes cost more time than they save. Options an XLA does not know are
+# dropped (`compile_lowered`).
 _INIT_CPU_OPTIONS = {
     "xla_backend_optimization_level": 0,
     "xla_llvm_disable_expensive_passes": True,
@@ -71,7 +73,7 @@ def _initialise(make: Any, key: PRNGKeyArray) -> Any:
     if sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(lowered.out_info)) > _INIT_ONE_PROGRAM_MAX_PARAMS:
         return make(key)
     options = _INIT_CPU_OPTIONS if jax.default_backend() == "cpu" else {}
-    return eqx.combine(lowered.compile(compiler_options=options)(key), static[0])
+    return eqx.combine(compile_lowered(lowered, options)(key), static[0])
 
 
 def _at_least(low: int, **kwargs: int) -> None:

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from jax.extend import core as jex_core
 
+from pixeldit_eqx._compat import compile_lowered
+
 from ._reference import FIXTURES, load_case, MANIFEST, rel_err
 
 
@@ -46,7 +48,7 @@ _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitte
 
 def _grad(params, static, x, t, y):
     lowered = jax.jit(jax.grad(_loss), static_argnums=1).lower(params, static, x, t, y)
-    return lowered.compile(compiler_options=_FAST_COMPILE)(params, x, t, y)
+    return compile_lowered(lowered, _FAST_COMPILE)(params, x, t, y)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
