@@ -41,7 +41,7 @@ def tests_newest(session: nox.Session) -> None:
     """The suite with the newest jax, equinox and optax the registry offers for this Python."""
     session.install("--upgrade", "--upgrade-strategy", "eager", "-e", ".[test]")
     session.run("python", "-c", _VERSIONS)
-    session.run("pytest", "-m", "not slow", *session.posargs)
+    session.run("pytest", "-m", "not slow and not docs", *session.posargs)
 
 
 @nox.session(name="tests-oldest", python=SUPPORTED[0])
@@ -51,7 +51,7 @@ def tests_oldest(session: nox.Session) -> None:
     session.install("-c", str(OLDEST), "-e", ".[test]")
     session.run("python", "-c", _VERSIONS)
     session.run("python", "tests/check_pins.py", str(OLDEST))
-    session.run("pytest", "-m", "not slow", *session.posargs)
+    session.run("pytest", "-m", "not slow and not docs", *session.posargs)
 
 
 @nox.session(python=SUPPORTED, reuse_venv=False)
