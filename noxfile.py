@@ -131,6 +131,7 @@ def fuzz(session: nox.Session) -> None:
     session.run("pytest", "tests/test_fuzz.py", *session.posargs, env=env)
 
 
+@nox.session
 def docs(session: nox.Session) -> None:
     """The documentation site: `mkdocs build --strict` into `site/` (a broken cross-reference
     or a public name without a docstring fails it), then `tests/test_docs_site.py` opens it
