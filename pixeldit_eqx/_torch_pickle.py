@@ -1224,7 +1224,7 @@ def load_torch_file(path: str | os.PathLike) -> Any:
     - `CheckpointFormatError`: not a zip checkpoint (legacy torch format, another kind of
         file), truncated, corrupt (a record failing its CRC-32, a decoder's error), missing
         a record, holding a non-numeric numpy dtype or a view outside its storage, or over
-        a budget of [`BUDGET`][] (named in the message). Both are `ValueError`s whose
+        a budget of `BUDGET` (named in the message). Both are `ValueError`s whose
         messages name `path`; no `MemoryError` or `RecursionError` escapes.
     """
     path_str = os.fsdecode(path)
