@@ -51,9 +51,11 @@ def test_missing_extra_names_it(monkeypatch, tmp_path, blocked, action, extra):
     for name in [m for m in sys.modules if m == blocked or m.startswith(blocked + ".")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, blocked, None)  # `import blocked` now raises ImportError
-    for name in ("pixeldit_eqx.train", "pixeldit_eqx.sharding"):
-        if name in sys.modules:
-            monkeypatch.delitem(sys.modules, name)
+    for name in ("train", "sharding"):
+        if f"pixeldit_eqx.{name}" in sys.modules:
+            monkeypatch.delitem(sys.modules, f"pixeldit_eqx.{name}")
+        if name in vars(px):  # an earlier import left the submodule as an attribute of the package
+            monkeypatch.delattr(px, name)
     with pytest.raises(ImportError, match=rf"pip install 'pixeldit-eqx\[{extra}\]'") as info:
         action(px)
     assert f"`{blocked}`" in str(info.value)
