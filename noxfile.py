@@ -27,31 +27,35 @@ _VERSIONS = (
     "print('python', sys.version.split()[0], '| jax', jax.__version__, '| jaxlib', jaxlib.__version__, "
     "'| equinox', equinox.__version__, '| optax', optax.__version__, '| numpy', numpy.__version__)"
 )
+# The suite runs in parallel processes (pytest-xdist, a tool of these sessions rather than a
+# declared dependency): most of its time is single-threaded compilation.
+XDIST = "pytest-xdist>=3.8"
+SUITE = ("pytest", "-n", str(min(4, os.cpu_count() or 1)), "-m", "not slow and not docs")
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite with jaxtyping + beartype shape checking on (slow tests excluded)."""
-    session.install("-e", ".[test]")
-    session.run("pytest", "-m", "not slow and not docs", *session.posargs)
+    session.install("-e", ".[test]", XDIST)
+    session.run(*SUITE, *session.posargs)
 
 
 @nox.session(name="tests-newest", python=SUPPORTED)
 def tests_newest(session: nox.Session) -> None:
     """The suite with the newest jax, equinox and optax the registry offers for this Python."""
-    session.install("--upgrade", "--upgrade-strategy", "eager", "-e", ".[test]")
+    session.install("--upgrade", "--upgrade-strategy", "eager", "-e", ".[test]", XDIST)
     session.run("python", "-c", _VERSIONS)
-    session.run("pytest", "-m", "not slow and not docs", *session.posargs)
+    session.run(*SUITE, *session.posargs)
 
 
 @nox.session(name="tests-oldest", python=SUPPORTED[0])
 def tests_oldest(session: nox.Session) -> None:
     """The suite with the lowest versions pyproject.toml declares (`tests/constraints-oldest.txt`),
     on the oldest supported Python."""
-    session.install("-c", str(OLDEST), "-e", ".[test]")
+    session.install("-c", str(OLDEST), "-e", ".[test]", XDIST)
     session.run("python", "-c", _VERSIONS)
     session.run("python", "tests/check_pins.py", str(OLDEST))
-    session.run("pytest", "-m", "not slow and not docs", *session.posargs)
+    session.run(*SUITE, *session.posargs)
 
 
 @nox.session(python=SUPPORTED, reuse_venv=False)
