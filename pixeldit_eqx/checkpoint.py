@@ -36,9 +36,12 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 
+from ._optional import require
+
+
+ocp = require("orbax.checkpoint", "orbax", "pixeldit_eqx.checkpoint")
 
 __all__ = ["Checkpointer"]
 
