@@ -23,6 +23,7 @@ import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._custom_types import Array, ArrayLike, Float, Real
+from .flow import _check_floating, _check_velocity, _concrete_float, _pair_conditions
 
 
 _DIVERGENCES = ("exact", "hutchinson")
@@ -39,42 +40,6 @@ def _diffrax() -> Any:
             "`pip install 'pixeldit-eqx[likelihood]'` (or `pip install diffrax`)."
         ) from err
     return diffrax
-
-
-def _concrete_float(value: Any) -> float | None:
-    try:
-        return float(np.asarray(value))
-    except (TypeError, ValueError):
-        return None
-
-
-def _check_floating(name: str, x: Any) -> None:
-    dtype = getattr(x, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        got = f"dtype {dtype}" if dtype is not None else type(x).__name__
-        raise ValueError(f"`{name}` must be a floating-point array, got {got}.")
-
-
-def _pair_conditions(cond: PyTree, null_cond: PyTree) -> tuple[PyTree, PyTree]:
-    """`cond` and `null_cond` as arrays of matching structure, shapes and dtypes (a Python
-    scalar leaf of `null_cond` takes the dtype of `cond`'s), as `flow.sample` pairs them."""
-    cond_leaves, cond_def = jtu.tree_flatten(cond)
-    null_leaves, null_def = jtu.tree_flatten(null_cond)
-    if cond_def != null_def:
-        raise ValueError(f"`null_cond` must have the pytree structure of `cond`: expected {cond_def}, got {null_def}.")
-    conds, nulls = [], []
-    for i, (c, n) in enumerate(zip(cond_leaves, null_leaves)):
-        c_arr, n_arr = jnp.asarray(c), jnp.asarray(n)
-        if n_arr.dtype != c_arr.dtype and isinstance(n, bool | int | float | complex):
-            n_arr = n_arr.astype(c_arr.dtype)
-        if n_arr.shape != c_arr.shape or n_arr.dtype != c_arr.dtype:
-            raise ValueError(
-                f"leaf {i} of `null_cond` must match `cond` in shape and dtype: "
-                f"expected {c_arr.shape} {c_arr.dtype}, got {n_arr.shape} {n_arr.dtype}."
-            )
-        conds.append(c_arr)
-        nulls.append(n_arr)
-    return jtu.tree_unflatten(cond_def, conds), jtu.tree_unflatten(cond_def, nulls)
 
 
 class ProbabilityFlow(eqx.Module):
@@ -142,15 +107,6 @@ class ProbabilityFlow(eqx.Module):
             w = jnp.where(inside, self.guidance, jnp.float32(1.0)).astype(v_c.dtype)
             v = v_u + w * (v_c - v_u)
         return v.astype(x.dtype)
-
-
-def _check_velocity(v: Any, x: Array) -> Array:
-    if not hasattr(v, "shape") or v.shape != x.shape:
-        raise ValueError(
-            "`velocity_fn` must return an array shaped like `x`: expected "
-            f"{x.shape}, got {getattr(v, 'shape', type(v))}."
-        )
-    return v
 
 
 def _sample_field(t: Array, y: Array, flow: ProbabilityFlow) -> Array:

@@ -29,7 +29,6 @@ import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._custom_types import Array, ArrayLike, Float, Real
-from ._likelihood import log_likelihood as log_likelihood, ProbabilityFlow as ProbabilityFlow, sample_ode as sample_ode
 from ._linspace import torch_linspace
 
 
@@ -483,3 +482,7 @@ def sample(
     if not return_trajectory:
         return x
     return x, jnp.concatenate([noise[None], states])
+
+
+# Last: the likelihood module builds on this module's condition pairing and checks.
+from ._likelihood import log_likelihood as log_likelihood, ProbabilityFlow as ProbabilityFlow, sample_ode as sample_ode  # noqa: E402
