@@ -30,6 +30,9 @@ _VERSIONS = (
 # The suite runs in parallel processes (pytest-xdist, a tool of these sessions rather than a
 # declared dependency): most of its time is single-threaded compilation.
 XDIST = "pytest-xdist>=3.8"
+# The checkers' versions, pinned: `.pre-commit-config.yaml` runs the same ruff.
+RUFF = "ruff==0.17.6"
+PYRIGHT = "pyright[nodejs]==1.1.414"
 SUITE = ("pytest", "-n", str(min(4, os.cpu_count() or 1)), "-m", "not slow and not docs")
 
 
@@ -83,9 +86,16 @@ def slow(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint and formatting."""
-    session.install("ruff==0.17.6")
+    session.install(RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """pyright on the package, with every optional dependency installed: zero errors."""
+    session.install("-e", ".[test]", PYRIGHT)
+    session.run("pyright", "pixeldit_eqx", *session.posargs)
 
 
 @nox.session

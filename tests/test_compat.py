@@ -132,3 +132,11 @@ def test_benchmark_probes_xla_flags_before_using_them():
 
     assert xla_knows_flags("--xla_force_host_platform_device_count=2")
     assert not xla_knows_flags("--xla_no_such_flag_in_any_version=1")
+
+
+def test_pre_commit_runs_the_ruff_that_nox_lint_pins():
+    """`.pre-commit-config.yaml` and `nox -s lint` check with the same ruff version."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    (pinned,) = re.findall(r'RUFF = "ruff==([0-9.]+)"', (root / "noxfile.py").read_text())
+    (rev,) = re.findall(r"ruff-pre-commit\n\s+rev: v([0-9.]+)", (root / ".pre-commit-config.yaml").read_text())
+    assert rev == pinned
