@@ -19,6 +19,7 @@ import jax.random as jr
 from jaxtyping import PRNGKeyArray
 
 from ._blocks import BlockStack
+from ._checks import check_choice, check_int
 from ._custom_types import Array, Float, Image
 from ._resize import resize_bicubic
 
@@ -180,17 +181,13 @@ class DINOv2(eqx.Module):
         in_channels: int = 3,
         key: PRNGKeyArray,
     ):
-        if model_name not in DINOV2_PRESETS:
-            raise ValueError(f"`model_name` must be one of {sorted(DINOV2_PRESETS)}, got {model_name!r}.")
+        check_choice("model_name", model_name, sorted(DINOV2_PRESETS))
         preset = DINOV2_PRESETS[model_name]
-        embed_dim = preset["embed_dim"] if embed_dim is None else embed_dim
-        depth = preset["depth"] if depth is None else depth
-        num_heads = preset["num_heads"] if num_heads is None else num_heads
-        for name, value in dict(
-            embed_dim=embed_dim, depth=depth, num_heads=num_heads, img_size=img_size, patch_size=patch_size
-        ).items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {name}={value!r}.")
+        embed_dim = check_int("embed_dim", preset["embed_dim"] if embed_dim is None else embed_dim, 1)
+        depth = check_int("depth", preset["depth"] if depth is None else depth, 1)
+        num_heads = check_int("num_heads", preset["num_heads"] if num_heads is None else num_heads, 1)
+        img_size = check_int("img_size", img_size, 1)
+        patch_size = check_int("patch_size", patch_size, 1)
         if embed_dim % num_heads:
             raise ValueError(f"`embed_dim` must be a multiple of `num_heads`={num_heads}, got embed_dim={embed_dim}.")
         if img_size < patch_size:

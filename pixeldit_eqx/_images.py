@@ -3,18 +3,12 @@
 import math
 import os
 import tempfile
-from typing import Any
 
 import numpy as np
 
+from ._checks import check_int
 from ._custom_types import ArrayLike, Float
 from ._optional import require
-
-
-def _check_count(name: str, value: Any, least: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
-        raise ValueError(f"`{name}` must be an integer >= {least}, got {name}={value!r}.")
-    return int(value)
 
 
 def save_image_grid(
@@ -54,9 +48,9 @@ def save_image_grid(
     bad = int(np.sum(~np.isfinite(array)))
     if bad:
         raise ValueError(f"`images`: expected finite values in [-1, 1], got {bad} NaN or infinite value(s).")
-    nrow = _check_count("nrow", nrow, 1)
-    padding = _check_count("padding", padding, 0)
-    scale = _check_count("scale", scale, 1)
+    nrow = check_int("nrow", nrow, 1)
+    padding = check_int("padding", padding, 0)
+    scale = check_int("scale", scale, 1)
     if not -1.0 <= float(pad_value) <= 1.0:
         raise ValueError(f"`pad_value` must be in [-1, 1], got pad_value={pad_value!r}.")
 

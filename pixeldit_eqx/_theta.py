@@ -17,6 +17,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
+from ._checks import check_int
 from ._custom_types import Array, ArrayLike, Float, Image, TimeLike
 from .modules import Buffer
 
@@ -74,11 +75,8 @@ class ParameterTokens(eqx.Module):
             raise ValueError(
                 f"`high` must exceed `low`, both finite: got low={low_np.tolist()}, high={high_np.tolist()}."
             )
-        for name, value in (("txt_embed_dim", txt_embed_dim), ("num_frequencies", num_frequencies)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "txt_embed_dim" else 0):
-                raise ValueError(
-                    f"`{name}` must be an integer >= {1 if name == 'txt_embed_dim' else 0}, got {value!r}."
-                )
+        txt_embed_dim = check_int("txt_embed_dim", txt_embed_dim, 1)
+        num_frequencies = check_int("num_frequencies", num_frequencies, 0)
         num_params, features = low_np.size, 1 + 2 * num_frequencies
         k_id, k_proj, k_null = jr.split(key, 3)
         self.low = Buffer(low_np)

@@ -29,7 +29,7 @@ typed keys of the implementation of those in the state restored into. Requires t
 """
 
 import os
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import equinox as eqx
 import jax
@@ -38,20 +38,16 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import PyTree
 
+from ._checks import check_int, is_array_like, is_key
 from ._optional import require
 
 
-ocp = require("orbax.checkpoint", "orbax", "pixeldit_eqx.checkpoint")
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
+else:
+    ocp = require("orbax.checkpoint", "orbax", "pixeldit_eqx.checkpoint")
 
 __all__ = ["Checkpointer"]
-
-
-def _is_array_like(x: Any) -> bool:
-    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
-
-
-def _is_key(x: Any) -> bool:
-    return _is_array_like(x) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _key_impl(x: Any) -> Any:
@@ -82,12 +78,6 @@ def _name(path: tuple) -> str:
     return ".".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
 
 
-def _check_step(step: Any, name: str = "step") -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"`{name}`: expected an integer >= 0, got {step!r}.")
-    return step
-
-
 class Checkpointer:
     """Saves and restores training states in `directory`, one checkpoint per step.
 
@@ -111,10 +101,7 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = None, async_save: bool = True):
         if not isinstance(directory, str | os.PathLike) or not os.fspath(directory):
             raise ValueError(f"`directory`: expected a non-empty path, got {directory!r}.")
-        if max_to_keep is not None:
-            _check_step(max_to_keep, "max_to_keep")
-            if max_to_keep < 1:
-                raise ValueError(f"`max_to_keep`: expected an integer >= 1 or None, got {max_to_keep!r}.")
+        max_to_keep = check_int("max_to_keep", max_to_keep, 1, none_ok=True)
         if not isinstance(async_save, bool):
             raise ValueError(f"`async_save`: expected a bool, got {async_save!r}.")
         self.directory = os.path.abspath(os.fspath(directory))
@@ -141,17 +128,17 @@ class Checkpointer:
         Raises `ValueError` when `step` is already saved.
         """
         if step is None:
-            if not _is_array_like(getattr(state, "step", None)):
+            if not is_array_like(getattr(state, "step", None)):
                 raise ValueError(f"`step`: expected an integer (the state has no `step` array), got {step!r}.")
             step = int(state.step)
-        _check_step(step)
+        step = check_int("step", step, 0)
         saved = sorted(self._manager.all_steps())  # being written included
         if step in saved:
             raise ValueError(f"`step`: expected a step not saved yet, got {step} (saved: {saved}).")
         arrays, _ = eqx.partition(state, eqx.is_array)
         if not jax.tree.leaves(arrays):
             raise ValueError("`state`: expected a pytree with array leaves, got none.")
-        arrays = jax.tree.map(lambda x: jr.key_data(x) if _is_key(x) else x, arrays)
+        arrays = jax.tree.map(lambda x: jr.key_data(x) if is_key(x) else x, arrays)
         self._manager.save(step, args=ocp.args.PyTreeSave(arrays))
 
     def wait(self) -> None:
@@ -206,10 +193,10 @@ class Checkpointer:
             if not steps:
                 raise ValueError(f"`directory`: expected a saved checkpoint in {self.directory!r}, found none.")
             step = steps[-1]
-        _check_step(step)
+        step = check_int("step", step, 0)
         if step not in steps:
             raise ValueError(f"`step`: expected one of the saved steps {steps}, got {step}.")
-        like, rest = eqx.partition(like_state, _is_array_like)
+        like, rest = eqx.partition(like_state, is_array_like)
         if shardings is None:
             shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), like)
         else:
@@ -223,7 +210,7 @@ class Checkpointer:
             sharding = device if sharding is None else sharding
             if not isinstance(sharding, jax.sharding.Sharding):
                 raise ValueError(f"`shardings`: expected a jax.sharding.Sharding per array, got {sharding!r}.")
-            if _is_key(x):
+            if is_key(x):
                 data = jax.eval_shape(jr.key_data, x)
                 return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
@@ -277,7 +264,7 @@ class Checkpointer:
                     f"got {x.dtype}{list(x.shape)}."
                 )
             leaves.append(x)
-        leaves = [jr.wrap_key_data(x, impl=_key_impl(y)) if _is_key(y) else x for x, y in zip(leaves, like_leaves)]
+        leaves = [jr.wrap_key_data(x, impl=_key_impl(y)) if is_key(y) else x for x, y in zip(leaves, like_leaves)]
         return eqx.combine(jax.tree.unflatten(treedef, leaves), rest)
 
     # --- Lifetime -----------------------------------------------------------------------

@@ -46,10 +46,11 @@ module replaces those with `jax.sharding`.
 """
 
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import Any, TYPE_CHECKING, TypeAlias
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
@@ -57,12 +58,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
 from . import flow
+from ._checks import check_choice, check_int, is_array_like, is_key
 from ._custom_types import Array, ArrayLike, Float, Int, Real
 from ._optional import require
 from .train import make_train_step, TrainState
 
 
-optax = require("optax", "train", "pixeldit_eqx.sharding")
+if TYPE_CHECKING:
+    import optax
+else:
+    optax = require("optax", "train", "pixeldit_eqx.sharding")
 
 
 __all__ = [
@@ -99,24 +104,6 @@ def _check_mesh(mesh: Any, axis: Any) -> int:
     return int(mesh.shape[axis])
 
 
-def _check_strategy(strategy: Any) -> None:
-    if strategy not in _STRATEGIES:
-        raise ValueError(f"`strategy`: expected one of {_STRATEGIES}, got {strategy!r}.")
-
-
-def _check_min_size(min_size: Any) -> None:
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-        raise ValueError(f"`min_size`: expected an integer >= 0, got {min_size!r}.")
-
-
-def _is_array_like(x: Any) -> bool:
-    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
-
-
-def _is_key(x: Any) -> bool:
-    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
 def _is_global(x: Any) -> bool:
     """Whether `x` is a `jax.Array` spanning devices of other processes too."""
     return isinstance(x, jax.Array) and not x.is_fully_addressable
@@ -128,7 +115,7 @@ def _batch_size(tree: PyTree, name: str, size: int, *, scale: int = 1) -> int:
     `scale` multiplies the leading sizes of the leaves that are not global arrays first
     (the number of processes, for a batch of which each process holds its own part).
     """
-    leaves = [x for x in jax.tree.leaves(tree) if _is_array_like(x)]
+    leaves = [x for x in jax.tree.leaves(tree) if is_array_like(x)]
     if not leaves:
         raise ValueError(f"`{name}`: expected at least one array with a leading batch dimension, got none.")
     sizes = set()
@@ -171,10 +158,7 @@ def make_mesh(num_devices: int | None = None, axis: str = "data") -> Mesh:
     available = jax.device_count()
     if num_devices is None:
         num_devices = available
-    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or not 1 <= num_devices <= available:
-        raise ValueError(
-            f"`num_devices`: expected an integer in [1, {available}] (the devices available), got {num_devices!r}."
-        )
+    num_devices = check_int("num_devices", num_devices, 1, maximum=available)  # the devices available
     if not isinstance(axis, str) or not axis:
         raise ValueError(f"`axis`: expected a non-empty string, got {axis!r}.")
     return jax.make_mesh((num_devices,), (axis,), axis_types=(jax.sharding.AxisType.Auto,))
@@ -223,9 +207,8 @@ def fsdp_spec(shape: tuple[int, ...], axis_size: int, axis: str = "data", *, min
     fsdp_spec((32,), 8)  # P(): too small
     ```
     """
-    if isinstance(axis_size, bool) or not isinstance(axis_size, int) or axis_size < 1:
-        raise ValueError(f"`axis_size`: expected an integer >= 1, got {axis_size!r}.")
-    _check_min_size(min_size)
+    axis_size = check_int("axis_size", axis_size, 1)
+    min_size = check_int("min_size", min_size, 0)
     shape = tuple(int(d) for d in shape)
     if len(shape) == 0 or int(np.prod(shape)) < min_size:
         return P()
@@ -239,12 +222,12 @@ def fsdp_spec(shape: tuple[int, ...], axis_size: int, axis: str = "data", *, min
 def _layout(mesh: Mesh, strategy: str, axis: str, min_size: int) -> Callable[[Any], NamedSharding]:
     """The sharding of one array of a state, as a function of its shape and dtype."""
     size = _check_mesh(mesh, axis)
-    _check_strategy(strategy)
-    _check_min_size(min_size)
+    check_choice("strategy", strategy, _STRATEGIES)
+    min_size = check_int("min_size", min_size, 0)
     replicated = NamedSharding(mesh, P())
 
     def layout(x: Any) -> NamedSharding:
-        if strategy == "replicated" or _is_key(x):
+        if strategy == "replicated" or is_key(x):
             return replicated
         return NamedSharding(mesh, fsdp_spec(x.shape, size, axis, min_size=min_size))
 
@@ -278,7 +261,7 @@ def state_sharding(
     at every other leaf.
     """
     layout = _layout(mesh, strategy, axis, min_size)
-    return jax.tree.map(lambda x: layout(x) if _is_array_like(x) else None, state)
+    return jax.tree.map(lambda x: layout(x) if is_array_like(x) else None, state)
 
 
 def shard_state(
@@ -343,7 +326,7 @@ def _place(x: jax.Array, sharding: NamedSharding) -> jax.Array:
     """`x` as a global array laid out by `sharding`, built from this process's shards."""
     if _is_global(x):
         return jax.jit(lambda a: a, out_shardings=sharding)(x)
-    if _is_key(x):
+    if is_key(x):
         return jax.make_array_from_callback(x.shape, sharding, lambda index: jnp.copy(x[index]))
     host = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: host[index])
@@ -355,7 +338,7 @@ def _check_processes_agree(arrays: PyTree) -> None:
     for path, x in jax.tree_util.tree_leaves_with_path(arrays):
         if _is_global(x):
             continue  # one array already: nothing to disagree on
-        if _is_key(x):
+        if is_key(x):
             x = jax.random.key_data(x)
         elif x.ndim or not jnp.issubdtype(x.dtype, jnp.integer):
             continue
@@ -598,7 +581,7 @@ def sharded_sample(
     cond_sizes = {
         x.shape[0] * (1 if _is_global(x) else processes) if len(x.shape) else None
         for x in jax.tree.leaves(cond)
-        if _is_array_like(x)
+        if is_array_like(x)
     }
     if cond_sizes and cond_sizes != {batch}:
         raise ValueError(

@@ -34,7 +34,7 @@ import os
 import pathlib
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast, TYPE_CHECKING
 
 import equinox as eqx
 import jax
@@ -45,6 +45,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Real
 
 from . import flow
 from ._atomic import atomic_write, read_checksummed, write_checksummed
+from ._checks import check_int, check_key, is_int
 from ._grounded import (
     cosine_loss as cosine_loss,
     pixeldit2_dropout as pixeldit2_dropout,
@@ -59,7 +60,10 @@ from ._torch_pickle import CheckpointFormatError
 from .modules import trainable
 
 
-optax = require("optax", "train", "pixeldit_eqx.train")
+if TYPE_CHECKING:
+    import optax
+else:
+    optax = require("optax", "train", "pixeldit_eqx.train")
 
 
 __all__ = [
@@ -90,6 +94,9 @@ _CHECKPOINT_FORMAT_VERSION = 2
 class NonFiniteTrainingError(FloatingPointError):
     """`fit` met too many consecutive steps with a non-finite loss or gradient (each skipped)."""
 
+    #: The training state reached: the one from before the skipped steps.
+    state: "TrainState"
+
 
 class TrainState(eqx.Module):
     """Everything a training run carries from one step to the next.
@@ -113,21 +120,6 @@ class TrainState(eqx.Module):
     opt_state: PyTree
     step: Int[Array, ""]
     key: PRNGKeyArray
-
-
-def _typed_key(key: Any, name: str = "key") -> PRNGKeyArray:
-    """A typed PRNG key; a raw `uint32` key (`jr.PRNGKey`) is wrapped."""
-    if not isinstance(key, jax.Array):
-        raise ValueError(f"`{name}` must be a JAX PRNG key, got {type(key).__name__}.")
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape != ():
-            raise ValueError(f"`{name}` must be a single PRNG key, got shape {key.shape}.")
-        return key
-    if key.dtype == jnp.uint32 and key.shape == (2,):
-        return jr.wrap_key_data(key)
-    raise ValueError(
-        f"`{name}` must be a PRNG key (`jax.random.key`), got an array of dtype {key.dtype} and shape {key.shape}."
-    )
 
 
 def init_train_state(model: PyTree, optimizer: optax.GradientTransformation, *, key: PRNGKeyArray) -> TrainState:
@@ -156,7 +148,7 @@ def init_train_state(model: PyTree, optimizer: optax.GradientTransformation, *, 
         ema=ema,
         opt_state=_standard_promotion(optimizer).init(params),
         step=jnp.zeros((), dtype=jnp.int32),
-        key=_typed_key(key),
+        key=check_key("key", key),
     )
 
 
@@ -199,11 +191,8 @@ def default_optimizer(
     _check_number("b1", b1, low=0.0, low_ok=True, high=1.0)
     _check_number("b2", b2, low=0.0, low_ok=True, high=1.0)
     _check_number("eps", eps, low=0.0, low_ok=True)
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"`warmup_steps` must be an integer >= 0, got warmup_steps={warmup_steps!r}.")
-    if decay_steps is not None and not (
-        isinstance(decay_steps, int) and not isinstance(decay_steps, bool) and decay_steps > warmup_steps
-    ):
+    warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+    if decay_steps is not None and not (is_int(decay_steps) and decay_steps > warmup_steps):
         raise ValueError(
             f"`decay_steps` must be an integer > warmup_steps={warmup_steps} or None, got decay_steps={decay_steps!r}."
         )
@@ -318,6 +307,7 @@ def make_train_step(
     optimizer = _standard_promotion(optimizer)
     if not isinstance(skip_nonfinite, bool):
         raise ValueError(f"`skip_nonfinite` must be a bool, got skip_nonfinite={skip_nonfinite!r}.")
+    decay = 0.0
     if not callable(ema_decay):
         decay = float(ema_decay)
         if not 0.0 <= decay <= 1.0:
@@ -546,31 +536,21 @@ def fit(
     `state` attribute holds the state reached (whose model, optimiser state and EMA
     are those from before the skipped steps).
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
-        raise ValueError(f"`num_steps` must be an integer >= 0, got num_steps={num_steps!r}.")
-    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-        raise ValueError(f"`log_every` must be an integer >= 1, got log_every={log_every!r}.")
-    if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0):
-        raise ValueError(f"`start_step` must be an integer >= 0 or None, got start_step={start_step!r}.")
-    if max_consecutive_skips is not None and (
-        isinstance(max_consecutive_skips, bool)
-        or not isinstance(max_consecutive_skips, int)
-        or max_consecutive_skips < 1
-    ):
-        raise ValueError(
-            f"`max_consecutive_skips` must be an integer >= 1 or None, got max_consecutive_skips={max_consecutive_skips!r}."
-        )
+    num_steps = check_int("num_steps", num_steps, 0)
+    log_every = check_int("log_every", log_every, 1)
+    start_step = check_int("start_step", start_step, 0, none_ok=True)
+    max_consecutive_skips = check_int("max_consecutive_skips", max_consecutive_skips, 1, none_ok=True)
     tqdm = require("tqdm.auto", "train", "the progress bar of `fit`").tqdm
 
-    indexed = callable(batches) and not isinstance(batches, Iterable)
-    if indexed:
+    if callable(batches) and not isinstance(batches, Iterable):
         first = int(state.step) if start_step is None else start_step
+        batch_of = batches
 
         def next_batch(i: int) -> Any:
-            return batches(first + i)
+            return batch_of(first + i)
 
     else:
-        iterator = iter(batches)
+        iterator = iter(cast(Iterable[Any], batches))
         for drawn in range(start_step or 0):
             if next(iterator, _EXHAUSTED) is _EXHAUSTED:
                 raise ValueError(f"`batches` ran out after {drawn} batches while skipping start_step={start_step}.")

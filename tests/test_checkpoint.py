@@ -189,7 +189,7 @@ def test_refuses_what_does_not_fit(tmp_path, setup):
             checkpoints.save(state, step=1)
         with pytest.raises(ValueError, match=r"`step`: expected one of the saved steps \[1\], got 5"):
             checkpoints.restore(state, step=5)
-        with pytest.raises(ValueError, match="`step`: expected an integer >= 0, got -1"):
+        with pytest.raises(ValueError, match="`step` must be an integer >= 0, got step=-1"):
             checkpoints.save(state, step=-1)
         wider = eqx.filter_eval_shape(lambda: train.init_train_state(_model(hidden_size=64), optimizer, key=jr.key(0)))
         with pytest.raises(ValueError, match="`like_state`: the checkpoint of step 1 in .* does not fit it"):
@@ -199,5 +199,5 @@ def test_refuses_what_does_not_fit(tmp_path, setup):
         checkpoints.save(state, step=2)
         checkpoints.save(state, step=3)
         assert checkpoints.all_steps() == [2, 3]  # max_to_keep
-    with pytest.raises(ValueError, match="`max_to_keep`: expected an integer >= 1 or None, got 0"):
+    with pytest.raises(ValueError, match="`max_to_keep` must be an integer >= 1 or None, got max_to_keep=0"):
         checkpoint.Checkpointer(tmp_path / "other", max_to_keep=0)

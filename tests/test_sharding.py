@@ -172,16 +172,16 @@ def test_fsdp_spec_rule():
     assert fsdp_spec((), 8, min_size=0) == P()
     assert fsdp_spec((6, 4096), 8) == P(None, "data")
     assert fsdp_spec((4, 4096), 8, min_size=0) == P(None, "data")
-    with pytest.raises(ValueError, match="`axis_size`: expected an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="`axis_size` must be an integer >= 1, got axis_size=0"):
         fsdp_spec((8,), 0)
-    with pytest.raises(ValueError, match="`min_size`: expected an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match="`min_size` must be an integer >= 0, got min_size=-1"):
         fsdp_spec((8,), 8, min_size=-1)
 
 
 def test_make_mesh_validates():
     from pixeldit_eqx import sharding
 
-    with pytest.raises(ValueError, match=r"`num_devices`: expected an integer in \[1, \d+\]"):
+    with pytest.raises(ValueError, match=r"`num_devices` must be an integer in \[1, \d+\]"):
         sharding.make_mesh(jax.device_count() + 1)
     with pytest.raises(ValueError, match="`num_devices`"):
         sharding.make_mesh(0)
@@ -333,7 +333,7 @@ def test_sharded_step_validates(mesh, setup):
         step(fresh_state(), (images, labels[:8]))
     with pytest.raises(ValueError, match="`batch`: expected a batch size divisible"):
         sharding.shard_batch((images[:4], labels[:4]), mesh)
-    with pytest.raises(ValueError, match=r"`strategy`: expected one of \('replicated', 'fsdp'\), got 'zero'"):
+    with pytest.raises(ValueError, match=r"`strategy` must be one of \('replicated', 'fsdp'\), got strategy='zero'"):
         sharding.make_sharded_train_step(train.c2i_loss, optimizer, mesh, strategy="zero")
     with pytest.raises(ValueError, match=r"`axis`: expected one of the mesh's axis names \('data',\), got 'model'"):
         sharding.state_sharding(fresh_state(), mesh, axis="model")
