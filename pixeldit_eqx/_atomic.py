@@ -175,5 +175,5 @@ def safetensors_checksum(tensors: dict[str, np.ndarray]) -> str:
     for name in sorted(tensors):
         value = np.ascontiguousarray(tensors[name])
         digest.update(json.dumps([name, value.dtype.str, list(value.shape)]).encode() + b"\n")
-        digest.update(value.reshape(-1).view(np.uint8))
+        digest.update(value.reshape(-1).view(np.uint8).data)
     return digest.hexdigest()

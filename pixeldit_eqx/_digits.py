@@ -45,6 +45,7 @@ import functools
 import json
 import pathlib
 import time
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -71,7 +72,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     """The job's options (`--help` lists them); `prog` names the command in messages."""
-    p = _Parser(prog=prog, description=__doc__.split("\n\n")[0])
+    p = _Parser(prog=prog, description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--model", choices=("pixeldit", "pixeldit2"), default="pixeldit", help="the model family")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 1500, pixeldit2 1000; --quick 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, training and sampling")
@@ -147,7 +148,7 @@ def load_data(resolution: int) -> dict[str, np.ndarray]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    digits = load_digits()
+    digits: Any = load_digits()
     images = digits.images.astype(np.float32)  # (1797, 8, 8) in 0..16
     labels = digits.target.astype(np.int32)
     # Bilinear upsampling (half-pixel centres, edges clamped); stays within 0..16.
@@ -156,7 +157,9 @@ def load_data(resolution: int) -> dict[str, np.ndarray]:
     x_train, x_test, y_train, y_test = train_test_split(
         up, labels, test_size=0.2, stratify=labels, random_state=SPLIT_SEED
     )
-    return dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return dict(
+        x_train=np.asarray(x_train), y_train=np.asarray(y_train), x_test=np.asarray(x_test), y_test=np.asarray(y_test)
+    )
 
 
 def to_model(x: np.ndarray) -> np.ndarray:
@@ -297,7 +300,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
         args.save_samples.parent.mkdir(parents=True, exist_ok=True)
         np.savez(args.save_samples, images=samples, labels=labels)
 
-    summary = dict(
+    summary: dict[str, Any] = dict(
         train_seconds=round(train_seconds, 2),
         sample_seconds=round(sample_seconds, 2),
         **evaluate(data, samples, labels, args.seed),

@@ -51,11 +51,8 @@ def _resize_axis(x: Array, axis: int, out_size: int, scale: float | None) -> Arr
     taps, weights = _taps(x.shape[axis], out_size, scale)
     shape = [1] * x.ndim
     shape[axis] = out_size
-    out = None
-    for j in range(4):
-        term = jnp.take(x, taps[:, j], axis=axis) * weights[j].astype(x.dtype).reshape(shape)
-        out = term if out is None else out + term
-    return out
+    terms = [jnp.take(x, taps[:, j], axis=axis) * weights[j].astype(x.dtype).reshape(shape) for j in range(4)]
+    return ((terms[0] + terms[1]) + terms[2]) + terms[3]
 
 
 def resize_bicubic(

@@ -306,7 +306,7 @@ _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 
 _MISSING = object()
 _NP_RECONSTRUCT = np.zeros(0).__reduce__()[0]
-_NP_SCALAR = np.float64(0).__reduce__()[0]
+_NP_SCALAR: Any = np.float64(0).__reduce__()[0]
 
 
 class Placeholder:
@@ -570,7 +570,7 @@ class _Archive:
                 f"{self.path}: the record {_short(info.filename)} runs past the end of the file (truncated file)"
             )
         data = np.frombuffer(self._mmap, dtype=np.uint8, count=info.file_size, offset=data_start)
-        if zlib.crc32(data) != info.CRC:
+        if zlib.crc32(data.data) != info.CRC:
             raise CheckpointFormatError(
                 f"{self.path}: the record {_short(info.filename)} fails its CRC-32 check: the file is corrupt "
                 "(flipped bits: a damaged download or disk)"
@@ -627,10 +627,14 @@ class _Vetted:
 # CPython's C unpickler allocates (and zeroes) memory in proportion to it, which a small
 # hostile file can use to exhaust memory. `data.pkl` only holds the structure (the
 # tensor bytes are separate records), so the slower unpickler costs little.
-class _RestrictedUnpickler(pickle._Unpickler):
+# typeshed types `pickle._Unpickler` as the C class, which lacks the pure-Python internals used here.
+_PyUnpickler: Any = pickle._Unpickler  # pyright: ignore[reportAttributeAccessIssue]
+
+
+class _RestrictedUnpickler(_PyUnpickler):
     """Unpickles a checkpoint's `data.pkl` under the allow/deny/placeholder rule."""
 
-    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch = dict(_PyUnpickler.dispatch)
 
     def _load_bytearray8(self) -> None:
         # The stock BYTEARRAY8 handler allocates the declared length before reading.
@@ -646,25 +650,25 @@ class _RestrictedUnpickler(pickle._Unpickler):
         # A constructor copies its argument (`list(range(10**8))`, `tuple(a_big_list)`):
         # charge what it copies before it runs.
         self._charge_args(self.stack[-1])
-        pickle._Unpickler.load_reduce(self)
+        _PyUnpickler.load_reduce(self)
 
     dispatch[pickle.REDUCE[0]] = _load_reduce
 
     def _load_newobj(self) -> None:
         self._charge_args(self.stack[-1])
-        pickle._Unpickler.load_newobj(self)
+        _PyUnpickler.load_newobj(self)
 
     dispatch[pickle.NEWOBJ[0]] = _load_newobj
 
     def _load_newobj_ex(self) -> None:
         self._charge_args(self.stack[-2])
-        pickle._Unpickler.load_newobj_ex(self)
+        _PyUnpickler.load_newobj_ex(self)
 
     dispatch[pickle.NEWOBJ_EX[0]] = _load_newobj_ex
 
     def _instantiate(self, klass: Any, args: Any) -> None:
         self._charge_args(tuple(args))
-        pickle._Unpickler._instantiate(self, klass, args)
+        _PyUnpickler._instantiate(self, klass, args)
 
     def _load_build(self) -> None:
         # numpy arrays and dtypes are built here, from an allow-list, never by numpy's
@@ -680,7 +684,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         # Setting a memoised state on many objects copies it each time: charged.
         state = self.stack[-1]
         self._charge_args(state if isinstance(state, tuple) else (state,))
-        pickle._Unpickler.load_build(self)
+        _PyUnpickler.load_build(self)
 
     dispatch[pickle.BUILD[0]] = _load_build
 
@@ -752,7 +756,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self._materialise(nbytes)
         # In native byte order, as the tensors are.
         native = np.frombuffer(bytes(raw), spec.dtype).astype(spec.dtype.newbyteorder("="))
-        np.ndarray.__setstate__(array, (1, shape, native.dtype, bool(fortran), native.tobytes()))
+        np.ndarray.__setstate__(array, (1, shape, native.dtype, bool(fortran), native.tobytes()))  # pyright: ignore[reportArgumentType]
 
     def _allow_table(self) -> dict[tuple[str, str], Any]:
         table: dict[tuple[str, str], Any] = {
