@@ -1,8 +1,9 @@
 """Test configuration: strict dtype and rank promotion, fixtures for keys and reference data.
 
 jaxtyping's import hook (with beartype) is switched on for the whole `pixeldit_eqx`
-package by `--jaxtyping-packages` in pyproject.toml, so the package is imported lazily
-here: never at module level, or the hook would miss it.
+package by `--jaxtyping-packages` in pyproject.toml. The plugin installs it before conftest
+files and test modules are imported, so test files import the package at their top
+(`test_shape_checks.py` keeps that true).
 """
 
 import jax

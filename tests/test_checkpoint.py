@@ -15,8 +15,9 @@ import jax.random as jr
 import numpy as np
 import pytest
 
+import pixeldit_eqx as px
+from pixeldit_eqx import checkpoint, sharding, train
 
-pytest.importorskip("orbax.checkpoint")
 
 CONFIG = dict(
     in_channels=3,
@@ -32,8 +33,6 @@ CONFIG = dict(
 
 def _model(seed: int = 0, **overrides):
     """A tiny PixelDiT filled from numpy: nothing is compiled to build it."""
-    import pixeldit_eqx as px
-
     skeleton = eqx.filter_eval_shape(lambda k: px.PixelDiT(**(CONFIG | overrides), key=k), jr.key(0))
     rng = np.random.default_rng(seed)
 
@@ -49,8 +48,6 @@ def _model(seed: int = 0, **overrides):
 def setup():
     """A PixelDiT training state (nothing compiled: its step and Adam's moments set by
     hand), and its optimizer."""
-    from pixeldit_eqx import train
-
     optimizer = train.default_optimizer(1e-3)
     state = train.init_train_state(_model(), optimizer, key=jr.key(1))
     rng = np.random.default_rng(2)
@@ -80,8 +77,6 @@ def _assert_bitwise_equal(a, b):
 
 
 def test_round_trip_is_bit_exact(tmp_path, setup):
-    from pixeldit_eqx import checkpoint, train
-
     optimizer, state = setup
     like = eqx.filter_eval_shape(lambda: train.init_train_state(_model(), optimizer, key=jr.key(0)))
     with checkpoint.Checkpointer(tmp_path / "run") as checkpoints:
@@ -102,7 +97,6 @@ def test_round_trip_is_bit_exact(tmp_path, setup):
 def test_training_resumes_bit_exactly(tmp_path):
     """A step from the restored state equals the step from the saved one (any model:
     a linear map here, to compile in a moment)."""
-    from pixeldit_eqx import checkpoint, train
 
     def loss_fn(model, batch, key):
         x, y = batch
@@ -126,8 +120,6 @@ def test_training_resumes_bit_exactly(tmp_path):
 
 
 def test_restore_places_arrays_on_the_given_shardings(tmp_path, setup):
-    from pixeldit_eqx import checkpoint, sharding
-
     _, state = setup
     mesh = sharding.make_mesh()
     shardings = sharding.state_sharding(state, mesh, strategy="fsdp", min_size=0)
@@ -142,8 +134,6 @@ def test_restore_places_arrays_on_the_given_shardings(tmp_path, setup):
 def test_save_returns_before_the_write_finishes(tmp_path, setup, monkeypatch):
     """The files are written in the background: held back here until released."""
     import orbax.checkpoint as ocp
-
-    from pixeldit_eqx import checkpoint
 
     _, state = setup
     release = threading.Event()
@@ -178,8 +168,6 @@ def test_save_returns_before_the_write_finishes(tmp_path, setup, monkeypatch):
 
 
 def test_refuses_what_does_not_fit(tmp_path, setup):
-    from pixeldit_eqx import checkpoint, train
-
     optimizer, state = setup
     with checkpoint.Checkpointer(tmp_path / "run", async_save=False, max_to_keep=2) as checkpoints:
         with pytest.raises(ValueError, match="`directory`: expected a saved checkpoint in .*, found none"):

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import pytest
 
+import pixeldit_eqx as px
+from pixeldit_eqx import train
+
 from . import _hostile
 from ._reference import FIXTURES, MANIFEST
 
@@ -153,9 +156,6 @@ def storage_damage(records: dict[str, bytes], rng: random.Random) -> dict[str, b
 def _sources(tmp: Path) -> dict[str, tuple[bytes, str]]:
     """name -> (file bytes, loader) of the files the cases start from."""
     import jax.random as jr
-
-    import pixeldit_eqx as px
-    from pixeldit_eqx import train
 
     model = px.load_reference(FIXTURES / "model_c2i.safetensors", C2I, "c2i")
     train.save_model(tmp / "model.eqx", model)

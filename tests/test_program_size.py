@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import pixeldit_eqx as px
+
 
 CONFIGS = {
     "c2i": dict(
@@ -21,8 +23,6 @@ CONFIGS = {
 
 
 def _program_bytes(variant: str, side: int, backward: bool) -> int:
-    import pixeldit_eqx as px
-
     config = CONFIGS[variant]
     model = eqx.filter_eval_shape(lambda: px.build(config, variant, key=jax.random.key(0)))
     params, static = eqx.partition(model, lambda a: isinstance(a, jax.ShapeDtypeStruct))

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from hypothesis import given, HealthCheck, settings, strategies as st
 
+import pixeldit_eqx as px
+
 from ._reference import FIXTURES, load_weights, MANIFEST, rel_err
 from .test_hardening import arr, compiled, normal
 
@@ -39,7 +41,6 @@ seeds = st.integers(0, 2**31 - 1)
 @functools.cache
 def _patches_and_round_trip(c: int, p: int, hs: int, ws: int):
     """One program per shape: the patches of `x`, and `x` back from them."""
-    import pixeldit_eqx as px
 
     def run(x):
         patches = px.patchify(x, p)
@@ -69,15 +70,12 @@ HD = 16  # head dim of the rope properties
 
 @functools.cache
 def _apply():
-    import pixeldit_eqx as px
-
     return jax.jit(px.apply_rope)
 
 
 @functools.cache
 def _rotated_dot():
     """`q . k` after rotating `q` by angles `a` and `k` by angles `b` (one head)."""
-    import pixeldit_eqx as px
 
     def dot(q, k, a, b):
         rq = px.apply_rope(q[None, None], a[None])
@@ -110,8 +108,6 @@ N1 = 48  # text positions of the 1D property
 @given(seed=seeds, i=st.integers(0, N1 - 1), j=st.integers(0, N1 - 1), data=st.data())
 def test_rope_1d_is_relative(seed, i, j, data):
     """q . k after rope depends on the position difference only."""
-    import pixeldit_eqx as px
-
     shift = data.draw(st.integers(-min(i, j), N1 - 1 - max(i, j)))
     table = np.asarray(px.rope_1d(HD, N1))
     q, k = normal(seed, (HD,)), normal(seed + 1, (HD,))
@@ -121,8 +117,6 @@ def test_rope_1d_is_relative(seed, i, j, data):
 
 @functools.cache
 def _rope_2d(h: int, w: int) -> np.ndarray:
-    import pixeldit_eqx as px
-
     return np.asarray(jax.jit(lambda: px.rope_2d(HD, h, w))(), np.float64)
 
 
@@ -200,7 +194,6 @@ def _zero_adaln(block):
 def blocks():
     """The reference fixtures' blocks (every weight random and non-zero), each with a
     compiled call; angles of a 3x5 grid and 6 text tokens."""
-    import pixeldit_eqx as px
 
     def load(make, case):
         return px.load_state_dict(eqx.filter_eval_shape(make, key=jr.key(0)), load_weights(case))
@@ -265,8 +258,6 @@ def test_modulated_blocks_are_not_the_identity(blocks):
 @pytest.fixture(scope="module")
 def c2i_runs():
     """The c2i fixture model with a batched (`vmap`) and a one-example compiled call."""
-    import pixeldit_eqx as px
-
     model = px.load_reference(FIXTURES / "model_c2i.safetensors", MANIFEST["model_c2i"]["init"], "c2i")
     xs, ts, ys = arr(normal(0, (3, 3, 16, 16))), arr(np.zeros(3, np.float32)), arr(np.zeros(3, np.int32))
     batched = compiled(lambda m, x, t, y: jax.vmap(m)(x, t, y), model, xs, ts, ys)
@@ -295,8 +286,6 @@ T_REAL, T_PAD = 5, 4
 def t2i_run():
     """The t2i fixture model, compiled once for 5 real and 4 padding text tokens, and
     its output with all-zero padding."""
-    import pixeldit_eqx as px
-
     model = px.load_reference(FIXTURES / "model_t2i.safetensors", MANIFEST["model_t2i"]["init"], "t2i")
     x, t, real = arr(normal(0, (3, 16, 16))), arr(0.3, np.float32), normal(1, (T_REAL, 24))
     mask = arr(np.arange(T_REAL + T_PAD) < T_REAL)

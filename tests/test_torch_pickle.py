@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from pixeldit_eqx import _torch_pickle
 from pixeldit_eqx._torch_pickle import (
     CheckpointFormatError,
     load_torch_file,
@@ -170,8 +171,6 @@ def test_bf16_checkpoint(weights: dict[str, np.ndarray]) -> None:
 
 
 def test_views_into_one_shared_storage(weights: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
-    from pixeldit_eqx import _torch_pickle
-
     reads: list[str] = []
     read_member = _torch_pickle._Archive._read_member
 
