@@ -141,6 +141,10 @@ _ENCODER = "dino_conditioner.encoder."
 _PROJ = "dino_conditioner.dino_proj."
 
 
+class _NotInWeights(ValueError):
+    """A constructor argument the weights do not fix."""
+
+
 def _pixeldit2(weights: Mapping[str, Any], config: dict[str, Any]) -> None:
     """Fills `config` with what the weights of a PixelDiT2 fix, in order."""
     from ._dinov3 import DINOV3_PRESETS, TIMM_DINOV3
@@ -151,6 +155,8 @@ def _pixeldit2(weights: Mapping[str, Any], config: dict[str, Any]) -> None:
     config["depth"] = _depth(weights, "patch_blocks")
     config["num_classes"] = _shape(weights, "y_embedder.embedding_table.weight")[0] - 1
     config["in_context_len"] = _shape(weights, "in_context_posemb")[1] if "in_context_posemb" in weights else 0
+    if config["depth"] <= 8:  # traceless; the reference default 8 needs a deeper network
+        config["in_context_start"] = max(config["depth"] - 1, 0)
     if config["depth"]:
         config["num_heads"] = d // _shape(weights, "patch_blocks.0.attn.q_norm.weight")[0]
         hidden = _shape(weights, "patch_blocks.0.mlp.w1.weight")[0]
@@ -165,11 +171,15 @@ def _pixeldit2(weights: Mapping[str, Any], config: dict[str, Any]) -> None:
         for name, timm in DINOV3_PRESETS.items()
         if TIMM_DINOV3[timm].embed_dim == width and depth in (0, TIMM_DINOV3[timm].depth)
     ]
-    if names:
-        config["grounding_encoder"] = names[0]
     config["grounding_proj_blocks"] = _depth(weights, _PROJ + "blocks")
     if config["grounding_proj_blocks"]:
         config["grounding_proj_heads"] = d // _shape(weights, _PROJ + "blocks.0.attn.q_norm.weight")[0]
+    if not names:
+        raise _NotInWeights(
+            f"the grounding encoder ({width} wide, {depth} blocks) is none of {sorted(DINOV3_PRESETS)}: its "
+            "config (`grounding_encoder`) does not follow from the weights"
+        )
+    config["grounding_encoder"] = names[0]
 
 
 def read_config(weights: Mapping[str, Any]) -> tuple[str | None, dict[str, Any], str | None]:
@@ -192,6 +202,8 @@ def read_config(weights: Mapping[str, Any]) -> tuple[str | None, dict[str, Any],
             _pixeldit2(weights, config)
         else:
             _pixeldit(weights, variant, config)
+    except _NotInWeights as e:
+        return variant, config, str(e)
     except (KeyError, ValueError, ZeroDivisionError, IndexError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         return variant, config, f"a weight that fixes the config is missing or misshaped: {message}"
@@ -205,7 +217,8 @@ def infer_config(weights: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     Arguments that leave no trace in the weights keep the defaults: `use_pixel_abs_pos`,
     `use_text_rope`, `text_rope_theta`, `mlp_ratio` (PixelDiT); `in_context_start`, the
     dropouts and `single_silu_cond` (PixelDiT2, whose `grounding_encoder` is read from the
-    encoder's width when it is a released one). Raises `ValueError` when the weights are
+    encoder's width when it is a released one; `in_context_start` is the reference's 8, or
+    `depth - 1` for a network of 8 blocks or fewer). Raises `ValueError` when the weights are
     not those of a PixelDiT or a weight that fixes the config is missing or misshaped.
     """
     variant, config, problem = read_config(weights)

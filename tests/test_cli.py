@@ -177,7 +177,8 @@ def test_sample_a_model_file_in_batches(capsys, tmp_path, model_file):
 @pytest.mark.parametrize(
     ("args", "status", "fragments"),
     [
-        (["sample", "--weights", "hf://nvidia/PixelDiT-ImageNet/x.ckpt"], 1, ["`--weights`: hf:// ids are not"]),
+        (["sample", "--weights", "hf://nvidia/x.ckpt"], 1, ["`--weights`: expected a Hugging Face file id"]),
+        (["sample", "--weights", "s3://bucket/x.ckpt"], 1, ["`--weights`: s3:// ids are not supported"]),
         (["sample", "--weights", "missing.ckpt"], 1, ["`--weights`: no such file: 'missing.ckpt'"]),
         (["sample", "--weights", CKPT, "--resolution", "16"], 1, ["`--preset`: model_c2i_lightning.ckpt holds"]),
         (["sample", "--weights", CKPT, "--preset", "pixeldit-xl-c2i-256"], 1, ["does not fit PixelDiT", "problem(s)"]),
