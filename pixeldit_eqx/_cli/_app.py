@@ -76,7 +76,11 @@ def _parse_classes(text: str) -> list[int]:
 @app.command()
 def sample(
     weights: Annotated[
-        str, typer.Option(help="a model file (train.save_model) or reference weights (.safetensors, .pt, .ckpt)")
+        str,
+        typer.Option(
+            help="a model file (train.save_model) or reference weights (.safetensors, .pt, .ckpt): a path or an "
+            "hf://owner/repo[@revision]/file id"
+        ),
     ],
     preset: Annotated[
         str | None,
@@ -222,7 +226,10 @@ def _config_to_store(weights: dict[str, Any], preset: str | None) -> tuple[Any, 
 @app.command()
 def convert(
     source: Annotated[
-        pathlib.Path, typer.Argument(metavar="SOURCE", help="a torch checkpoint (.ckpt, .pt, .pth) or .safetensors")
+        str,
+        typer.Argument(
+            metavar="SOURCE", help="a torch checkpoint (.ckpt, .pt, .pth) or .safetensors: a path or an hf:// id"
+        ),
     ],
     target: Annotated[pathlib.Path, typer.Argument(metavar="TARGET", help="the .safetensors file to write")],
     ema: Annotated[
@@ -238,7 +245,7 @@ def convert(
     ] = None,
 ) -> None:
     """Write the weights of one model of a checkpoint as .safetensors (with its config), without torch."""
-    path = _files._resolve_weights(str(source), "SOURCE")
+    path = _files._resolve_weights(source, "SOURCE")
     kind = _files.kind_of(path)
     if kind == "model":
         raise ValueError(f"`{source}`: a pixeldit_eqx model file; load it with train.load_model, nothing to convert.")
@@ -271,20 +278,21 @@ def convert(
 @app.command()
 def info(
     file: Annotated[
-        pathlib.Path, typer.Argument(metavar="FILE", help="a model file, .safetensors or torch checkpoint")
+        str,
+        typer.Argument(metavar="FILE", help="a model file, .safetensors or torch checkpoint: a path or an hf:// id"),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of lines")] = False,
 ) -> None:
     """Describe a weights file: variant, config, parameters, dtype, EMA, problems found."""
-    path = _files._resolve_weights(str(file), "FILE")
+    path = _files._resolve_weights(file, "FILE")
     kind = _files.kind_of(path)
-    report: dict[str, Any] = {"file": str(file)}
+    report: dict[str, Any] = {"file": file}
     problems: list[str] = []
     if kind == "model":
         from .. import train
 
         with open(path, "rb") as f:
-            header = train._read_header(f, str(file))
+            header = train._read_header(f, file)
         model = train.load_model(path)
         leaves = jax.tree.leaves(eqx.filter(model, trainable(model)))
         report.update(
