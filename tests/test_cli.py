@@ -64,8 +64,11 @@ def model_file(tmp_path_factory):
     ("command", "fragments"),
     [
         ([], ["sample", "convert", "info", "train-digits"]),
-        (["sample"], ["--weights", "--preset", "--classes", "--per-class", "--steps", "--method", "--guidance"]),
-        (["convert"], ["SOURCE", "TARGET", "--ema", "--no-ema"]),
+        (
+            ["sample"],
+            ["--weights", "--preset", "--classes", "--per-class", "--steps", "--method", "--guidance", "hf://"],
+        ),
+        (["convert"], ["SOURCE", "TARGET", "--ema", "--no-ema", "--preset"]),
         (["info"], ["FILE", "--json"]),
         (["train-digits"], ["--quick", "--steps", "--out"]),
     ],
@@ -313,7 +316,7 @@ def test_sample_takes_a_pixeldit2_preset_s_settings(capsys, tmp_path, monkeypatc
 
     tiny = px.load_reference(load_weights2("model_pixeldit2"), init("model_pixeldit2"))
     loaded, calls = [], []
-    monkeypatch.setattr(_app, "load_reference", lambda path, preset: loaded.append(preset) or tiny)
+    monkeypatch.setattr(_app, "load_reference", lambda path, preset, **kw: loaded.append((preset, kw)) or tiny)
 
     def fake_sample(model, noise, y, **options):
         calls.append(options)
@@ -321,9 +324,11 @@ def test_sample_takes_a_pixeldit2_preset_s_settings(capsys, tmp_path, monkeypatc
 
     monkeypatch.setattr(_app, "sample_any", fake_sample)
     args = ["sample", "--weights", pixeldit2_file, "--preset", "pixeldit2-h16-256", "--classes", "1"]
-    code, out, err = cli(capsys, *args, "--per-class", "1", "--out", tmp_path / "p.png")
+    encoder = FIXTURES.parent / "pixeldit2" / "dinov3_encoder_tiny.safetensors"
+    code, out, err = cli(capsys, *args, "--per-class", "1", "--encoder-weights", encoder, "--out", tmp_path / "p.png")
     assert code == 0, err
-    assert loaded == ["pixeldit2-h16-256"] and "1 classes x 1 samples, 256x256" in out
+    assert loaded == [("pixeldit2-h16-256", {"encoder_weights": encoder})]
+    assert "1 classes x 1 samples, 256x256" in out
     assert calls == [
         dict(
             num_steps=50,

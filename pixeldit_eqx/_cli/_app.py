@@ -45,12 +45,15 @@ def _preset(name: str | None) -> Any:
     return PRESETS[name]
 
 
-def _load_model(path: pathlib.Path, preset: str | None) -> Any:
+def _load_model(path: pathlib.Path, preset: str | None, encoder_weights: pathlib.Path | None = None) -> Any:
     """A model from any file this project reads: a `train.save_model` file, a
     `.safetensors` file that carries its config (`save_safetensors`), or reference weights
-    (`.safetensors`, `.pt`, `.ckpt`: EMA weights when present) for `--preset`."""
+    (`.safetensors`, `.pt`, `.ckpt`: EMA weights when present) for `--preset`; a PixelDiT2's
+    grounding encoder from `encoder_weights` when given."""
     kind = _files.kind_of(path)
     if kind == "model":
+        if encoder_weights is not None:
+            raise ValueError("`--encoder-weights`: a model file holds its whole network; leave it out.")
         from .. import train
 
         return train.load_model(path)
@@ -60,7 +63,9 @@ def _load_model(path: pathlib.Path, preset: str | None) -> Any:
             f"belong to ({', '.join(sorted(PRESETS))}), or pass a model file written by train.save_model or "
             "a .safetensors file written by pixeldit-eqx convert."
         )
-    return load_reference(path, preset)
+    if encoder_weights is None:
+        return load_reference(path, preset)
+    return load_reference(path, preset, encoder_weights=encoder_weights)
 
 
 def _parse_classes(text: str) -> list[int]:
@@ -85,6 +90,13 @@ def sample(
     preset: Annotated[
         str | None,
         typer.Option(help="the released network the weights belong to; its sampling settings become the defaults"),
+    ] = None,
+    encoder_weights: Annotated[
+        str | None,
+        typer.Option(
+            help="PixelDiT2: its grounding encoder's weights (timm DINOv3 .safetensors, a path or hf:// id), for "
+            "weights without them"
+        ),
     ] = None,
     classes: Annotated[str, typer.Option(help="comma-separated class labels, one grid row each")] = "0",
     per_class: Annotated[int, typer.Option(help="samples per class (the grid's columns)")] = 4,
@@ -136,7 +148,8 @@ def sample(
     if resolution is None:
         raise ValueError("`--resolution`: needed without a --preset (the image side in pixels).")
 
-    model = _load_model(weights_path, preset)
+    encoder_path = None if encoder_weights is None else _files._resolve_weights(encoder_weights, "--encoder-weights")
+    model = _load_model(weights_path, preset, encoder_path)
     variant = getattr(type(model), "variant", None)
     if variant not in ("c2i", "pixeldit2"):
         raise ValueError(
