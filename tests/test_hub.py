@@ -72,7 +72,6 @@ def test_load_reference_by_hub_id(hub):
 
 def test_a_revision_picks_the_snapshot(hub):
     import pixeldit_eqx as px
-
     from pixeldit_eqx._hub import hub_download
 
     main = hub_download(f"hf://nvidia/PixelDiT-ImageNet/{CKPT}")
