@@ -64,8 +64,11 @@ def model_file(tmp_path_factory):
     ("command", "fragments"),
     [
         ([], ["sample", "convert", "info", "train-digits"]),
-        (["sample"], ["--weights", "--preset", "--classes", "--per-class", "--steps", "--method", "--guidance"]),
-        (["convert"], ["SOURCE", "TARGET", "--ema", "--no-ema"]),
+        (
+            ["sample"],
+            ["--weights", "--preset", "--classes", "--per-class", "--steps", "--method", "--guidance", "hf://"],
+        ),
+        (["convert"], ["SOURCE", "TARGET", "--ema", "--no-ema", "--preset"]),
         (["info"], ["FILE", "--json"]),
         (["train-digits"], ["--quick", "--steps", "--out"]),
     ],
@@ -177,7 +180,8 @@ def test_sample_a_model_file_in_batches(capsys, tmp_path, model_file):
 @pytest.mark.parametrize(
     ("args", "status", "fragments"),
     [
-        (["sample", "--weights", "hf://nvidia/PixelDiT-ImageNet/x.ckpt"], 1, ["`--weights`: hf:// ids are not"]),
+        (["sample", "--weights", "hf://nvidia/x.ckpt"], 1, ["`--weights`: expected a Hugging Face file id"]),
+        (["sample", "--weights", "s3://bucket/x.ckpt"], 1, ["`--weights`: s3:// ids are not supported"]),
         (["sample", "--weights", "missing.ckpt"], 1, ["`--weights`: no such file: 'missing.ckpt'"]),
         (["sample", "--weights", CKPT, "--resolution", "16"], 1, ["`--preset`: model_c2i_lightning.ckpt holds"]),
         (["sample", "--weights", CKPT, "--preset", "pixeldit-xl-c2i-256"], 1, ["does not fit PixelDiT", "problem(s)"]),
@@ -239,3 +243,121 @@ def test_info_reads_the_config_of_the_released_networks(name, presets):
     assert config == {k: v for k, v in released["init"].items() if k not in traceless}
     assert _files.mismatches(weights, _files.skeleton_shapes(config, variant)) == []
     assert _files.fitting_presets(variant, config, weights) == presets
+
+
+@pytest.fixture(scope="module")
+def pixeldit2_file(tmp_path_factory):
+    """The PixelDiT2 fixture network as `save_safetensors` writes it (config in the metadata)."""
+    import pixeldit_eqx as px
+
+    from ._pixeldit2_reference import init, load_weights as load_weights2
+
+    path = tmp_path_factory.mktemp("pixeldit2") / "pixeldit2.safetensors"
+    px.save_safetensors(path, px.load_reference(load_weights2("model_pixeldit2"), init("model_pixeldit2")))
+    return path
+
+
+def test_convert_stores_the_config_and_info_reports_it(capsys, tmp_path):
+    import pixeldit_eqx as px
+
+    out = tmp_path / "c2i.safetensors"
+    code, stdout, _ = cli(capsys, "convert", CKPT, out)
+    assert code == 0 and "config: stored, a c2i config read from the weight names and shapes" in stdout
+    model = px.load_reference(out)  # no config: the file carries it
+    assert isinstance(model, px.PixelDiT) and MANIFEST["model_c2i"]["init"].items() <= model.config.items()
+    code, stdout, _ = cli(capsys, "info", out, "--json")
+    report = json.loads(stdout)
+    assert code == 0 and report["config_from"] == "the file's metadata" and report["variant"] == "c2i"
+    assert report["config"] == MANIFEST["model_c2i"]["init"] and report["problems"] == []
+    # A preset the weights do not fit: one line, and nothing written.
+    code, stdout, err = cli(capsys, "convert", CKPT, tmp_path / "xl.safetensors", "--preset", "pixeldit-xl-c2i-256")
+    assert code == 1 and not (tmp_path / "xl.safetensors").exists()
+    one_error_line(
+        err, "does not fit PixelDiT (391 problem(s))", "the weights look like a c2i PixelDiT: hidden_size=64"
+    )
+
+
+def test_info_on_a_pixeldit2_file(capsys, pixeldit2_file):
+    from ._pixeldit2_reference import init
+
+    code, out, err = cli(capsys, "info", pixeldit2_file, "--json")
+    report = json.loads(out)
+    assert code == 0 and not err
+    assert report["variant"] == "pixeldit2" and report["config_from"] == "the file's metadata"
+    want = {k: v for k, v in init("model_pixeldit2").items() if k not in ("encoder", "pretrained_encoder")}
+    assert {k: report["config"][k] for k in want if k != "grounding_encoder"} == {
+        k: v for k, v in want.items() if k != "grounding_encoder"
+    }
+    assert report["config"]["grounding_encoder"]["embed_dim"] == 32 and report["problems"] == []
+    assert report["parameters"] == 317_400
+
+
+def test_sample_a_pixeldit2_file(capsys, tmp_path, pixeldit2_file):
+    args = ["sample", "--weights", pixeldit2_file, "--classes", "3,7", "--per-class", "1", "--steps", "2"]
+    code, out, err = cli(capsys, *args, "--method", "euler", "--resolution", "16", "--out", tmp_path / "p2.png")
+    assert code == 0, err
+    assert "2 classes x 1 samples, 16x16" in out and "2/2" in err  # the progress bar
+    mode, a = _png(tmp_path / "p2.png")
+    assert mode == "RGB" and a.shape == (2 * 18 + 2, 18 + 2, 3)
+    code, _, err = cli(capsys, *args, "--method", "flowdpm", "--resolution", "16")
+    assert code == 1
+    one_error_line(err, "`--method`: a PixelDiT2 samples with heun or euler, got 'flowdpm'")
+
+
+def test_sample_takes_a_pixeldit2_preset_s_settings(capsys, tmp_path, monkeypatch, pixeldit2_file):
+    """`--preset pixeldit2-h16-256`: its released sampler settings reach PixelDiT2's sampler
+    (the network and sampler are stand-ins here: the released network is 1B parameters)."""
+    import jax.numpy as jnp
+
+    import pixeldit_eqx as px
+    from pixeldit_eqx._cli import _app
+
+    from ._pixeldit2_reference import init, load_weights as load_weights2
+
+    tiny = px.load_reference(load_weights2("model_pixeldit2"), init("model_pixeldit2"))
+    loaded, calls = [], []
+    monkeypatch.setattr(_app, "load_reference", lambda path, preset, **kw: loaded.append((preset, kw)) or tiny)
+
+    def fake_sample(model, noise, y, **options):
+        calls.append(options)
+        return jnp.tanh(noise)
+
+    monkeypatch.setattr(_app, "sample_any", fake_sample)
+    args = ["sample", "--weights", pixeldit2_file, "--preset", "pixeldit2-h16-256", "--classes", "1"]
+    encoder = FIXTURES.parent / "pixeldit2" / "dinov3_encoder_tiny.safetensors"
+    code, out, err = cli(capsys, *args, "--per-class", "1", "--encoder-weights", encoder, "--out", tmp_path / "p.png")
+    assert code == 0, err
+    assert loaded == [("pixeldit2-h16-256", {"encoder_weights": encoder})]
+    assert "1 classes x 1 samples, 256x256" in out
+    assert calls == [
+        dict(
+            num_steps=50,
+            method="heun",
+            guidance=2.4,
+            guidance_interval=(0.125, 0.9),
+            shift=1.0,
+            noise_scale=1.0,
+            t_eps=0.05,
+        )
+    ]
+
+
+def test_info_reads_the_config_of_the_released_pixeldit2_networks():
+    """`info`'s config and presets for the released PixelDiT2 files, from their key names
+    and shapes (zero-strided arrays stand in for the weights)."""
+    from pixeldit_eqx._cli import _files
+
+    from ._pixeldit2_reference import FIXTURES as FIXTURES2
+
+    released = json.loads((FIXTURES2 / "released_shapes.json").read_text())
+    for name, preset in (("pixeldit2_h16_in256", "pixeldit2-h16-256"), ("pixeldit2_h16_in512", "pixeldit2-h16-512")):
+        entry = released[name]
+        shapes = dict(entry["state_dict_shapes_without_encoder"])
+        shapes.update(entry["state_dict_shapes_encoder"])  # under `dino_conditioner.encoder.`
+        weights = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
+        variant, config = _files.infer_config(weights)
+        # What leaves no trace in the weights: the class-token start, the dropouts, the SiLU layout.
+        traceless = ("in_context_start", "attn_dropout", "proj_dropout", "single_silu_cond", "pretrained_encoder")
+        assert variant == "pixeldit2"
+        assert config == {k: v for k, v in entry["init"].items() if k not in traceless}
+        assert _files.fitting_presets(variant, config, weights) == [preset]

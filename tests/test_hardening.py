@@ -311,12 +311,15 @@ def test_weights_of_the_other_variant_fail_as_one_error(weights, config, variant
     cls = "PixelDiTT2I" if variant == "t2i" else "PixelDiT"
     assert message.startswith(f"state dict does not fit {cls} ({n} problem(s)); nothing was loaded:\n  hint: key ")
     assert f"these look like {other} weights (load them with variant={other!r} and a {other} config)" in message
+    assert f"\n  the weights look like a {other} PixelDiT: hidden_size=64, " in message
+    problems = info.value.problems  # all of them; the message shows the first of each kind
+    assert len(problems) == n and len(message.splitlines()) <= 16
     for key in missing:
-        assert f"missing key {key!r}" in message
+        assert f"missing key {key!r} (expected shape {tuple(want[key])})" in problems
     for key in unexpected:
-        assert f"unexpected key {key!r}" in message
+        assert f"unexpected key {key!r} (shape {sd[key].shape})" in problems
     for key in misshaped:
-        assert f"key {key!r}: expected shape" in message
+        assert f"key {key!r}: expected shape {tuple(want[key])}, got {sd[key].shape}" in problems
 
 
 def _damaged(data: bytes, damage: str) -> bytes:

@@ -14,12 +14,12 @@ import jax.random as jr
 import numpy as np
 import typer
 
-from .. import flow
-from .._convert import load_state_dict, save_safetensors
+from .. import _infer, flow
+from .._convert import load_reference, save_safetensors
 from .._images import save_image_grid
-from .._model import build
 from .._optional import require
 from .._presets import PRESETS
+from .._sample import sample as sample_any
 from ..modules import trainable
 from . import _files
 
@@ -34,9 +34,10 @@ app = typer.Typer(
 )
 
 _METHODS = ("euler", "heun", "flowdpm")
+_GROUNDED_METHODS = ("heun", "euler")
 
 
-def _preset(name: str | None) -> dict[str, Any] | None:
+def _preset(name: str | None) -> Any:
     if name is None:
         return None
     if name not in PRESETS:
@@ -44,23 +45,27 @@ def _preset(name: str | None) -> dict[str, Any] | None:
     return PRESETS[name]
 
 
-def _load_model(path: pathlib.Path, preset: str | None) -> Any:
-    """A model from any file this project reads: a `train.save_model` file, or reference
-    weights (`.safetensors`, `.pt`, `.ckpt`: EMA weights when present) for `--preset`."""
+def _load_model(path: pathlib.Path, preset: str | None, encoder_weights: pathlib.Path | None = None) -> Any:
+    """A model from any file this project reads: a `train.save_model` file, a
+    `.safetensors` file that carries its config (`save_safetensors`), or reference weights
+    (`.safetensors`, `.pt`, `.ckpt`: EMA weights when present) for `--preset`; a PixelDiT2's
+    grounding encoder from `encoder_weights` when given."""
     kind = _files.kind_of(path)
     if kind == "model":
+        if encoder_weights is not None:
+            raise ValueError("`--encoder-weights`: a model file holds its whole network; leave it out.")
         from .. import train
 
         return train.load_model(path)
-    if preset is None:
+    if preset is None and _files.stored_config(path, kind) is None:
         raise ValueError(
             f"`--preset`: {path.name} holds reference weights, which carry no config: name the preset they "
-            f"belong to ({', '.join(sorted(PRESETS))}), or pass a model file written by train.save_model."
+            f"belong to ({', '.join(sorted(PRESETS))}), or pass a model file written by train.save_model or "
+            "a .safetensors file written by pixeldit-eqx convert."
         )
-    tensors, _ = _files.read_tensors(path, kind)
-    weights, _, _ = _files.select(tensors, ema=None)
-    skeleton = eqx.filter_eval_shape(lambda: build(preset, None, key=jr.key(0)))
-    return load_state_dict(skeleton, weights)
+    if encoder_weights is None:
+        return load_reference(path, preset)
+    return load_reference(path, preset, encoder_weights=encoder_weights)
 
 
 def _parse_classes(text: str) -> list[int]:
@@ -76,16 +81,33 @@ def _parse_classes(text: str) -> list[int]:
 @app.command()
 def sample(
     weights: Annotated[
-        str, typer.Option(help="a model file (train.save_model) or reference weights (.safetensors, .pt, .ckpt)")
+        str,
+        typer.Option(
+            help="a model file (train.save_model) or reference weights (.safetensors, .pt, .ckpt): a path or an "
+            "hf://owner/repo[@revision]/file id"
+        ),
     ],
     preset: Annotated[
         str | None,
         typer.Option(help="the released network the weights belong to; its sampling settings become the defaults"),
     ] = None,
+    encoder_weights: Annotated[
+        str | None,
+        typer.Option(
+            help="PixelDiT2: its grounding encoder's weights (timm DINOv3 .safetensors, a path or hf:// id), for "
+            "weights without them"
+        ),
+    ] = None,
     classes: Annotated[str, typer.Option(help="comma-separated class labels, one grid row each")] = "0",
     per_class: Annotated[int, typer.Option(help="samples per class (the grid's columns)")] = 4,
     steps: Annotated[int | None, typer.Option(help="integration steps [default: the preset's, else 50]")] = None,
-    method: Annotated[str, typer.Option(help="euler, heun or flowdpm (the released PixelDiT's sampler)")] = "flowdpm",
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="euler, heun or flowdpm (PixelDiT only) [default: the preset's, else flowdpm for a PixelDiT "
+            "and heun for a PixelDiT2]"
+        ),
+    ] = None,
     guidance: Annotated[
         float | None, typer.Option(help="classifier-free guidance scale [default: the preset's, else 1]")
     ] = None,
@@ -95,34 +117,49 @@ def sample(
     ] = None,
     shift: Annotated[float | None, typer.Option(help="time shift of the grid [default: the preset's, else 1]")] = None,
     resolution: Annotated[int | None, typer.Option(help="image side in pixels [default: the preset's]")] = None,
+    noise_scale: Annotated[
+        float | None, typer.Option(help="the start is noise * noise-scale [default: the preset's, else 1]")
+    ] = None,
+    t_eps: Annotated[
+        float | None, typer.Option(help="PixelDiT2's floor of 1 - t in the velocity [default: the preset's, else 0.05]")
+    ] = None,
     seed: Annotated[int, typer.Option(help="seed of the noise")] = 0,
     batch_size: Annotated[int, typer.Option(help="images per compiled call")] = 8,
     out: Annotated[pathlib.Path, typer.Option(help="the PNG grid to write")] = pathlib.Path("grid.png"),
     progress: Annotated[bool, typer.Option(help="a progress bar over batches")] = True,
 ) -> None:
-    """Draw class-conditional samples and write them as a PNG grid, one row per class."""
+    """Draw class-conditional samples (PixelDiT or PixelDiT2) and write them as a PNG grid, one row per class."""
     weights_path = _files._resolve_weights(weights)
     settings = _preset(preset)
-    sampling = (settings or {}).get("sampling") or {}
+    sampling = (_files.preset_field(settings, "sampling") if settings is not None else None) or {}
     steps = sampling.get("num_steps", 50) if steps is None else steps
     guidance = sampling.get("guidance", 1.0) if guidance is None else guidance
     interval = tuple(sampling.get("guidance_interval", (0.0, 1.0)) if guidance_interval is None else guidance_interval)
     shift = sampling.get("shift", 1.0) if shift is None else shift
-    resolution = (settings or {}).get("resolution") if resolution is None else resolution
+    noise_scale = sampling.get("noise_scale", 1.0) if noise_scale is None else noise_scale
+    t_eps = sampling.get("t_eps", 0.05) if t_eps is None else t_eps
+    if resolution is None and settings is not None:
+        resolution = _files.preset_field(settings, "resolution")
     labels = _parse_classes(classes)
-    if method not in _METHODS:
+    if method is not None and method not in _METHODS:
         raise ValueError(f"`--method` must be one of {', '.join(_METHODS)}, got {method!r}.")
     if per_class < 1 or batch_size < 1:
         raise ValueError(f"`--per-class` and `--batch-size` must be >= 1, got {per_class} and {batch_size}.")
     if resolution is None:
         raise ValueError("`--resolution`: needed without a --preset (the image side in pixels).")
 
-    model = _load_model(weights_path, preset)
-    if getattr(type(model), "variant", None) != "c2i":
+    encoder_path = None if encoder_weights is None else _files._resolve_weights(encoder_weights, "--encoder-weights")
+    model = _load_model(weights_path, preset, encoder_path)
+    variant = getattr(type(model), "variant", None)
+    if variant not in ("c2i", "pixeldit2"):
         raise ValueError(
             f"`--weights`: `sample` draws class-conditional models; this is a {type(model).__name__}, which "
-            "needs text embeddings (use pixeldit_eqx.flow.sample from Python)."
+            "needs text embeddings (use pixeldit_eqx.sample from Python)."
         )
+    grounded = variant == "pixeldit2"
+    method = sampling.get("method", "heun" if grounded else "flowdpm") if method is None else method
+    if grounded and method not in _GROUNDED_METHODS:
+        raise ValueError(f"`--method`: a PixelDiT2 samples with {' or '.join(_GROUNDED_METHODS)}, got {method!r}.")
     bad = [c for c in labels if not 0 <= c < model.num_classes]
     if bad:
         raise ValueError(f"`--classes`: labels must be in [0, {model.num_classes}), got {bad}.")
@@ -138,9 +175,22 @@ def sample(
     def draw(model, indices, ys):
         def one(i, y):
             noise = jr.normal(jr.fold_in(key, i), shape)  # image i's noise, whatever the batch size
+            if grounded:  # PixelDiT2's grounded sampler: x-prediction, null label and no grounding
+                return sample_any(
+                    model,
+                    noise,
+                    y,
+                    num_steps=steps,
+                    method=method,
+                    guidance=guidance,
+                    guidance_interval=interval,
+                    shift=shift,
+                    noise_scale=noise_scale,
+                    t_eps=t_eps,
+                )
             return flow.sample(
                 model,
-                noise,
+                noise * noise_scale,
                 y,
                 num_steps=steps,
                 method=method,
@@ -166,19 +216,49 @@ def sample(
     typer.echo(f"wrote {out}: {len(labels)} classes x {per_class} samples, {resolution}x{resolution}")
 
 
+def _config_to_store(weights: dict[str, Any], preset: str | None) -> tuple[Any, str | None, str]:
+    """`(config, variant, what convert says of it)` for `convert` to store with the weights:
+    the preset's; else the one preset's the weights fit; else, for a PixelDiT, the config
+    read from the weights (what leaves no trace in them at the reference defaults)."""
+    if preset is not None:
+        _preset(preset)
+        return preset, None, f"stored, the preset {preset!r}'s"
+    try:
+        variant, config = _files.infer_config(weights)
+        fits = _files.fitting_presets(variant, config, weights)
+    except ValueError as e:
+        return None, None, f"not stored ({e}); pass --preset to store one"
+    configs = {json.dumps(_files.preset_field(PRESETS[name], "config"), sort_keys=True) for name in fits}
+    if len(configs) == 1:
+        return fits[0], None, f"stored, the config of the preset(s) it fits: {', '.join(fits)}"
+    if variant == "pixeldit2":
+        return None, None, "not stored (a PixelDiT2 that fits no preset); pass --preset to store one"
+    return config, variant, f"stored, a {variant} config read from the weight names and shapes"
+
+
 @app.command()
 def convert(
     source: Annotated[
-        pathlib.Path, typer.Argument(metavar="SOURCE", help="a torch checkpoint (.ckpt, .pt, .pth) or .safetensors")
+        str,
+        typer.Argument(
+            metavar="SOURCE", help="a torch checkpoint (.ckpt, .pt, .pth) or .safetensors: a path or an hf:// id"
+        ),
     ],
     target: Annotated[pathlib.Path, typer.Argument(metavar="TARGET", help="the .safetensors file to write")],
     ema: Annotated[
         bool | None,
         typer.Option("--ema/--no-ema", help="keep the EMA weights (default: the EMA weights when present)"),
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="the released network the weights belong to: its config is stored in the file [default: the "
+            "config read from the weights, or the one preset they fit]"
+        ),
+    ] = None,
 ) -> None:
-    """Write the weights of one model of a checkpoint as .safetensors, without torch."""
-    path = _files._resolve_weights(str(source), "SOURCE")
+    """Write the weights of one model of a checkpoint as .safetensors (with its config), without torch."""
+    path = _files._resolve_weights(source, "SOURCE")
     kind = _files.kind_of(path)
     if kind == "model":
         raise ValueError(f"`{source}`: a pixeldit_eqx model file; load it with train.load_model, nothing to convert.")
@@ -193,12 +273,14 @@ def convert(
     typer.echo(f"kept: {len(weights)} tensors, {params:,} parameters ({', '.join(dtypes)}): {what}{where}")
     parts = [f"{k} ({n} tensors)" for k, n in dropped.items()] + others
     typer.echo(f"dropped: {', '.join(parts) if parts else 'nothing'}")
+    config, variant, why = _config_to_store(weights, preset)
+    typer.echo(f"config: {why}")
     folder = os.path.dirname(os.path.abspath(target))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".convert-", suffix=".safetensors", dir=folder)
     os.close(fd)
     try:
-        save_safetensors(tmp, weights)
+        save_safetensors(tmp, weights, config=config, variant=variant)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -209,20 +291,21 @@ def convert(
 @app.command()
 def info(
     file: Annotated[
-        pathlib.Path, typer.Argument(metavar="FILE", help="a model file, .safetensors or torch checkpoint")
+        str,
+        typer.Argument(metavar="FILE", help="a model file, .safetensors or torch checkpoint: a path or an hf:// id"),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of lines")] = False,
 ) -> None:
     """Describe a weights file: variant, config, parameters, dtype, EMA, problems found."""
-    path = _files._resolve_weights(str(file), "FILE")
+    path = _files._resolve_weights(file, "FILE")
     kind = _files.kind_of(path)
-    report: dict[str, Any] = {"file": str(file)}
+    report: dict[str, Any] = {"file": file}
     problems: list[str] = []
     if kind == "model":
         from .. import train
 
         with open(path, "rb") as f:
-            header = train._read_header(f, str(file))
+            header = train._read_header(f, file)
         model = train.load_model(path)
         leaves = jax.tree.leaves(eqx.filter(model, trainable(model)))
         report.update(
@@ -247,16 +330,26 @@ def info(
             dtype=", ".join(sorted({np.asarray(v).dtype.name for v in weights.values()})) or None,
             other_entries=[f"{k} ({n} tensors)" for k, n in dropped.items()] + others,
         )
-        try:
-            variant, config = _files.infer_config(weights)
-        except ValueError as e:
-            problems.append(str(e))
+        stored = _files.stored_config(path, kind)
+        if stored is not None:
+            variant, config = stored
+            variant = variant or _infer.variant_of_config(config) or _infer.variant_of_weights(weights)
+            problem = None
         else:
-            report.update(variant=variant, config=config)
+            variant, config, problem = _infer.read_config(weights)
+        if variant is not None:
+            report.update(
+                variant=variant,
+                config=config,
+                config_from="the file's metadata" if stored is not None else "the weight names and shapes",
+            )
+        if problem is not None:
+            problems.append(problem)
+        else:
             try:
                 found = _files.mismatches(weights, _files.skeleton_shapes(config, variant))
             except ValueError as e:
-                found = [f"the config read from the weights builds no model: {e}"]
+                found = [f"the config builds no model: {e}"]
             problems += found
             report["presets"] = _files.fitting_presets(variant, config, weights) if not found else []
         bad = sorted(k for k, v in weights.items() if not np.isfinite(np.asarray(v, dtype=np.float32)).all())

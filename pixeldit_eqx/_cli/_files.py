@@ -1,7 +1,7 @@
 """What the command line reads: weights by name, any weights file, and what a file holds."""
 
 import collections
-import math
+import json
 import os
 import pathlib
 import re
@@ -12,7 +12,8 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from .._convert import state_dict
+from .. import _hub, _infer
+from .._convert import CONFIG_KEY, state_dict, VARIANT_KEY
 from .._model import build
 from .._presets import PRESETS
 
@@ -25,21 +26,48 @@ _MODEL_FILE_START = b'{"'
 
 
 def _resolve_weights(spec: str, option: str = "--weights") -> pathlib.Path:
-    """A `--weights` value (or the file argument named `option`) -> the local file it names.
-
-    Today a local path; other schemes (`hf://owner/repo/file`, a later step) resolve here
-    to a file in a local cache, so every command that takes weights gains them at once.
-    """
+    """A `--weights` value (or the file argument named `option`) -> the local file it names:
+    a path, or a Hugging Face file id `hf://owner/repo[@revision]/path/in/repo`, fetched
+    into (or found in, with `HF_HUB_OFFLINE=1`) the Hugging Face cache."""
+    if _hub.is_hub_id(spec):
+        try:
+            return pathlib.Path(_hub.hub_download(spec))
+        except (ValueError, OSError) as e:
+            raise type(e)(f"`{option}`: {e}") from e
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", spec):
         scheme = spec.split("://", 1)[0]
         raise ValueError(
-            f"`{option}`: {scheme}:// ids are not supported by this version, got {spec!r}; "
-            "download the file and pass its local path."
+            f"`{option}`: {scheme}:// ids are not supported, got {spec!r}; pass a local path or an "
+            "hf://owner/repo/file id."
         )
     path = pathlib.Path(spec).expanduser()
     if not path.is_file():
         raise ValueError(f"`{option}`: no such file: {spec!r}.")
     return path
+
+
+def stored_config(path: pathlib.Path, kind: str) -> tuple[str | None, dict[str, Any]] | None:
+    """`(variant, config)` that `save_safetensors` stored in a `.safetensors` file's
+    metadata, or None (a torch checkpoint, or a file written without them)."""
+    if kind != "safetensors":
+        return None
+    from .._optional import require
+
+    safe_open = require("safetensors", "safetensors", "reading a .safetensors file").safe_open
+    try:
+        with safe_open(os.fspath(path), framework="np") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:  # The Rust reader's errors have no common Python base.
+        raise ValueError(f"`{path}`: not a readable .safetensors file: {e}") from e
+    if CONFIG_KEY not in metadata:
+        return None
+    try:
+        config = json.loads(metadata[CONFIG_KEY])
+    except ValueError as e:
+        raise ValueError(f"`{path}`: its {CONFIG_KEY!r} metadata is not JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"`{path}`: its {CONFIG_KEY!r} metadata is not a JSON object.")
+    return metadata.get(VARIANT_KEY), config
 
 
 def kind_of(path: pathlib.Path) -> str:
@@ -110,67 +138,18 @@ def select(tensors: Mapping[str, Any], ema: bool | None) -> tuple[dict[str, Any]
     return kept, prefix, dict(sorted(dropped.items()))
 
 
-def _depth(weights: Mapping[str, Any], stack: str) -> int:
-    found = {int(m.group(1)) for k in weights if (m := re.match(rf"^{stack}\.(\d+)\.", k))}
-    return max(found) + 1 if found else 0
-
-
-def _shape(weights: Mapping[str, Any], key: str) -> tuple[int, ...]:
-    if key not in weights:
-        raise KeyError(key)
-    return tuple(np.shape(weights[key]))
-
-
 def infer_config(weights: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """`(variant, constructor arguments)` read from the weight names and shapes of a PixelDiT.
+    """`(variant, constructor arguments)` read from the weight names and shapes (see
+    `pixeldit_eqx._infer.infer_config`)."""
+    return _infer.infer_config(weights)
 
-    Arguments that leave no trace in the weights (`use_pixel_abs_pos`, `use_text_rope`,
-    `text_rope_theta`, `mlp_ratio`) keep the reference defaults. Raises `ValueError` when the
-    weights are not those of a PixelDiT.
-    """
-    if "y_pos_embedding" in weights:
-        variant = "t2i"
-    elif "y_embedder.embedding_table.weight" in weights:
-        variant = "c2i"
-    else:
-        raise ValueError(
-            "the weights are not those of a PixelDiT: neither 'y_embedder.embedding_table.weight' (class-"
-            f"conditional) nor 'y_pos_embedding' (text-conditional) is among their {len(weights)} keys."
-        )
-    try:
-        d, cpp = _shape(weights, "s_embedder.proj.weight")
-        d_pix, channels = _shape(weights, "pixel_embedder.proj.weight")
-        patch = math.isqrt(cpp // channels)
-        config: dict[str, Any] = dict(
-            in_channels=channels,
-            patch_size=patch,
-            hidden_size=d,
-            pixel_hidden_size=d_pix,
-            patch_depth=_depth(weights, "patch_blocks"),
-            pixel_depth=_depth(weights, "pixel_blocks"),
-        )
-        q_norm = "patch_blocks.0.attn.q_norm_x.weight" if variant == "t2i" else "patch_blocks.0.attn.q_norm.weight"
-        if config["patch_depth"]:
-            config["num_groups"] = d // _shape(weights, q_norm)[0]
-        if config["pixel_depth"]:
-            n_mod = _shape(weights, "pixel_blocks.0.adaLN_modulation.0.weight")[0] // (d_pix * patch * patch)
-            if n_mod == 4:
-                config["pit_adaln_post_modulation"] = True
-        if variant == "c2i":
-            config["num_classes"] = _shape(weights, "y_embedder.embedding_table.weight")[0] - 1
-        else:
-            config["txt_embed_dim"] = _shape(weights, "y_embedder.proj.weight")[1]
-            config["txt_max_length"] = _shape(weights, "y_pos_embedding")[1]
-            if config["pixel_depth"]:
-                attn = _shape(weights, "pixel_blocks.0.compress_to_attn.weight")[0]
-                config["pixel_attn_hidden_size"] = attn
-                config["pixel_num_groups"] = attn // _shape(weights, "pixel_blocks.0.attn.q_norm.weight")[0]
-    except (KeyError, ValueError, ZeroDivisionError, IndexError) as e:
-        raise ValueError(
-            f"the weights look like a {variant} PixelDiT, but a weight that fixes its config is "
-            f"missing or misshaped: {e}"
-        ) from e
-    return variant, config
+
+def preset_field(preset: Any, name: str) -> Any:
+    """A field of a `PRESETS` entry (a mapping or an object), a config as a plain dict."""
+    value = preset.get(name) if isinstance(preset, Mapping) else getattr(preset, name, None)
+    if name == "config" and value is not None:
+        value = value.to_dict() if hasattr(value, "to_dict") else dict(value)
+    return value
 
 
 def skeleton_shapes(config: Mapping[str, Any] | str, variant: str | None) -> dict[str, tuple[int, ...]]:
@@ -194,11 +173,11 @@ def mismatches(weights: Mapping[str, Any], expected: Mapping[str, tuple[int, ...
 def fitting_presets(variant: str, config: Mapping[str, Any], weights: Mapping[str, Any]) -> list[str]:
     """The presets whose network has exactly the keys and shapes of `weights` (only the
     presets of the same variant, widths and depths as `config` are built, as skeletons)."""
-    same = ("hidden_size", "patch_size", "patch_depth", "pixel_depth")
+    same = ("hidden_size", "patch_size", "patch_depth", "pixel_depth", "depth")
     return [
         name
         for name, preset in PRESETS.items()
-        if preset.get("variant") == variant
-        and all(preset["config"].get(k) == config.get(k) for k in same)
+        if preset_field(preset, "variant") == variant
+        and all(preset_field(preset, "config").get(k) == config.get(k) for k in same)
         and not mismatches(weights, skeleton_shapes(name, None))
     ]
