@@ -273,6 +273,10 @@ def _method_solver(method: str, exact: bool, solver: Any) -> Any:
         raise ValueError(f"`exact=True` applies to method='heun' only, got method={method!r}.")
     if solver is None:
         return {"euler": Euler(), "flowdpm": FlowDPM(), "heun": Heun(exact=bool(exact))}[method]
+    if not (isinstance(solver, AbstractSolver) or _is_diffrax_solver(solver)):
+        raise ValueError(
+            f"`solver` must be a flow.Euler, flow.Heun, flow.FlowDPM or a diffrax solver, got {type(solver).__name__}."
+        )
     if method != "heun" or exact:
         raise ValueError(
             f"give the solver either as `solver` or as `method`/`exact`: expected the defaults method='heun', "
