@@ -14,6 +14,11 @@ and `v` has the shape of `x`. An `equinox.Module` whose `__call__` has that sign
 (`PixelDiT`, for one) can be passed as is. As everywhere in this package, one call
 handles one example; batch with `jax.vmap`.
 
+`sample` solves the ODE `ProbabilityFlow` (the velocity, `Guided` for classifier-free
+guidance) with a solver object (`Euler`, `Heun`, `FlowDPM`: `init` and `step`, the
+shape of diffrax's solvers) in one `jax.lax.scan` (`integrate`); `sample_ode` and
+`log_likelihood` solve the same ODE with diffrax.
+
 Reference: `c2i/src/diffusion.py` of the PyTorch PixelDiT (the `REPATrainer` flow
 loss, `EulerSampler`, `HeunSampler`, `FlowDPMSolverSampler`, `shift_respace_fn`).
 """

@@ -532,7 +532,7 @@ def _sample_batch(sampler: Any, noise: Any, cond: Any, mesh: Mesh, axis: str) ->
 
 
 def sharded_sample(
-    sampler: Callable[[Array, Any], Any],
+    sampler: Any,
     noise: Batch,
     cond: PyTree,
     mesh: Mesh,
