@@ -156,7 +156,8 @@ def run(strategy: str, mesh: jax.sharding.Mesh, args: argparse.Namespace) -> lis
 
     noise = jr.normal(jr.key(args.seed + 1), (args.batch, *IMAGE), dtype=jnp.float32)
     labels = jnp.arange(args.batch, dtype=jnp.int32) % NUM_CLASSES
-    images = sharding.sharded_sample(state.ema, noise, labels, mesh, num_steps=4, guidance=2.0, null_cond=NUM_CLASSES)
+    sampler = eqx.Partial(pixeldit_eqx.flow.sample, state.ema, num_steps=4, guidance=2.0, null_cond=NUM_CLASSES)
+    images = sharding.sharded_sample(sampler, noise, labels, mesh)
     print(describe("samples", images))
     return losses
 

@@ -267,7 +267,8 @@ def train_all(args: argparse.Namespace) -> None:
 
             noise = np.asarray(jr.normal(jr.key(args.seed + 2), (args.batch, *image)))[rows]
             labels = (np.arange(args.batch, dtype=np.int32) % num_classes)[rows]
-            samples = sharding.sharded_sample(state.ema, noise, labels, mesh, num_steps=3, null_cond=num_classes)
+            sampler = eqx.Partial(pixeldit_eqx.flow.sample, state.ema, num_steps=3, null_cond=num_classes)
+            samples = sharding.sharded_sample(sampler, noise, labels, mesh)
             samples = np.asarray(multihost_utils.process_allgather(samples, tiled=True))
             say(f"{strategy}: sampled")
 

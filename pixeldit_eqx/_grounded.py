@@ -15,7 +15,6 @@ Reference: `c2i/src/grounded_diffusion.py` (`GroundedFlowTrainer`, `GroundedSamp
 `GroundedEulerSampler`, `GroundedHeunSampler`, `REPATeacher`).
 """
 
-import math
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeAlias
 
@@ -30,6 +29,7 @@ from ._custom_types import Array, ArrayLike, Bool, Float, Image, Int, LabelLike,
 from ._dinov2 import DINOv2
 from ._linspace import torch_linspace
 from ._resize import resize_bicubic
+from ._solvers import _check_guidance, AbstractSolver, Euler, Heun
 from .flow import time_shift
 
 
@@ -122,104 +122,96 @@ def evaluation_times(num_steps: int, method: str, shift: Real[ArrayLike, ""] = 1
     return jnp.concatenate([pairs, times[-2:-1]])
 
 
-def grounded_sample(
-    x_pred_fn: XPredFn,
-    noise: Float[Array, "*shape"],
-    y: Any,
-    null_label: Any,
-    *,
-    num_steps: int,
-    method: str = "heun",
-    guidance: Real[ArrayLike, ""] = 1.0,
-    guidance_interval: tuple[float | int, float | int] = (0.0, 1.0),
-    shift: Real[ArrayLike, ""] = 1.0,
-    noise_scale: Real[ArrayLike, ""] = 1.0,
-    t_eps: Real[ArrayLike, ""] = 0.05,
-    return_trajectory: bool = False,
-) -> Float[Array, "*shape"] | tuple[Float[Array, "*shape"], Float[Array, " {num_steps+1} *shape"]]:
-    """Samples one example with PixelDiT2's guided ODE, from `t = 0` (noise) to `t = 1`.
+class XPrediction(eqx.Module):
+    """An x-prediction function `x_pred_fn(x, t, y, skip_grounding)` with its null label, called
+    as a `PixelDiT2` is, so that [`pixeldit_eqx.sample`][] samples it with PixelDiT2's rules."""
 
-    `x_0 = noise * noise_scale`; on [`sampling_times`][], steps `0 .. N-2` are Euler
-    (`x + dt v(x, t)`) or exact Heun (`v = v(x, t)`, `v' = v(x + dt v, t')`,
-    `x + dt (v + v') / 2`), the last step is always Euler. The velocity is
-    `v_u + w (v_c - v_u)`: `v_c` from `x_pred_fn(x, t, y, False)`, `v_u` from
-    `x_pred_fn(x, t, null_label, True)` (null label and no grounding), each through
-    [`x_to_velocity`][], `w` from [`guidance_weight`][]. With `guidance` 1.0 (a Python
-    number) only the conditional branch is evaluated.
+    x_pred_fn: Any
+    num_classes: Any  # the null label, as a PixelDiT2's `num_classes`
 
-    Reference: `GroundedSampler`, `GroundedEulerSampler`, `GroundedHeunSampler`. Deviation:
-    one example per call; `shift` (1.0 = none) is an extension.
+    def __call__(self, x: Array, t: Array, y: Any, *, skip_grounding: Any) -> Array:
+        return self.x_pred_fn(x, t, y, skip_grounding)
 
-    **Returns:**
 
-    The sample; with `return_trajectory=True`, `(sample, trajectory)`, `trajectory` of shape
-    `(num_steps + 1, *noise.shape)`, `trajectory[0] = noise * noise_scale`.
+class GroundedVelocity(eqx.Module):
+    """PixelDiT2's guided velocity `v(x, t)`, the ODE its samplers solve.
+
+    `v_u + w (v_c - v_u)`: `v_c` from `model(x, t, y, skip_grounding=False)`, `v_u` from
+    `model(x, t, model.num_classes, skip_grounding=True)` (null label and no grounding), each
+    through [`x_to_velocity`][], `w` from [`guidance_weight`][]. With `guidance` 1.0 (a Python
+    number) only the conditional branch is evaluated. Reference: `GroundedSampler.velocity`.
+
+    **Arguments:**
+
+    - `model`: a `PixelDiT2` or an [`XPrediction`][].
+    - `y`: the label.
+    - `guidance`, `guidance_interval`: the guidance scale and `(t_min, t_max)`.
+    - `t_eps`: the floor of `1 - t`.
     """
+
+    model: Any
+    y: Any
+    guidance: Float[Array, ""]
+    t_eps: Any
+    guidance_interval: tuple[float, float] = eqx.field(static=True)
+    guided: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        model: Any,
+        y: Any,
+        *,
+        guidance: Real[ArrayLike, ""] = 1.0,
+        guidance_interval: tuple[float | int, float | int] = (0.0, 1.0),
+        t_eps: Real[ArrayLike, ""] = 0.05,
+    ):
+        self.guidance_interval = _check_guidance(guidance, guidance_interval)
+        _check_t_eps(t_eps)
+        self.model = model
+        self.y = y
+        self.guidance = jnp.asarray(guidance, dtype=jnp.float32)
+        self.t_eps = t_eps
+        self.guided = _concrete(guidance) != 1.0
+
+    def __call__(self, x: Float[Array, "*shape"], t: Float[Array, ""]) -> Float[Array, "*shape"]:
+        v_c = x_to_velocity(self.model(x, t, self.y, skip_grounding=False), x, t, self.t_eps)
+        if not self.guided:
+            return v_c
+        v_u = x_to_velocity(self.model(x, t, self.model.num_classes, skip_grounding=True), x, t, self.t_eps)
+        w = guidance_weight(t, self.guidance, self.guidance_interval)
+        return v_u + w.astype(x.dtype) * (v_c - v_u)
+
+
+def grounded_solver(method: str, solver: Any = None) -> AbstractSolver:
+    """The grounded samplers' solver: `"euler"` is `flow.Euler()`, `"heun"` `flow.Heun(exact=True)`
+    (`GroundedHeunSampler`: two evaluations a step, the last step Euler); `solver`, a
+    `flow` solver object, instead of them (an extension)."""
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {_METHODS}, got method={method!r}.")
-    if not jnp.issubdtype(getattr(noise, "dtype", jnp.int32), jnp.floating):
-        raise ValueError(f"`noise` must be a floating-point array, got {getattr(noise, 'dtype', type(noise))}.")
-    if jnp.ndim(guidance) != 0:
-        raise ValueError(f"`guidance` must be a scalar, got shape {jnp.shape(guidance)}.")
-    if len(guidance_interval) != 2:
-        raise ValueError(f"`guidance_interval` must be a pair (t_min, t_max), got {guidance_interval!r}.")
-    t_min, t_max = (float(v) for v in guidance_interval)
-    if math.isnan(t_min) or math.isnan(t_max) or not t_min < t_max:
-        raise ValueError(f"`guidance_interval` must be (t_min, t_max) with t_min < t_max, got {guidance_interval!r}.")
-    _check_t_eps(t_eps)
-    dtype = noise.dtype
-    guided = _concrete(guidance) != 1.0
+    if solver is None:
+        return Euler() if method == "euler" else Heun(exact=True)
+    if not isinstance(solver, AbstractSolver):
+        raise ValueError(f"`solver` must be a flow.Euler, flow.Heun or flow.FlowDPM, got {type(solver).__name__}.")
+    return solver
 
-    times = sampling_times(num_steps, shift)
-    eval_t = evaluation_times(num_steps, method, shift)
-    eval_w = guidance_weight(eval_t, guidance, guidance_interval)
 
-    def velocity(x: Array, t: Array, w: Array) -> Array:
-        v_c = x_to_velocity(x_pred_fn(x, t, y, False), x, t, t_eps)
-        if not guided:
-            return v_c
-        v_u = x_to_velocity(x_pred_fn(x, t, null_label, True), x, t, t_eps)
-        return v_u + w.astype(dtype) * (v_c - v_u)
+def grounded_sample(
+    x_pred_fn: XPredFn, noise: Float[Array, "*shape"], y: Any, null_label: Any, **options: Any
+) -> Float[Array, "*shape"] | tuple[Float[Array, "*shape"], Float[Array, " N *shape"]]:
+    """Samples one example of any shape with PixelDiT2's guided ODE, from `t = 0` (noise) to `t = 1`.
 
-    x0 = noise * jnp.asarray(noise_scale, dtype=dtype)
-    dts = (times[1:] - times[:-1]).astype(dtype)
+    [`pixeldit_eqx.sample`][] (its keywords: `num_steps`, `method`, `guidance`, ...) on an
+    x-prediction function: `x_0 = noise * noise_scale`; on [`sampling_times`][], steps
+    `0 .. N-2` are Euler (`x + dt v(x, t)`) or exact Heun (`v = v(x, t)`,
+    `v' = v(x + dt v, t')`, `x + dt (v + v') / 2`), the last step is always Euler
+    ([`grounded_solver`][] over `flow.integrate`'s scan), on the velocity [`GroundedVelocity`][].
 
-    def emit(x: Array) -> Array | None:
-        return x if return_trajectory else None
+    Reference: `GroundedSampler`, `GroundedEulerSampler`, `GroundedHeunSampler`. Deviation:
+    one example per call; `shift` (1.0 = none), `solver` and `progress` are extensions.
+    """
+    from ._sample import sample  # the one implementation, which takes models and this alike
 
-    if method == "euler":
-
-        def euler_step(x, inputs):
-            t, w, dt = inputs
-            x = x + dt * velocity(x, t, w)
-            return x, emit(x)
-
-        x, states = jax.lax.scan(euler_step, x0, (eval_t, eval_w, dts))
-    else:
-        # One scan over all steps: step k evaluates (x, t_k) and, unless it is the last
-        # step (Euler), the corrector at (x + dt v, t_{k+1}) (a `lax.cond` on the unbatched
-        # step index, so the last step evaluates once, also under `jax.vmap`).
-        ends = jnp.concatenate([eval_t[1:-1:2], eval_t[-1:]])  # t_{k+1}, a dummy at the end
-        ends_w = jnp.concatenate([eval_w[1:-1:2], eval_w[-1:]])
-
-        def heun_step(x, inputs):
-            k, t, w, t_end, w_end, dt = inputs
-            v = velocity(x, t, w)
-            x_hat = x + dt * v
-
-            def corrector():
-                v_next = velocity(x_hat, t_end, w_end)
-                return x + dt * jnp.asarray(0.5, dtype=dtype) * (v + v_next)
-
-            x = jax.lax.cond(k < num_steps - 1, corrector, lambda: x_hat)
-            return x, emit(x)
-
-        steps = jnp.arange(num_steps)
-        starts, starts_w = eval_t[0::2], eval_w[0::2]  # t_k for every step
-        x, states = jax.lax.scan(heun_step, x0, (steps, starts, starts_w, ends, ends_w, dts))
-    if not return_trajectory:
-        return x
-    return x, jnp.concatenate([x0[None], states])
+    return sample(XPrediction(x_pred_fn, null_label), noise, y, **options)
 
 
 # ---------------------------------------------------------------------------------------

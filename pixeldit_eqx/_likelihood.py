@@ -7,23 +7,22 @@ noise end gives
 
 `log p_1(x) = log N(x_0; 0, I) - ∫_0^1 div v(x_t, t) dt`.
 
-[`ProbabilityFlow`][] defines the (optionally guided) velocity once; [`sample_ode`][] solves
-it forwards and [`log_likelihood`][] solves it backwards, both with any diffrax solver.
+[`ProbabilityFlow`][] defines the (optionally guided) velocity once, for `flow.sample` too;
+[`sample_ode`][] solves it forwards and [`log_likelihood`][] solves it backwards, both with any
+diffrax solver.
 diffrax is an optional dependency: `pip install 'pixeldit-eqx[likelihood]'`.
 """
 
 import math
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._custom_types import Array, ArrayLike, Float, Real
-from .flow import _check_floating, _check_velocity, _concrete_float, _pair_conditions
+from ._solvers import _check_floating, ProbabilityFlow
 
 
 _DIVERGENCES = ("exact", "hutchinson")
@@ -40,73 +39,6 @@ def _diffrax() -> Any:
             "`pip install 'pixeldit-eqx[likelihood]'` (or `pip install diffrax`)."
         ) from err
     return diffrax
-
-
-class ProbabilityFlow(eqx.Module):
-    """The velocity of the flow ODE `dx/dt = v(x, t)`, `t = 0` noise, `t = 1` data.
-
-    `velocity_fn(x, t, cond)` under `cond`, or with classifier-free guidance
-    `v_u + w (v_c - v_u)` (`w = guidance` where `t_min < t < t_max`, else 1), as
-    `flow.sample` computes it. `velocity_fn` (an `eqx.Module` such as `PixelDiT`) and the
-    conditions are fields, so that gradients reach them through any diffrax adjoint.
-    """
-
-    velocity_fn: Any
-    cond: PyTree
-    null_cond: PyTree
-    guidance: Float[Array, ""]
-    guidance_interval: tuple[float, float] = eqx.field(static=True)
-
-    def __init__(
-        self,
-        velocity_fn: Any,
-        cond: PyTree,
-        *,
-        guidance: Real[ArrayLike, ""] = 1.0,
-        null_cond: PyTree | None = None,
-        guidance_interval: tuple[float | int, float | int] = (0.0, 1.0),
-    ):
-        if not callable(velocity_fn):
-            raise ValueError(f"`velocity_fn` must be callable, got {type(velocity_fn).__name__}.")
-        if jnp.ndim(guidance) != 0:
-            raise ValueError(f"`guidance` must be a scalar, got shape {jnp.shape(guidance)}.")
-        if len(guidance_interval) != 2:
-            raise ValueError(f"`guidance_interval` must be a pair (t_min, t_max), got {guidance_interval!r}.")
-        t_min, t_max = (float(v) for v in guidance_interval)
-        if math.isnan(t_min) or math.isnan(t_max) or not t_min < t_max:
-            raise ValueError(
-                f"`guidance_interval` must be (t_min, t_max) with t_min < t_max, got {guidance_interval!r}."
-            )
-        if null_cond is None:
-            if _concrete_float(guidance) != 1.0:
-                raise ValueError(
-                    f"`guidance`={guidance!r} needs the unconditional condition: expected null_cond "
-                    "to be given (or guidance=1.0), got null_cond=None."
-                )
-        else:
-            cond, null_cond = _pair_conditions(cond, null_cond)
-        self.velocity_fn = velocity_fn
-        self.cond = cond
-        self.null_cond = null_cond
-        self.guidance = jnp.asarray(guidance, dtype=jnp.float32)
-        self.guidance_interval = (t_min, t_max)
-
-    def __call__(self, x: Float[Array, "*shape"], t: Real[ArrayLike, ""]) -> Float[Array, "*shape"]:
-        """The velocity at `x`, time `t` (passed to `velocity_fn` as a float32 scalar), in the dtype of `x`."""
-        t = jnp.asarray(t, dtype=jnp.float32)
-        if self.null_cond is None:
-            v = _check_velocity(self.velocity_fn(x, t, self.cond), x)
-        else:
-            # Index 0 unconditional, 1 conditional, as flow.sample stacks them.
-            pair = jtu.tree_map(lambda n, c: jnp.stack([n, c]), self.null_cond, self.cond)
-            both = jax.vmap(self.velocity_fn, in_axes=(None, None, 0))(x, t, pair)
-            v_u, v_c = both[0], both[1]
-            _check_velocity(v_c, x)
-            t_min, t_max = self.guidance_interval
-            inside = (jnp.float32(t_min) < t) & (t < jnp.float32(t_max))
-            w = jnp.where(inside, self.guidance, jnp.float32(1.0)).astype(v_c.dtype)
-            v = v_u + w * (v_c - v_u)
-        return v.astype(x.dtype)
 
 
 def _sample_field(t: Array, y: Array, flow: ProbabilityFlow) -> Array:

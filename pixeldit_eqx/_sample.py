@@ -5,9 +5,10 @@ from typing import Any
 import jax.numpy as jnp
 
 from ._custom_types import Array, ArrayLike, Float, Real
-from ._grounded import grounded_sample, PixelDiT2REPA
+from ._grounded import grounded_solver, GroundedVelocity, PixelDiT2REPA, sampling_times, XPrediction
 from ._model import PixelDiT, PixelDiTT2I
 from ._pixeldit2 import PixelDiT2
+from ._solvers import _check_floating, integrate
 from .flow import sample as flow_sample
 
 
@@ -18,12 +19,14 @@ def sample(
     *,
     num_steps: int,
     method: str = "heun",
+    solver: Any = None,
     guidance: Real[ArrayLike, ""] = 1.0,
     guidance_interval: tuple[float | int, float | int] = (0.0, 1.0),
     shift: Real[ArrayLike, ""] = 1.0,
     noise_scale: Real[ArrayLike, ""] = 1.0,
     t_eps: Real[ArrayLike, ""] = 0.05,
     return_trajectory: bool = False,
+    progress: bool = False,
 ) -> Float[Array, "C H W"] | tuple[Float[Array, "C H W"], Float[Array, " {num_steps+1} C H W"]]:
     """Samples one image from noise with the model's own conventions.
 
@@ -50,12 +53,15 @@ def sample(
     - `y`: the class label (or the text pair for `PixelDiTT2I`).
     - `num_steps`: integration steps, >= 1.
     - `method`: `"heun"` or `"euler"` (`"flowdpm"` for PixelDiT / PixelDiTT2I).
+    - `solver`: a solver object instead of `method` (`pixeldit_eqx.flow.Heun()`, say; for
+        PixelDiT / PixelDiTT2I also a diffrax solver, see `flow.sample`).
     - `guidance`: the classifier-free guidance scale; 1.0 is none.
     - `guidance_interval`: `(t_min, t_max)`.
     - `shift`: the time shift of the grid.
     - `noise_scale`: the start is `noise * noise_scale`.
     - `t_eps`: PixelDiT2's floor of `1 - t` in the velocity.
     - `return_trajectory`: also return every state.
+    - `progress`: show a tqdm bar over the steps (see `flow.sample`).
 
     **Returns:**
 
@@ -70,17 +76,26 @@ def sample(
     images = eqx.filter_jit(jax.vmap(run))(noise, labels)
     ```
     """
-    if getattr(noise, "ndim", None) != 3:
-        raise ValueError(f"`noise`: expected one image (C, H, W), got shape {getattr(noise, 'shape', type(noise))}.")
     if isinstance(model, PixelDiT2REPA):
         model = model.model
+    _check_floating("noise", noise)
+    if not isinstance(model, XPrediction) and noise.ndim != 3:
+        raise ValueError(f"`noise`: expected one image (C, H, W), got shape {noise.shape}.")
+    if isinstance(model, PixelDiT2 | XPrediction):
+        solver = grounded_solver(method, solver)
+        velocity = GroundedVelocity(model, y, guidance=guidance, guidance_interval=guidance_interval, t_eps=t_eps)
+        start = noise * jnp.asarray(noise_scale, dtype=noise.dtype)
+        times = sampling_times(num_steps, shift)
+        return integrate(velocity, start, times, solver, return_trajectory=return_trajectory, progress=progress)
     options = dict(
         num_steps=num_steps,
         method=method,
+        solver=solver,
         guidance=guidance,
         guidance_interval=guidance_interval,
         shift=shift,
         return_trajectory=return_trajectory,
+        progress=progress,
     )
     if isinstance(model, PixelDiT | PixelDiTT2I):
         start = noise * jnp.asarray(noise_scale, dtype=noise.dtype)
@@ -96,10 +111,4 @@ def sample(
             return model(x, t, cond[0], cond[1])
 
         return flow_sample(velocity, start, (text, mask), null_cond=null, **options)
-    if isinstance(model, PixelDiT2):
-
-        def x_pred(x: Array, t: Array, label: Any, skip_grounding: bool) -> Array:
-            return model(x, t, label, skip_grounding=skip_grounding)
-
-        return grounded_sample(x_pred, noise, y, model.num_classes, noise_scale=noise_scale, t_eps=t_eps, **options)
     raise ValueError(f"`model`: expected a PixelDiT2, PixelDiT or PixelDiTT2I, got {type(model).__name__}.")

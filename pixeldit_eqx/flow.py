@@ -14,22 +14,39 @@ and `v` has the shape of `x`. An `equinox.Module` whose `__call__` has that sign
 (`PixelDiT`, for one) can be passed as is. As everywhere in this package, one call
 handles one example; batch with `jax.vmap`.
 
+`sample` solves the ODE `ProbabilityFlow` (the velocity, `Guided` for classifier-free
+guidance) with a solver object (`Euler`, `Heun`, `FlowDPM`: `init` and `step`, the
+shape of diffrax's solvers) in one `jax.lax.scan` (`integrate`); `sample_ode` and
+`log_likelihood` solve the same ODE with diffrax.
+
 Reference: `c2i/src/diffusion.py` of the PyTorch PixelDiT (the `REPATrainer` flow
 loss, `EulerSampler`, `HeunSampler`, `FlowDPMSolverSampler`, `shift_respace_fn`).
 """
 
-import math
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._custom_types import Array, ArrayLike, Float, Real
+from ._likelihood import log_likelihood as log_likelihood, sample_ode as sample_ode
 from ._linspace import torch_linspace
+from ._solvers import (
+    _check_floating,
+    _check_velocity,
+    _concrete_float,
+    _pair_conditions,
+    AbstractSolver as AbstractSolver,
+    Euler as Euler,
+    FlowDPM as FlowDPM,
+    Guided as Guided,
+    Heun as Heun,
+    integrate as integrate,
+    ProbabilityFlow as ProbabilityFlow,
+)
 
 
 #: A per-example velocity `velocity_fn(x, t, cond) -> v`, `v` shaped like `x`.
@@ -38,60 +55,10 @@ VelocityFn: TypeAlias = Callable[[Array, Array, Any], Array]
 _METHODS = ("heun", "euler", "flowdpm")
 
 
-def _concrete_float(value: Any) -> float | None:
-    """The value as a Python float if it is known at trace time, else `None`."""
-    try:
-        return float(np.asarray(value))
-    except (TypeError, ValueError):  # tracers raise TypeError subclasses
-        return None
-
-
 def _check_shift(shift: Any) -> None:
     value = _concrete_float(shift)
     if value is not None and not value > 0:
         raise ValueError(f"`shift` must be > 0, got shift={shift!r}.")
-
-
-def _pair_conditions(cond: PyTree, null_cond: PyTree) -> tuple[PyTree, PyTree]:
-    """Both conditions as arrays, leaf by leaf of the same shape and dtype.
-
-    A Python scalar leaf of `null_cond` (the null label `10`, say) takes the dtype of the
-    matching `cond` leaf; any other mismatch is an error.
-    """
-    cond_leaves, cond_def = jtu.tree_flatten(cond)
-    null_leaves, null_def = jtu.tree_flatten(null_cond)
-    if cond_def != null_def:
-        raise ValueError(f"`null_cond` must have the pytree structure of `cond`: expected {cond_def}, got {null_def}.")
-    conds, nulls = [], []
-    for i, (c, n) in enumerate(zip(cond_leaves, null_leaves)):
-        c_arr = jnp.asarray(c)
-        n_arr = jnp.asarray(n)
-        if n_arr.dtype != c_arr.dtype and isinstance(n, bool | int | float | complex):
-            n_arr = n_arr.astype(c_arr.dtype)
-        if n_arr.shape != c_arr.shape or n_arr.dtype != c_arr.dtype:
-            raise ValueError(
-                f"leaf {i} of `null_cond` must match `cond` in shape and dtype: "
-                f"expected {c_arr.shape} {c_arr.dtype}, got {n_arr.shape} {n_arr.dtype}."
-            )
-        conds.append(c_arr)
-        nulls.append(n_arr)
-    return jtu.tree_unflatten(cond_def, conds), jtu.tree_unflatten(cond_def, nulls)
-
-
-def _check_floating(name: str, x: Any) -> None:
-    dtype = getattr(x, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        got = f"dtype {dtype}" if dtype is not None else type(x).__name__
-        raise ValueError(f"`{name}` must be a floating-point array, got {got}.")
-
-
-def _check_velocity(v: Any, x: Array) -> Array:
-    if not hasattr(v, "shape") or v.shape != x.shape:
-        raise ValueError(
-            "`velocity_fn` must return an array shaped like `x`: expected "
-            f"{x.shape}, got {getattr(v, 'shape', type(v))}."
-        )
-    return v
 
 
 def time_shift(t: Float[ArrayLike, "*shape"], shift: Real[ArrayLike, ""]) -> Float[Array, "*shape"]:
@@ -303,6 +270,30 @@ def sampling_times(num_steps: int, shift: Real[ArrayLike, ""] = 1.0) -> Float[Ar
     return time_shift(grid, shift)
 
 
+def _method_solver(method: str, exact: bool, solver: Any) -> Any:
+    """The solver object of `flow.sample`'s `method`/`exact` strings, or `solver` as given."""
+    if method not in _METHODS:
+        raise ValueError(f"`method` must be one of {_METHODS}, got method={method!r}.")
+    if exact and method != "heun":
+        raise ValueError(f"`exact=True` applies to method='heun' only, got method={method!r}.")
+    if solver is None:
+        return {"euler": Euler(), "flowdpm": FlowDPM(), "heun": Heun(exact=bool(exact))}[method]
+    if not (isinstance(solver, AbstractSolver) or _is_diffrax_solver(solver)):
+        raise ValueError(
+            f"`solver` must be a flow.Euler, flow.Heun, flow.FlowDPM or a diffrax solver, got {type(solver).__name__}."
+        )
+    if method != "heun" or exact:
+        raise ValueError(
+            f"give the solver either as `solver` or as `method`/`exact`: expected the defaults method='heun', "
+            f"exact=False with solver={type(solver).__name__}, got method={method!r}, exact={exact!r}."
+        )
+    return solver
+
+
+def _is_diffrax_solver(solver: Any) -> bool:
+    return type(solver).__module__.split(".")[0] == "diffrax"
+
+
 def sample(
     velocity_fn: VelocityFn,
     noise: Float[Array, "*shape"],
@@ -316,27 +307,36 @@ def sample(
     shift: Real[ArrayLike, ""] = 1.0,
     exact: bool = False,
     return_trajectory: bool = False,
+    solver: Any = None,
+    progress: bool = False,
 ) -> Float[Array, "*shape"] | tuple[Float[Array, "*shape"], Float[Array, " {num_steps+1} *shape"]]:
     """Integrates the flow ODE from noise (`t = 0`) to a sample (`t = 1`) for one example.
 
-    On the grid of [`sampling_times`][], with step `dt = t_{k+1} - t_k`:
+    The ODE is [`ProbabilityFlow`][] (the velocity, guided with `null_cond`); the steps are
+    those of the grid [`sampling_times`][], `dt = t_{k+1} - t_k`, taken by a solver
+    ([`integrate`][], one `jax.lax.scan`). `method` names the reference's three:
 
-    - `"euler"`: `x += dt v(x, t_k)`.
-    - `"flowdpm"`: Euler for the first step, then the two-step Adams-Bashforth update
-        `x += dt (1.5 v(x, t_k) - 0.5 v_prev)`.
-    - `"heun"`: predictor `x_hat = x + dt v`, corrector `x += dt (v + v(x_hat, t_{k+1})) / 2`;
-        the last step is a plain Euler step. Unless `exact`, a step does not evaluate the
-        velocity at its own start: it reuses the corrector velocity `v(x_hat, t_k)` of the
-        previous step, so `N` steps cost `N` evaluations (`exact=True`: `2N - 1`).
+    - `"euler"` ([`Euler`][]): `x += dt v(x, t_k)`.
+    - `"flowdpm"` ([`FlowDPM`][]): Euler for the first step, then the two-step
+        Adams-Bashforth update `x += dt (1.5 v(x, t_k) - 0.5 v_prev)`.
+    - `"heun"` ([`Heun`][]): predictor `x_hat = x + dt v`, corrector
+        `x += dt (v + v(x_hat, t_{k+1})) / 2`; the last step is a plain Euler step. Unless
+        `exact`, a step does not evaluate the velocity at its own start: it reuses the
+        corrector velocity `v(x_hat, t_k)` of the previous step, so `N` steps cost `N`
+        evaluations (`exact=True`: `2N - 1`).
 
-    Classifier-free guidance: with `null_cond`, every evaluation computes
+    `solver` takes such an object instead (`flow.Heun(exact=True)`, say), or any diffrax
+    solver (`diffrax.Tsit5()`, ...), which then steps on the same grid through
+    [`sample_ode`][] (`diffrax.Euler()` gives `method="euler"` to round-off).
+
+    Classifier-free guidance ([`Guided`][]): with `null_cond`, every evaluation computes
     `v = v_u + w (v_c - v_u)`, `v_c` under `cond`, `v_u` under `null_cond` (the two in one
     `jax.vmap`-batched call of `velocity_fn`), with `w = guidance` when
     `t_min < t < t_max` (strictly, for the time `t` of that evaluation, which for Heun's
     corrector is the step's end time) and `w = 1` otherwise. Without `null_cond`
     (`guidance` must then be 1) only the conditional velocity is computed.
 
-    The loop is one `jax.lax.scan`; the function can be jitted and vmapped.
+    The function can be jitted and vmapped.
 
     Reference: `EulerSampler`, `FlowDPMSolverSampler`, `HeunSampler` (with
     `exact_henu`) and `simple_guidance_fn` in `c2i/src/diffusion.py`, ODE step
@@ -359,6 +359,11 @@ def sample(
     - `shift`: the time shift of the grid (see [`sampling_times`][]).
     - `exact`: Heun only: evaluate the velocity afresh at the start of every step.
     - `return_trajectory`: also return every state.
+    - `solver`: a solver object instead of `method`/`exact`: an [`AbstractSolver`][] or a
+        diffrax solver (diffrax: no `return_trajectory`, no `progress`).
+    - `progress`: show a tqdm bar over the steps, from inside the compiled scan (under
+        `jax.jit` and `jax.vmap` too: one bar per solve, not per example). Needs tqdm
+        (the `train` extra).
 
     **Returns:**
 
@@ -379,110 +384,18 @@ def sample(
     ```
     """
     _check_floating("noise", noise)
-    if method not in _METHODS:
-        raise ValueError(f"`method` must be one of {_METHODS}, got method={method!r}.")
-    if jnp.ndim(guidance) != 0:
-        raise ValueError(f"`guidance` must be a scalar, got shape {jnp.shape(guidance)}.")
+    solver = _method_solver(method, exact, solver)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"`num_steps` must be an integer >= 1, got num_steps={num_steps!r}.")
-    if exact and method != "heun":
-        raise ValueError(f"`exact=True` applies to method='heun' only, got method={method!r}.")
-    if len(guidance_interval) != 2:
-        raise ValueError(f"`guidance_interval` must be a pair (t_min, t_max), got {guidance_interval!r}.")
-    t_min, t_max = (float(v) for v in guidance_interval)
-    if math.isnan(t_min) or math.isnan(t_max) or not t_min < t_max:
-        raise ValueError(f"`guidance_interval` must be (t_min, t_max) with t_min < t_max, got {guidance_interval!r}.")
     _check_shift(shift)
-    if null_cond is None:
-        if _concrete_float(guidance) != 1.0:
+    guide = dict(guidance=guidance, null_cond=null_cond, guidance_interval=guidance_interval)
+    if _is_diffrax_solver(solver):
+        if return_trajectory or progress:
             raise ValueError(
-                f"`guidance`={guidance!r} needs the unconditional condition: expected null_cond "
-                "to be given (or guidance=1.0), got null_cond=None."
+                "`solver`: a diffrax solver returns the sample only: expected return_trajectory=False and "
+                f"progress=False, got return_trajectory={return_trajectory!r}, progress={progress!r}."
             )
-        pair = None
-    else:
-        cond_arr, null_arr = _pair_conditions(cond, null_cond)
-        # Index 0 unconditional, 1 conditional, as the reference concatenates them.
-        pair = jtu.tree_map(lambda n, c: jnp.stack([n, c]), null_arr, cond_arr)
-        scale = jnp.asarray(guidance, dtype=jnp.float32)
-
-    dtype = noise.dtype
-
-    def velocity(x: Array, t: Array) -> Array:
-        if pair is None:
-            v = _check_velocity(velocity_fn(x, t, cond), x)
-        else:
-            both = jax.vmap(velocity_fn, in_axes=(None, None, 0))(x, t, pair)
-            v_u, v_c = both[0], both[1]
-            _check_velocity(v_c, x)
-            inside = (jnp.float32(t_min) < t) & (t < jnp.float32(t_max))
-            w = jnp.where(inside, scale, jnp.float32(1.0)).astype(v_c.dtype)
-            v = v_u + w * (v_c - v_u)
-        return v.astype(dtype)
-
+        return sample_ode(velocity_fn, noise, cond, solver=solver, num_steps=num_steps, shift=shift, **guide)
+    ode = ProbabilityFlow(velocity_fn, cond, **guide)
     times = sampling_times(num_steps, shift)
-    t_cur, t_next = times[:-1], times[1:]
-    dts = (t_next - t_cur).astype(dtype)
-    steps = jnp.arange(num_steps)
-
-    def emit(x: Array) -> Array | None:
-        return x if return_trajectory else None
-
-    if method == "euler":
-
-        def euler_step(x, inputs):
-            t, dt = inputs
-            x = x + velocity(x, t) * dt
-            return x, emit(x)
-
-        x, states = jax.lax.scan(euler_step, noise, (t_cur, dts))
-    elif method == "flowdpm":
-
-        def dpm_step(carry, inputs):
-            x, v_prev = carry
-            i, t, dt = inputs
-            v = velocity(x, t)
-            x = jnp.where(i == 0, x + v * dt, x + dt * (1.5 * v - 0.5 * v_prev))
-            return (x, v), emit(x)
-
-        (x, _), states = jax.lax.scan(dpm_step, (noise, jnp.zeros_like(noise)), (steps, t_cur, dts))
-    elif exact:
-
-        def exact_heun_step(x, inputs):
-            i, t, t_end, dt = inputs
-            v = velocity(x, t)
-            x_hat = x + v * dt
-
-            def corrector():
-                return x + ((v + velocity(x_hat, t_end)) / 2) * dt
-
-            x = jax.lax.cond(i < num_steps - 1, corrector, lambda: x_hat)
-            return x, emit(x)
-
-        x, states = jax.lax.scan(exact_heun_step, noise, (steps, t_cur, t_next, dts))
-    else:
-        # One velocity evaluation per iteration k, at (x_hat_{k-1}, t_k) (at (noise, t_0)
-        # for k = 0): it closes step k-1 as its corrector and starts step k. Iteration k
-        # emits x_k; the last step is the Euler predictor of the last iteration.
-        dts_prev = jnp.concatenate([jnp.zeros((1,), dtype=dtype), dts[:-1]])
-
-        def heun_step(carry, inputs):
-            x, x_hat, v_start = carry
-            k, t, dt_prev, dt = inputs
-            v = velocity(x_hat, t)
-            x = jnp.where(k == 0, x, x + ((v_start + v) / 2) * dt_prev)
-            x_hat = x + v * dt
-            return (x, x_hat, v), emit(x)
-
-        init = (noise, noise, jnp.zeros_like(noise))
-        (_, x, _), states = jax.lax.scan(heun_step, init, (steps, t_cur, dts_prev, dts))
-        if return_trajectory:
-            states = jnp.concatenate([states[1:], x[None]])
-
-    if not return_trajectory:
-        return x
-    return x, jnp.concatenate([noise[None], states])
-
-
-# Last: the likelihood module builds on this module's condition pairing and checks.
-from ._likelihood import log_likelihood as log_likelihood, ProbabilityFlow as ProbabilityFlow, sample_ode as sample_ode  # noqa: E402
+    return integrate(ode, noise, times, solver, return_trajectory=return_trajectory, progress=progress)

@@ -45,6 +45,7 @@ Reference: none (the PyTorch PixelDiT trains with Lightning's DDP/FSDP strategie
 module replaces those with `jax.sharding`.
 """
 
+import warnings
 from collections.abc import Callable
 from typing import Any, TYPE_CHECKING, TypeAlias
 
@@ -59,7 +60,7 @@ from jaxtyping import PyTree
 
 from . import flow
 from ._checks import check_choice, check_int, is_array_like, is_key
-from ._custom_types import Array, ArrayLike, Float, Int, Real
+from ._custom_types import Array, Float, Int, Real
 from ._optional import require
 from .train import make_train_step, TrainState
 
@@ -83,8 +84,6 @@ __all__ = [
 
 #: A batch of examples of any one shape, `(B, *shape)`.
 Batch: TypeAlias = Float[Array, "B *shape"]  # noqa: F821 (jaxtyping dims, not names)
-#: The states of a batch of sampling runs, `(B, num_steps + 1, *shape)`.
-Trajectories: TypeAlias = Float[Array, "B num_states *shape"]  # noqa: F821
 
 _STRATEGIES = ("replicated", "fsdp")
 _MIN_SIZE = 4096
@@ -504,42 +503,39 @@ def make_sharded_train_step(
 
 
 @eqx.filter_jit
-def _sample_batch(
-    velocity_fn: Any, noise: Any, cond: Any, mesh: Mesh, axis: str, options: dict[str, Any]
-) -> PyTree[Array]:
+def _sample_batch(sampler: Any, noise: Any, cond: Any, mesh: Mesh, axis: str) -> PyTree[Array]:
     data = NamedSharding(mesh, P(axis))
     replicated = NamedSharding(mesh, P())
     # A model sharded FSDP-style is gathered whole where it is used (as in training).
-    velocity_fn = _constrain(velocity_fn, lambda _: replicated)
+    sampler = _constrain(sampler, lambda _: replicated)
     noise = _constrain(noise, lambda _: data)
     cond = _constrain(cond, lambda _: data)
-    out = jax.vmap(lambda n, c: flow.sample(velocity_fn, n, c, **options))(noise, cond)
+    out = jax.vmap(sampler)(noise, cond)
     return _constrain(out, lambda _: data)
 
 
 def sharded_sample(
-    velocity_fn: flow.VelocityFn,
+    sampler: Any,
     noise: Batch,
     cond: PyTree,
     mesh: Mesh,
     *,
-    num_steps: int,
-    method: str = "heun",
-    guidance: Real[ArrayLike, ""] = 1.0,
-    null_cond: PyTree | None = None,
-    guidance_interval: tuple[float | int, float | int] = (0.0, 1.0),
-    shift: Real[ArrayLike, ""] = 1.0,
-    exact: bool = False,
-    return_trajectory: bool = False,
     axis: str = "data",
-) -> Batch | tuple[Batch, Trajectories]:
-    """[`pixeldit_eqx.flow.sample`][] over a batch split across the mesh.
+    **sample_options: Any,
+) -> PyTree[Array]:
+    """A per-example sampler over a batch split across the mesh.
 
-    `jax.vmap` of `flow.sample` under one `eqx.filter_jit`, the noise, the conditions
+    `jax.vmap(sampler)(noise, cond)` under one `eqx.filter_jit`, the noise, the conditions
     and the samples split over `axis`: each device integrates its own examples. The
-    velocity function (a model) may be replicated or FSDP-sharded by [`shard_state`][]:
-    it is gathered whole on every device for the integration. Compiled programs are
-    cached across calls with the same shapes and options.
+    sampler's arrays (a model, replicated or FSDP-sharded by [`shard_state`][]) are
+    gathered whole on every device. Compiled programs are cached across calls with the same
+    shapes and the same sampler settings.
+
+    The sampler is a pytree, so that its model is an input of the compiled program and not
+    a constant baked into it: `eqx.Partial(flow.sample, model, num_steps=50, ...)` (or
+    `pixeldit_eqx.sample`, or any `eqx.Module` whose `__call__(noise, cond)` samples one
+    example). A plain `lambda` closing over a model works but compiles anew for every
+    lambda and holds the model as a constant.
 
     Across several processes, `noise` and `cond` are as for [`shard_batch`][]: global
     arrays, or each process's own part of the batch. The samples come back as a global
@@ -548,21 +544,21 @@ def sharded_sample(
 
     **Arguments:**
 
-    - `velocity_fn`: `velocity_fn(x, t, cond) -> v` for one example, e.g. a `PixelDiT`.
+    - `sampler`: `sampler(noise, cond)` for one example, returning its sample (or any
+        pytree of arrays: `(sample, trajectory)` with `return_trajectory=True`).
     - `noise`: the starting points `(B, *shape)`, `B` divisible by the size of `axis`
         (across processes, `B` counts the examples of all processes).
     - `cond`: the conditions, a pytree of arrays with leading dimension `B` (labels
         `(B,)`, say).
     - `mesh`: the device mesh.
-    - `num_steps`, `method`, `guidance`, `null_cond`, `guidance_interval`, `shift`,
-        `exact`, `return_trajectory`: as for `flow.sample`, per example (`null_cond` is
-        one example's null condition, e.g. the null class `num_classes`).
     - `axis`: the mesh axis to split the batch over.
+    - `sample_options`: deprecated: `sharded_sample(velocity_fn, noise, cond, mesh,
+        num_steps=..., ...)` with `flow.sample`'s keywords still samples with
+        `flow.sample` (and warns); pass `eqx.Partial(flow.sample, velocity_fn, num_steps=...)`.
 
     **Returns:**
 
-    The samples `(B, *shape)`, split over `axis`; with `return_trajectory=True`,
-    `(samples, trajectories)`, trajectories `(B, num_steps + 1, *shape)`.
+    What `sampler` returns, batched: the samples `(B, *shape)`, split over `axis`.
 
     **Example:**
 
@@ -570,11 +566,20 @@ def sharded_sample(
     mesh = sharding.make_mesh()
     noise = jax.random.normal(key, (64, 3, 256, 256))
     labels = jnp.arange(64) % 1000
-    images = sharding.sharded_sample(
-        state.ema, noise, labels, mesh, num_steps=50, guidance=2.75, null_cond=1000
-    )
+    sampler = eqx.Partial(flow.sample, state.ema, num_steps=50, guidance=2.75, null_cond=1000)
+    images = sharding.sharded_sample(sampler, noise, labels, mesh)
     ```
     """
+    if sample_options:
+        warnings.warn(
+            "sharded_sample(velocity_fn, noise, cond, mesh, num_steps=..., ...) is deprecated: pass a per-example "
+            "sampler, sharded_sample(eqx.Partial(flow.sample, velocity_fn, num_steps=..., ...), noise, cond, mesh).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        sampler = eqx.Partial(flow.sample, sampler, **sample_options)
+    if not callable(sampler):
+        raise ValueError(f"`sampler` must be callable as sampler(noise, cond), got {type(sampler).__name__}.")
     size = _check_mesh(mesh, axis)
     processes = jax.process_count()
     batch = _batch_size(noise, "noise", size, scale=processes)
@@ -588,17 +593,7 @@ def sharded_sample(
             f"`cond`: expected arrays with leading dimension {batch} (the batch size of `noise`), got "
             f"{sorted(cond_sizes, key=str)}."
         )
-    options = dict(
-        num_steps=num_steps,
-        method=method,
-        guidance=guidance,
-        null_cond=null_cond,
-        guidance_interval=tuple(guidance_interval),
-        shift=shift,
-        exact=exact,
-        return_trajectory=return_trajectory,
-    )
     if processes > 1:
         data = NamedSharding(mesh, P(axis))
         noise, cond = _assemble(noise, data), _assemble(cond, data)
-    return _sample_batch(velocity_fn, noise, cond, mesh, axis, options)
+    return _sample_batch(sampler, noise, cond, mesh, axis)

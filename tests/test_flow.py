@@ -4,6 +4,7 @@ import json
 import math
 import pathlib
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -473,3 +474,143 @@ def test_sampler_golden(name, c2i_model):
     assert traj.shape == ref["out_trajectory"].shape
     assert _rel_err(traj, ref["out_trajectory"]) <= 1e-5
     assert _rel_err(x, ref["out_x"]) <= 1e-5
+
+
+# ------------------------------------------------------- solver objects
+
+
+SOLVERS = {
+    ("euler", False): flow.Euler(),
+    ("flowdpm", False): flow.FlowDPM(),
+    ("heun", False): flow.Heun(),
+    ("heun", True): flow.Heun(exact=True),
+}
+
+
+def _toy_velocity(x, t, label):
+    return jnp.tanh(x) * label.astype(x.dtype) - t * x
+
+
+@pytest.mark.parametrize("method,exact", ALL_SAMPLERS)
+def test_solver_steps_are_the_method(method, exact):
+    """`init` then `step` over the grid, by hand and jitted, equals `sample(method=...)` bit for
+    bit; `solver=` takes the object; `settled` gives the trajectory."""
+    solver = SOLVERS[(method, exact)]
+    noise, label = _normal(11, (2, 3, 3)), jnp.int32(2)
+    kwargs = dict(num_steps=5, shift=1.5, guidance=2.0, null_cond=0, guidance_interval=(0.1, 0.9))
+    want, want_traj = flow.sample(
+        _toy_velocity, noise, label, method=method, exact=exact, return_trajectory=True, **kwargs
+    )
+    ode = flow.ProbabilityFlow(_toy_velocity, label, guidance=2.0, null_cond=0, guidance_interval=(0.1, 0.9))
+    times = flow.sampling_times(5, 1.5)
+    step = eqx.filter_jit(solver.step)
+    y, state, settled = noise, solver.init(ode, times[0], times[1], noise), []
+    for k in range(5):
+        y_next, state = step(ode, times[k], times[k + 1], y, state)
+        settled.append(solver.settled(y, state))
+        y = y_next
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(jnp.stack([*settled, y]), want_traj)
+    got = flow.sample(_toy_velocity, noise, label, solver=solver, **kwargs)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("solver", list(SOLVERS.values()), ids=str)
+def test_solver_under_vmap_equals_per_example(solver):
+    noise, labels = _normal(12, (3, 4)), jnp.array([1, 2, 3], dtype=jnp.int32)
+    times = flow.sampling_times(4)
+
+    def run(n, y):
+        return flow.integrate(flow.ProbabilityFlow(_toy_velocity, y), n, times, solver)
+
+    batched = jax.jit(jax.vmap(run))(noise, labels)
+    for i in range(3):
+        np.testing.assert_allclose(batched[i], run(noise[i], labels[i]), rtol=1e-6, atol=1e-7)
+
+
+def test_heun_evaluation_counts():
+    """Heun's lazy corrector costs N evaluations for N steps, exact Heun 2N - 1 (the last step is Euler)."""
+    noise, times = _normal(13, (4,)), flow.sampling_times(6)
+    for solver, expected in ((flow.Heun(), 6), (flow.Heun(exact=True), 11), (flow.Euler(), 6), (flow.FlowDPM(), 6)):
+        calls = []
+
+        def velocity(x, t):
+            calls.append(float(t))
+            return -x * t
+
+        y, state = noise, solver.init(velocity, times[0], times[1], noise)
+        for k in range(6):
+            y, state = solver.step(velocity, times[k], times[k + 1], y, state)
+        # Eager: exact Heun's `lax.cond` traces both branches, the first step's corrector included.
+        traced_only = 1 if solver == flow.Heun(exact=True) else 0
+        assert len(calls) == expected + traced_only, solver
+        assert 1.0 not in calls  # never evaluated at the data end
+
+
+def test_guided_wrapper_is_the_old_guidance():
+    """`Guided(velocity_fn, null, w, interval)(x, t, cond)` is `v_u + w (v_c - v_u)` strictly inside the interval."""
+    x = _normal(14, (2, 3))
+    guided = flow.Guided(_toy_velocity, 0, 2.5, (0.2, 0.8))
+    for t in (0.1, 0.2, 0.5, 0.8):
+        t = jnp.float32(t)
+        v_c, v_u = _toy_velocity(x, t, jnp.int32(3)), _toy_velocity(x, t, jnp.int32(0))
+        w = 2.5 if np.float32(0.2) < t < np.float32(0.8) else 1.0  # strict, in float32
+        np.testing.assert_allclose(guided(x, t, jnp.int32(3)), v_u + w * (v_c - v_u), rtol=1e-6, atol=1e-6)
+    ode = flow.ProbabilityFlow(_toy_velocity, jnp.int32(3), guidance=2.5, null_cond=0, guidance_interval=(0.2, 0.8))
+    np.testing.assert_array_equal(ode(x, 0.5), guided(x, jnp.float32(0.5), jnp.int32(3)))
+    # A guided velocity is a velocity function: sample with it, unguided, as with guidance.
+    noise = _normal(15, (2, 3))
+    np.testing.assert_array_equal(
+        flow.sample(guided, noise, jnp.int32(3), num_steps=4, method="euler"),
+        flow.sample(
+            _toy_velocity,
+            noise,
+            jnp.int32(3),
+            num_steps=4,
+            method="euler",
+            guidance=2.5,
+            null_cond=0,
+            guidance_interval=(0.2, 0.8),
+        ),
+    )
+    with pytest.raises(ValueError, match="guidance_interval"):
+        flow.Guided(_toy_velocity, 0, 2.0, (0.5, 0.1))
+
+
+def test_solver_argument_errors():
+    noise = jnp.zeros((4,))
+    with pytest.raises(ValueError, match="either as `solver` or as `method`"):
+        flow.sample(_toy_velocity, noise, jnp.int32(1), num_steps=2, method="euler", solver=flow.Euler())
+    with pytest.raises(ValueError, match="solver"):
+        flow.sample(_toy_velocity, noise, jnp.int32(1), num_steps=2, solver="rk4")
+
+
+def test_diffrax_solver_steps_on_the_same_grid():
+    """`solver=diffrax.Euler()` is sample_ode on flow.sample's grid: `method="euler"` to round-off."""
+    diffrax = pytest.importorskip("diffrax")
+    noise = _normal(16, (2, 3))
+    kwargs = dict(num_steps=6, shift=2.0, guidance=1.5, null_cond=0, guidance_interval=(0.1, 0.9))
+    got = flow.sample(_toy_velocity, noise, jnp.int32(2), solver=diffrax.Euler(), **kwargs)
+    want = flow.sample(_toy_velocity, noise, jnp.int32(2), method="euler", **kwargs)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="return_trajectory"):
+        flow.sample(_toy_velocity, noise, jnp.int32(2), solver=diffrax.Tsit5(), num_steps=2, return_trajectory=True)
+
+
+def test_progress_reports_every_step_and_changes_nothing(capsys):
+    """`progress=True`: a tqdm bar to 5/5 from inside jit + vmap, one per solve; the same samples."""
+    pytest.importorskip("tqdm")
+    noise, labels = _normal(17, (3, 2, 2)), jnp.array([1, 2, 3], dtype=jnp.int32)
+
+    def run(progress):
+        f = lambda n, y: flow.sample(_toy_velocity, n, y, num_steps=5, progress=progress)  # noqa: E731
+        return jax.jit(jax.vmap(f))(noise, labels)
+
+    quiet = run(False)
+    jax.effects_barrier()
+    assert capsys.readouterr().err == ""
+    loud = run(True)
+    jax.effects_barrier()
+    err = capsys.readouterr().err
+    np.testing.assert_array_equal(loud, quiet)
+    assert "5/5" in err and err.count("sampling: 100%") == 1, err

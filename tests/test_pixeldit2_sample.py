@@ -260,3 +260,30 @@ def test_pixeldit_t2i_samples_with_the_empty_text_as_null():
     assert np.array_equal(np.asarray(x), np.asarray(expected))
     with pytest.raises(ValueError, match="text_mask"):
         px.sample(model, noise, text, num_steps=2)
+
+
+def test_grounded_samplers_are_flow_solvers_over_the_grounded_velocity():
+    """`method="heun"` is `flow.Heun(exact=True)` and `"euler"` is `flow.Euler()`, scanned by
+    `flow.integrate` over `GroundedVelocity` on the grounded grid, bit for bit; `solver=` takes them."""
+    noise = jnp.asarray(np.random.default_rng(4).standard_normal((2, 3, 5), dtype=np.float32))
+    settings = dict(guidance=2.4, guidance_interval=(0.0, 0.9), t_eps=0.3)
+    velocity = _grounded.GroundedVelocity(_grounded.XPrediction(_stand_in, jnp.int32(10)), jnp.int32(3), **settings)
+    times = _grounded.sampling_times(5)
+    results = {}
+    for method, solver in (("heun", flow.Heun(exact=True)), ("euler", flow.Euler())):
+        want = _grounded.grounded_sample(
+            _stand_in, noise, jnp.int32(3), jnp.int32(10), num_steps=5, method=method, **settings
+        )
+        np.testing.assert_array_equal(flow.integrate(velocity, noise, times, solver), want)
+        got = _grounded.grounded_sample(
+            _stand_in, noise, jnp.int32(3), jnp.int32(10), num_steps=5, solver=solver, **settings
+        )
+        np.testing.assert_array_equal(got, want)
+        results[method] = want
+    # Another solver object is an extension the reference does not have: the lazy Heun.
+    lazy = _grounded.grounded_sample(
+        _stand_in, noise, jnp.int32(3), jnp.int32(10), num_steps=5, solver=flow.Heun(), **settings
+    )
+    assert lazy.shape == noise.shape and not np.array_equal(lazy, results["heun"])
+    with pytest.raises(ValueError, match="solver"):
+        _grounded.grounded_sample(_stand_in, noise, 3, 10, num_steps=2, solver="heun")

@@ -343,6 +343,7 @@ def test_sharded_step_validates(mesh, setup):
 
 
 def test_sharded_sample_equals_unsharded(mesh):
+    import pixeldit_eqx as px
     from pixeldit_eqx import flow, sharding
 
     model = _model(seed=2)
@@ -360,15 +361,27 @@ def test_sharded_sample_equals_unsharded(mesh):
     expected = unsharded(model, noise, labels)
     # The model FSDP-sharded (min_size=0: every divisible array split): XLA gathers it.
     sharded_model = sharding.shard_state(model, mesh, strategy="fsdp", min_size=0)
-    out = sharding.sharded_sample(sharded_model, noise, labels, mesh, **options)
+    out = sharding.sharded_sample(eqx.Partial(flow.sample, sharded_model, **options), noise, labels, mesh)
     assert out.shape == expected.shape and out.sharding.spec == P("data")
     assert {s.data.shape for s in out.addressable_shards} == {(2, 3, 8, 8)}
     np.testing.assert_allclose(out, expected, rtol=RTOL, atol=ATOL)
     assert float(jnp.max(jnp.abs(out - noise))) > 1e-2
+    # Any per-example sampler: here the family's own, with its trajectory.
+    sampler = eqx.Partial(px.sample, model, num_steps=2, method="euler", return_trajectory=True)
+    x, trajectory = sharding.sharded_sample(sampler, noise, labels, mesh)
+    assert trajectory.shape == (BATCH, 3, 3, 8, 8) and trajectory.sharding.spec == P("data")
+    np.testing.assert_allclose(x, jax.vmap(sampler)(noise, labels)[0], rtol=RTOL, atol=ATOL)
+    # The keyword form of flow.sample's options still works, and warns.
+    with pytest.warns(DeprecationWarning, match="per-example sampler"):
+        old = sharding.sharded_sample(model, noise, labels, mesh, **options)
+    np.testing.assert_allclose(old, expected, rtol=RTOL, atol=ATOL)
+    sampler = eqx.Partial(flow.sample, model, **options)
     with pytest.raises(ValueError, match=r"`cond`: expected arrays with leading dimension 16 .* got \[8\]"):
-        sharding.sharded_sample(model, noise, labels[:8], mesh, **options)
+        sharding.sharded_sample(sampler, noise, labels[:8], mesh)
     with pytest.raises(ValueError, match="`noise`: expected a batch size divisible .* got batch size 4"):
-        sharding.sharded_sample(model, noise[:4], labels[:4], mesh, **options)
+        sharding.sharded_sample(sampler, noise[:4], labels[:4], mesh)
+    with pytest.raises(ValueError, match="sampler"):
+        sharding.sharded_sample("flow.sample", noise, labels, mesh)
 
 
 # --- The example ------------------------------------------------------------------------
