@@ -11,7 +11,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, TypeVar
 
 import jax.random as jr
 import numpy as np
@@ -67,6 +67,9 @@ def _check_rope_width(width: int, heads: int, what: str, heads_name: str) -> Non
         )
 
 
+_C = TypeVar("_C", bound="_Config")
+
+
 class _Config:
     """What every config shares: plain Python values of the annotated types, counts in
     range, `to_dict`, and the reading of a reference config (`from_arguments`)."""
@@ -106,13 +109,13 @@ class _Config:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @classmethod
-    def of(cls, arguments: Mapping[str, Any]) -> Self:
+    def of(cls: type[_C], arguments: Mapping[str, Any]) -> _C:
         """The config of a model constructor's arguments (its `locals()`): those named
         as the fields."""
         return cls(**{field.name: arguments[field.name] for field in dataclasses.fields(cls)})  # type: ignore[arg-type]
 
     @classmethod
-    def from_arguments(cls, arguments: Mapping[str, Any]) -> Self:
+    def from_arguments(cls: type[_C], arguments: Mapping[str, Any]) -> _C:
         """The config of the reference's constructor arguments; unknown or wrongly typed
         arguments raise `ValueError` naming the `config`."""
         arguments = dict(arguments)
@@ -342,7 +345,7 @@ class PixelDiT2Config(_Config):
         return encoder_config(self.grounding_encoder)
 
     @classmethod
-    def from_arguments(cls, arguments: Mapping[str, Any]) -> Self:
+    def from_arguments(cls, arguments: Mapping[str, Any]) -> "PixelDiT2Config":
         arguments = dict(arguments)
         if arguments.get("encoder") is not None:
             spec = arguments.get("grounding_encoder", cls.grounding_encoder)
