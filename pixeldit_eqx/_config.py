@@ -54,6 +54,16 @@ def _type_error(name: str, annotation: Any, value: Any) -> str:
     return f"`{name}` must be {wanted}, got {value!r} of type {type(value).__name__}."
 
 
+def _positive(default: int | None) -> Any:
+    """A field holding an integer >= 1 (None passes: a default taken from another field)."""
+    return dataclasses.field(default=default, metadata={"at_least": 1})
+
+
+def _non_negative(default: int) -> Any:
+    """A field holding an integer >= 0 (a count the reference allows to be zero)."""
+    return dataclasses.field(default=default, metadata={"at_least": 0})
+
+
 class _ArgumentTypeError(ValueError):
     """A setting of the wrong plain type; `build` names it as a part of its `config`."""
 
@@ -76,9 +86,6 @@ class _Config:
 
     #: `"c2i"`, `"t2i"` or `"pixeldit2"`: the model family, as `build` names it.
     variant: ClassVar[str]
-    #: Settings that must be integers >= 1, and >= 0 (None passes: a default taken from another).
-    _positive: ClassVar[tuple[str, ...]] = ()
-    _non_negative: ClassVar[tuple[str, ...]] = ()
     #: Reference constructor arguments that change nothing the model computes: accepted by
     #: `from_arguments` (name -> type) and dropped.
     _dropped: ClassVar[dict[str, Any]] = {}
@@ -93,11 +100,11 @@ class _Config:
             if field.type is float:
                 value = float(value)
             object.__setattr__(self, field.name, value)
-        for names, low, what in ((self._positive, 1, "positive"), (self._non_negative, 0, "non-negative")):
-            for name in names:
-                value = getattr(self, name)
-                if value is not None and (not _is_int(value) or value < low):
-                    raise ValueError(f"`{name}` must be a {what} integer, got {value!r}.")
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]
+            low, value = field.metadata.get("at_least"), getattr(self, field.name)
+            if low is not None and value is not None and value < low:
+                what = "positive" if low == 1 else "non-negative"
+                raise ValueError(f"`{field.name}` must be a {what} integer, got {value!r}.")
         self._check()
 
     def _check(self) -> None:
@@ -145,28 +152,19 @@ class PixelDiTConfig(_Config):
     meaning). As in the reference, no patch blocks, or no classes (an unconditional model,
     labels only the null class 0), are valid."""
 
-    in_channels: int = 4
-    num_groups: int = 12
-    hidden_size: int = 1152
-    pixel_hidden_size: int = 64
-    patch_depth: int = 18
-    pixel_depth: int = 4
-    patch_size: int = 2
-    num_classes: int = 1000
+    in_channels: int = _positive(4)
+    num_groups: int = _positive(12)
+    hidden_size: int = _positive(1152)
+    pixel_hidden_size: int = _positive(64)
+    patch_depth: int = _non_negative(18)
+    pixel_depth: int = _positive(4)
+    patch_size: int = _positive(2)
+    num_classes: int = _non_negative(1000)
     use_pixel_abs_pos: bool = True
     pit_adaln_post_modulation: bool = False
     mlp_ratio: float = 4.0
 
     variant: ClassVar[str] = "c2i"
-    _positive: ClassVar[tuple[str, ...]] = (
-        "in_channels",
-        "num_groups",
-        "hidden_size",
-        "pixel_hidden_size",
-        "pixel_depth",
-        "patch_size",
-    )
-    _non_negative: ClassVar[tuple[str, ...]] = ("patch_depth", "num_classes")
 
     @property
     def pixel_attn_size(self) -> int:
@@ -200,17 +198,17 @@ class PixelDiTT2IConfig(_Config):
     `num_text_blocks` and `repa_encoder_index` change nothing the model computes:
     `from_arguments` (and so `build`) accepts and drops them."""
 
-    in_channels: int = 3
-    num_groups: int = 16
-    hidden_size: int = 1152
-    pixel_hidden_size: int = 64
-    pixel_attn_hidden_size: int | None = None
-    pixel_num_groups: int | None = None
-    patch_depth: int = 26
-    pixel_depth: int = 2
-    patch_size: int = 16
-    txt_embed_dim: int = 4096
-    txt_max_length: int = 1024
+    in_channels: int = _positive(3)
+    num_groups: int = _positive(16)
+    hidden_size: int = _positive(1152)
+    pixel_hidden_size: int = _positive(64)
+    pixel_attn_hidden_size: int | None = _positive(None)
+    pixel_num_groups: int | None = _positive(None)
+    patch_depth: int = _non_negative(26)
+    pixel_depth: int = _positive(2)
+    patch_size: int = _positive(16)
+    txt_embed_dim: int = _positive(4096)
+    txt_max_length: int = _positive(1024)
     use_text_rope: bool = True
     text_rope_theta: float = 10000.0
     use_pixel_abs_pos: bool = True
@@ -218,19 +216,6 @@ class PixelDiTT2IConfig(_Config):
     mlp_ratio: float = 4.0
 
     variant: ClassVar[str] = "t2i"
-    _positive: ClassVar[tuple[str, ...]] = (
-        "in_channels",
-        "num_groups",
-        "hidden_size",
-        "pixel_hidden_size",
-        "pixel_attn_hidden_size",
-        "pixel_num_groups",
-        "pixel_depth",
-        "patch_size",
-        "txt_embed_dim",
-        "txt_max_length",
-    )
-    _non_negative: ClassVar[tuple[str, ...]] = ("patch_depth",)
     _dropped: ClassVar[dict[str, Any]] = {"num_text_blocks": int, "repa_encoder_index": int}
 
     @property
@@ -278,37 +263,23 @@ class PixelDiT2Config(_Config):
     separate `encoder` mapping into `grounding_encoder`.
     """
 
-    in_channels: int = 3
-    hidden_size: int = 1280
-    num_heads: int = 16
-    depth: int = 32
-    patch_size: int = 16
-    num_classes: int = 1000
-    in_context_len: int = 32
+    in_channels: int = _positive(3)
+    hidden_size: int = _positive(1280)
+    num_heads: int = _positive(16)
+    depth: int = _positive(32)
+    patch_size: int = _positive(16)
+    num_classes: int = _non_negative(1000)
+    in_context_len: int = _non_negative(32)
     in_context_start: int = 8
     attn_dropout: float = 0.0
     proj_dropout: float = 0.0
-    mlp_hidden_multiple: int = 0
+    mlp_hidden_multiple: int = _non_negative(0)
     grounding_encoder: "str | DINOv3Config" = "dinov3_vits16"
-    grounding_proj_blocks: int = 1
-    grounding_proj_heads: int | None = None
+    grounding_proj_blocks: int = _non_negative(1)
+    grounding_proj_heads: int | None = _positive(None)
     single_silu_cond: bool = False
 
     variant: ClassVar[str] = "pixeldit2"
-    _positive: ClassVar[tuple[str, ...]] = (
-        "in_channels",
-        "hidden_size",
-        "num_heads",
-        "depth",
-        "patch_size",
-        "grounding_proj_heads",
-    )
-    _non_negative: ClassVar[tuple[str, ...]] = (
-        "num_classes",
-        "in_context_len",
-        "mlp_hidden_multiple",
-        "grounding_proj_blocks",
-    )
     _dropped: ClassVar[dict[str, Any]] = {"pretrained_encoder": bool}
 
     def _check(self) -> None:
