@@ -90,16 +90,25 @@ class _Config:
     #: `from_arguments` (name -> type) and dropped.
     _dropped: ClassVar[dict[str, Any]] = {}
 
+    @classmethod
+    def _plain(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """`values` (by field name) as plain Python values of the fields' types: a numpy
+        scalar counts as the value it holds, an int for a float field becomes a float; a
+        value of another type raises `_ArgumentTypeError`."""
+        plain = {}
+        for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if field.name in values:
+                value = values[field.name]
+                value = value.item() if isinstance(value, np.generic) else value
+                if not _fits(field.type, value):
+                    raise _ArgumentTypeError(_type_error(field.name, field.type, value))
+                plain[field.name] = float(value) if field.type is float else value
+        return plain
+
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, field.name)
-            if isinstance(value, np.generic):  # a numpy scalar counts as the Python value it holds
-                value = value.item()
-            if not _fits(field.type, value):
-                raise _ArgumentTypeError(_type_error(field.name, field.type, value))
-            if field.type is float:
-                value = float(value)
-            object.__setattr__(self, field.name, value)
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}  # type: ignore[arg-type]
+        for name, value in self._plain(values).items():
+            object.__setattr__(self, name, value)
         for field in dataclasses.fields(self):  # type: ignore[arg-type]
             low, value = field.metadata.get("at_least"), getattr(self, field.name)
             if low is not None and value is not None and value < low:
@@ -140,9 +149,10 @@ class _Config:
                 f"`config`: unknown argument(s) {unknown} for variant {cls.variant!r}; accepted: {accepted}."
             )
         try:
-            return cls(**arguments)
+            arguments |= cls._plain(arguments)
         except _ArgumentTypeError as e:
             raise ValueError(f"`config`: {e}") from None
+        return cls(**arguments)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,10 +328,10 @@ class PixelDiT2Config(_Config):
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any]) -> "PixelDiT2Config":
         arguments = dict(arguments)
-        if arguments.get("encoder") is not None:
+        encoder = arguments.pop("encoder", None)
+        if "grounding_encoder" in arguments or encoder is not None:
             spec = arguments.get("grounding_encoder", cls.grounding_encoder)
-            arguments["grounding_encoder"] = _resolve_encoder(spec, arguments["encoder"], "grounding_encoder")
-        arguments.pop("encoder", None)
+            arguments["grounding_encoder"] = _resolve_encoder(spec, encoder, "grounding_encoder")
         return super().from_arguments(arguments)
 
 
