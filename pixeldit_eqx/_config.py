@@ -327,6 +327,8 @@ class PixelDiT2Config(_Config):
 
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any]) -> "PixelDiT2Config":
+        """As `_Config.from_arguments`, with the fixtures' `encoder` mapping read into
+        `grounding_encoder`."""
         arguments = dict(arguments)
         encoder = arguments.pop("encoder", None)
         if "grounding_encoder" in arguments or encoder is not None:

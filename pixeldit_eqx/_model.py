@@ -205,7 +205,8 @@ class PixelDiT(_PixelDiTBase):
     """Class-conditional PixelDiT: patch-level DiT blocks for semantics, pixel-level PiT
     blocks for detail, in pixel space.
 
-    Reference: `pixeldit_c2i.PixDiT`; argument names and defaults are the reference's.
+    Reference: `pixeldit_c2i.PixDiT`; argument names and defaults are the reference's,
+    `model.config` holds them (`PixelDiTConfig`).
     Init as the reference: adaLN and final Linears zero, patch embedder xavier, class
     table and timestep MLP normal(0.02).
 
@@ -315,8 +316,8 @@ class PixelDiTT2I(_PixelDiTBase):
     """Text-conditional PixelDiT: MMDiT patch blocks attend jointly over text and image.
 
     Reference: `pixeldit_t2i.PixDiT_T2I`; argument names and defaults are the
-    reference's. Only the final Linear is zero-initialised. The conditioning is
-    `silu(t_emb)`; text tokens are `norm(proj(text)) + y_pos_embedding[:T]`, text longer
+    reference's, `model.config` holds them (`PixelDiTT2IConfig`). Only the final Linear
+    is zero-initialised. The conditioning is `silu(t_emb)`; text tokens are `norm(proj(text)) + y_pos_embedding[:T]`, text longer
     than `txt_max_length` is truncated to it (as the reference does).
 
     **Arguments:** as `PixelDiT` without `num_classes`, plus `pixel_attn_hidden_size`,
