@@ -317,8 +317,9 @@ class PixelDiTT2I(_PixelDiTBase):
 
     Reference: `pixeldit_t2i.PixDiT_T2I`; argument names and defaults are the
     reference's, `model.config` holds them (`PixelDiTT2IConfig`). Only the final Linear
-    is zero-initialised. The conditioning is `silu(t_emb)`; text tokens are `norm(proj(text)) + y_pos_embedding[:T]`, text longer
-    than `txt_max_length` is truncated to it (as the reference does).
+    is zero-initialised. The conditioning is `silu(t_emb)`; text tokens are
+    `norm(proj(text)) + y_pos_embedding[:T]`, text longer than `txt_max_length` is
+    truncated to it (as the reference does).
 
     **Arguments:** as `PixelDiT` without `num_classes`, plus `pixel_attn_hidden_size`,
     `pixel_num_groups` (width and heads of the pixel-level attention; default the patch
