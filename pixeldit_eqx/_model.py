@@ -150,25 +150,18 @@ def _set_parts(model: eqx.Module, parts: dict[str, Any]) -> None:
         setattr(model, name, part)
 
 
-class _PixelDiTBase(eqx.Module):
-    """What both variants share: tokens, the pixel-level stack and the output head."""
+class _ImageModel(eqx.Module):
+    """What every model of the package shares (PixelDiT, PixelDiTT2I, PixelDiT2): a
+    `config`, the image checks and the compute-dtype view."""
 
-    pixel_embedder: eqx.AbstractVar[PixelEmbedder]
     s_embedder: eqx.AbstractVar[PatchEmbedder]
-    t_embedder: eqx.AbstractVar[TimestepConditioner]
-    pixel_blocks: eqx.AbstractVar[BlockStack[PiTBlock]]
-    final_layer: eqx.AbstractVar[FinalLayer]
-    config: eqx.AbstractVar["PixelDiTConfig | PixelDiTT2IConfig"]
+    config: eqx.AbstractVar[Any]
     compute_dtype: eqx.AbstractVar[Any]
 
     # The reference's attributes, read from the config.
     in_channels = config_attribute("in_channels")
     patch_size = config_attribute("patch_size")
     hidden_size = config_attribute("hidden_size")
-    num_groups = config_attribute("num_groups")
-    pixel_hidden_size = config_attribute("pixel_hidden_size")
-    pixel_attn_hidden_size = config_attribute("pixel_attn_size", "Width of the pixel-level attention.")
-    pixel_num_groups = config_attribute("pixel_heads", "Heads of the pixel-level attention.")
 
     def _check_image(self, x: Array) -> tuple[int, int]:
         if x.ndim != 3:
@@ -186,6 +179,20 @@ class _PixelDiTBase(eqx.Module):
         dtype = self.compute_dtype or self.s_embedder.proj.weight.dtype
         model = self if self.compute_dtype is None else cast_params(self, dtype)
         return model, x.astype(dtype)
+
+
+class _PixelDiTBase(_ImageModel):
+    """What both PixelDiT variants share: tokens, the pixel-level stack and the output head."""
+
+    pixel_embedder: eqx.AbstractVar[PixelEmbedder]
+    t_embedder: eqx.AbstractVar[TimestepConditioner]
+    pixel_blocks: eqx.AbstractVar[BlockStack[PiTBlock]]
+    final_layer: eqx.AbstractVar[FinalLayer]
+
+    num_groups = config_attribute("num_groups")
+    pixel_hidden_size = config_attribute("pixel_hidden_size")
+    pixel_attn_hidden_size = config_attribute("pixel_attn_size", "Width of the pixel-level attention.")
+    pixel_num_groups = config_attribute("pixel_heads", "Heads of the pixel-level attention.")
 
     def _pixel_level(self, x: Array, s_cond: Array) -> Array:
         """Pixel tokens through the PiT stack and the final layer, back to `(C, H, W)`."""

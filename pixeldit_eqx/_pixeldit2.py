@@ -18,10 +18,10 @@ from ._blocks import _add, _modulate, _modulated, BlockStack
 from ._config import _is_int, _resolve_encoder, config_attribute, PixelDiT2Config, register
 from ._custom_types import Image, LabelLike, TimeLike
 from ._dinov3 import DINOv3, DINOv3Config, encoder_config
-from ._model import _check_label, _check_time, _initialise, _stream_dtype
+from ._model import _check_label, _check_time, _ImageModel, _initialise, _stream_dtype
 from ._resize import resize_bicubic
 from ._rope import rope_2d
-from ._tokens import check_image_size, ClassEmbedder, PatchEmbedder, patchify, unpatchify
+from ._tokens import ClassEmbedder, PatchEmbedder, patchify, unpatchify
 from .modules import cast_params, keep, linear, RESIDUAL, RMSNorm, silu_gate, TimestepConditioner, zero_linear
 
 
@@ -369,7 +369,7 @@ def _run_blocks(
 
 
 @register
-class PixelDiT2(eqx.Module):
+class PixelDiT2(_ImageModel):
     """PixelDiT2: a patch-level DiT in pixel space, each patch conditioned on
     `silu(grounding + t_emb + y_emb)` where the grounding tokens come from a frozen DINOv3
     looking at the input image; `in_context_len` class tokens join the sequence at block
@@ -485,25 +485,11 @@ class PixelDiT2(eqx.Module):
         ) = _initialise(make_parts, key)
 
     # The reference's attributes, read from the config.
-    in_channels = config_attribute("in_channels")
-    hidden_size = config_attribute("hidden_size")
     num_heads = config_attribute("num_heads")
     depth = config_attribute("depth")
-    patch_size = config_attribute("patch_size")
     num_classes = config_attribute("num_classes", "Labels `0..num_classes-1`; `num_classes` is the null label.")
     in_context_len = config_attribute("in_context_len")
     in_context_start = config_attribute("in_context_start")
-
-    def _check_image(self, x: Array) -> tuple[int, int]:
-        if x.ndim != 3:
-            raise ValueError(
-                f"`x`: expected one image of shape (C, H, W) (batch with `jax.vmap`), got shape {tuple(x.shape)}."
-            )
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"`x`: expected a floating-point image, got dtype {x.dtype}.")
-        if x.shape[0] != self.in_channels:
-            raise ValueError(f"`x`: expected {self.in_channels} channels (C, H, W), got shape {tuple(x.shape)}.")
-        return check_image_size(x.shape[1], x.shape[2], self.patch_size)
 
     def condition(
         self, x: Image, t: TimeLike, y: LabelLike, *, skip_grounding: bool | Bool[Array, ""] = False
@@ -514,11 +500,6 @@ class PixelDiT2(eqx.Module):
         self._check_image(x)
         model, xc = self._compute_view(x)
         return model._condition(xc, t, y, skip_grounding)[0]
-
-    def _compute_view(self, x: Array) -> tuple["PixelDiT2", Array]:
-        dtype = self.compute_dtype or self.s_embedder.proj.weight.dtype
-        model = self if self.compute_dtype is None else cast_params(self, dtype)
-        return model, x.astype(dtype)
 
     def _condition(self, x: Array, t: TimeLike, y: LabelLike, skip_grounding: Any) -> tuple[Array, Array]:
         """`(c (L, D), y_emb (D,))`."""
