@@ -436,8 +436,7 @@ class PixelDiT2(_ImageModel):
     ):
         del pretrained_encoder  # weights come from a state dict
         grounding_encoder = _resolve_encoder(grounding_encoder, encoder, "grounding_encoder")
-        config = PixelDiT2Config.of(locals())
-        self.config = config
+        self.config = config = PixelDiT2Config.of(locals())
         self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
         d = config.hidden_size
 
