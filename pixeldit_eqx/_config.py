@@ -64,10 +64,6 @@ def _non_negative(default: int) -> Any:
     return dataclasses.field(default=default, metadata={"at_least": 0})
 
 
-class _ArgumentTypeError(ValueError):
-    """A setting of the wrong plain type; `build` names it as a part of its `config`."""
-
-
 def _check_rope_width(width: int, heads: int, what: str, heads_name: str) -> None:
     if width % heads:
         raise ValueError(f"`{what}`={width} must be divisible by `{heads_name}`={heads}.")
@@ -91,17 +87,17 @@ class _Config:
     _dropped: ClassVar[dict[str, Any]] = {}
 
     @classmethod
-    def _plain(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+    def _plain(cls, values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
         """`values` (by field name) as plain Python values of the fields' types: a numpy
         scalar counts as the value it holds, an int for a float field becomes a float; a
-        value of another type raises `_ArgumentTypeError`."""
+        value of another type raises `ValueError` (its message begins with `where`)."""
         plain = {}
         for field in dataclasses.fields(cls):  # type: ignore[arg-type]
             if field.name in values:
                 value = values[field.name]
                 value = value.item() if isinstance(value, np.generic) else value
                 if not _fits(field.type, value):
-                    raise _ArgumentTypeError(_type_error(field.name, field.type, value))
+                    raise ValueError(where + _type_error(field.name, field.type, value))
                 plain[field.name] = float(value) if field.type is float else value
         return plain
 
@@ -148,11 +144,8 @@ class _Config:
             raise ValueError(
                 f"`config`: unknown argument(s) {unknown} for variant {cls.variant!r}; accepted: {accepted}."
             )
-        try:
-            arguments |= cls._plain(arguments)
-        except _ArgumentTypeError as e:
-            raise ValueError(f"`config`: {e}") from None
-        return cls(**arguments)
+        # Checked before the dataclass is made: its `__init__` may be type-checked at run time.
+        return cls(**(arguments | cls._plain(arguments, "`config`: ")))
 
 
 @dataclasses.dataclass(frozen=True)
