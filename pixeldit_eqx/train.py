@@ -632,7 +632,7 @@ _EXHAUSTED = object()
 
 
 # ---------------------------------------------------------------------------------------
-# Checkpoints (a training state) and model files (a self-describing PixelDiT)
+# Checkpoints (a training state); the model file and the helpers both use are in `_model_file`
 # ---------------------------------------------------------------------------------------
 
 
