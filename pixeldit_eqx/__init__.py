@@ -19,6 +19,12 @@ from ._blocks import (
     MMDiTBlock as MMDiTBlock,
     PiTBlock as PiTBlock,
 )
+from ._config import (
+    build as build,
+    PixelDiT2Config as PixelDiT2Config,
+    PixelDiTConfig as PixelDiTConfig,
+    PixelDiTT2IConfig as PixelDiTT2IConfig,
+)
 from ._convert import (
     load_reference as load_reference,
     load_state_dict as load_state_dict,
@@ -29,12 +35,8 @@ from ._convert import (
 from ._dinov2 import DINOv2 as DINOv2
 from ._dinov3 import DINOv3 as DINOv3, DINOv3Config as DINOv3Config
 from ._images import save_image_grid as save_image_grid
-from ._model import build as build, PixelDiT as PixelDiT, PixelDiTT2I as PixelDiTT2I
-from ._pixeldit2 import (
-    GroundingConditioner as GroundingConditioner,
-    PixelDiT2 as PixelDiT2,
-    PixelDiT2Config as PixelDiT2Config,
-)
+from ._model import PixelDiT as PixelDiT, PixelDiTT2I as PixelDiTT2I
+from ._pixeldit2 import GroundingConditioner as GroundingConditioner, PixelDiT2 as PixelDiT2
 from ._presets import PRESETS as PRESETS
 from ._resize import resize_bicubic as resize_bicubic
 from ._rope import apply_rope as apply_rope, rope_1d as rope_1d, rope_2d as rope_2d

@@ -1,11 +1,7 @@
 """The two PixelDiT networks: class-conditional `PixelDiT` (reference
-`pixeldit_c2i.PixDiT`) and text-conditional `PixelDiTT2I` (`pixeldit_t2i.PixDiT_T2I`),
-plus `build`, which takes the reference's constructor arguments."""
+`pixeldit_c2i.PixDiT`) and text-conditional `PixelDiTT2I` (`pixeldit_t2i.PixDiT_T2I`).
+Their settings are `PixelDiTConfig` and `PixelDiTT2IConfig` (`_config`)."""
 
-import inspect
-import types
-import typing
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -17,6 +13,13 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ._blocks import BlockStack, DiTBlock, MMDiTBlock, PiTBlock
 from ._compat import compile_lowered
+from ._config import (
+    build as build,  # re-exported: the loaders import it from here
+    config_attribute,
+    PixelDiTConfig,
+    PixelDiTT2IConfig,
+    register,
+)
 from ._custom_types import Image, LabelLike, TimeLike
 from ._rope import rope_1d, rope_2d
 from ._tokens import (
@@ -76,24 +79,6 @@ def _initialise(make: Any, key: PRNGKeyArray) -> Any:
     return eqx.combine(compile_lowered(lowered, options)(key), static[0])
 
 
-def _at_least(low: int, **kwargs: int) -> None:
-    """Each of `kwargs` is an int >= `low` (1, or 0 for the counts the reference allows
-    to be zero)."""
-    for name, value in kwargs.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            what = "positive" if low == 1 else "non-negative"
-            raise ValueError(f"`{name}` must be a {what} integer, got {value!r}.")
-
-
-def _check_rope_width(width: int, heads: int, what: str, heads_name: str) -> None:
-    if width % heads:
-        raise ValueError(f"`{what}`={width} must be divisible by `{heads_name}`={heads}.")
-    if (width // heads) % 4:
-        raise ValueError(
-            f"2D rope needs a head dim divisible by 4: `{what}` / `{heads_name}` = {width} / {heads} = {width // heads}."
-        )
-
-
 def _check_time(t: Any) -> None:
     t = jnp.asarray(t)
     if t.shape != ():
@@ -117,10 +102,6 @@ def _check_label(y: Any, num_classes: int) -> Array:
     )
 
 
-def _frozen(**kwargs: Any) -> tuple:
-    return tuple(kwargs.items())
-
-
 def _stream_dtype(dtype: Any) -> Any:
     """The residual streams' dtype: at least float32, whatever the compute dtype.
 
@@ -133,27 +114,54 @@ def _stream_dtype(dtype: Any) -> Any:
         return jnp.promote_types(dtype, jnp.float32)
 
 
-class _PixelDiTBase(eqx.Module):
-    """What both variants share: tokens, the pixel-level stack and the output head."""
+def _shared_parts(
+    config: "PixelDiTConfig | PixelDiTT2IConfig",
+    keys: tuple[PRNGKeyArray, ...],
+    *,
+    zero_pixel_adaln: bool,
+    dtype: Any,
+    checkpoint: bool,
+) -> dict[str, Any]:
+    """The parts both variants build alike, from the keys `(pixel embedder, patch embedder,
+    timestep, pixel blocks, final layer)`: c2i zero-initialises the PiT blocks' adaLN, t2i
+    does not (as the references)."""
+    c = config
+    kp, ks, kt, kx, kf = keys
 
-    pixel_embedder: eqx.AbstractVar[PixelEmbedder]
+    def make_pixel_block(k):
+        block = PiTBlock(
+            c.pixel_hidden_size, c.hidden_size, c.patch_size, c.pixel_attn_size, c.pixel_heads, c.mlp_ratio,
+            c.pit_adaln_post_modulation, dtype, key=k,
+        )  # fmt: skip
+        return eqx.tree_at(lambda b: b.adaln, block, zero_linear(block.adaln)) if zero_pixel_adaln else block
+
+    return dict(
+        pixel_embedder=PixelEmbedder(c.in_channels, c.pixel_hidden_size, c.use_pixel_abs_pos, dtype, key=kp),
+        s_embedder=PatchEmbedder(c.in_channels * c.patch_size**2, c.hidden_size, dtype, key=ks),
+        t_embedder=TimestepConditioner(c.hidden_size, dtype=dtype, key=kt),
+        pixel_blocks=BlockStack(make_pixel_block, c.pixel_depth, key=kx, checkpoint=checkpoint),
+        final_layer=FinalLayer(c.pixel_hidden_size, c.in_channels, dtype, key=kf),
+    )
+
+
+def _set_parts(model: eqx.Module, parts: dict[str, Any]) -> None:
+    """Assign the initialised parts to `model`'s fields (in `__init__`)."""
+    for name, part in parts.items():
+        setattr(model, name, part)
+
+
+class _ImageModel(eqx.Module):
+    """What every model of the package shares (PixelDiT, PixelDiTT2I, PixelDiT2): a
+    `config`, the image checks and the compute-dtype view."""
+
     s_embedder: eqx.AbstractVar[PatchEmbedder]
-    t_embedder: eqx.AbstractVar[TimestepConditioner]
-    pixel_blocks: eqx.AbstractVar[BlockStack[PiTBlock]]
-    final_layer: eqx.AbstractVar[FinalLayer]
-    in_channels: eqx.AbstractVar[int]
-    patch_size: eqx.AbstractVar[int]
-    hidden_size: eqx.AbstractVar[int]
-    num_groups: eqx.AbstractVar[int]
-    pixel_attn_hidden_size: eqx.AbstractVar[int]
-    pixel_num_groups: eqx.AbstractVar[int]
+    config: eqx.AbstractVar[Any]
     compute_dtype: eqx.AbstractVar[Any]
-    _config: eqx.AbstractVar[tuple]
 
-    @property
-    def config(self) -> dict[str, Any]:
-        """The constructor arguments (reference names) this model was built with."""
-        return dict(self._config)
+    # The reference's attributes, read from the config.
+    in_channels = config_attribute("in_channels")
+    patch_size = config_attribute("patch_size")
+    hidden_size = config_attribute("hidden_size")
 
     def _check_image(self, x: Array) -> tuple[int, int]:
         if x.ndim != 3:
@@ -172,6 +180,20 @@ class _PixelDiTBase(eqx.Module):
         model = self if self.compute_dtype is None else cast_params(self, dtype)
         return model, x.astype(dtype)
 
+
+class _PixelDiTBase(_ImageModel):
+    """What both PixelDiT variants share: tokens, the pixel-level stack and the output head."""
+
+    pixel_embedder: eqx.AbstractVar[PixelEmbedder]
+    t_embedder: eqx.AbstractVar[TimestepConditioner]
+    pixel_blocks: eqx.AbstractVar[BlockStack[PiTBlock]]
+    final_layer: eqx.AbstractVar[FinalLayer]
+
+    num_groups = config_attribute("num_groups")
+    pixel_hidden_size = config_attribute("pixel_hidden_size")
+    pixel_attn_hidden_size = config_attribute("pixel_attn_size", "Width of the pixel-level attention.")
+    pixel_num_groups = config_attribute("pixel_heads", "Heads of the pixel-level attention.")
+
     def _pixel_level(self, x: Array, s_cond: Array) -> Array:
         """Pixel tokens through the PiT stack and the final layer, back to `(C, H, W)`."""
         _, h, w = x.shape
@@ -185,11 +207,13 @@ class _PixelDiTBase(eqx.Module):
         return unpatchify(token_wise(final, pix.astype(out_dtype)), self.patch_size, h, w)
 
 
+@register
 class PixelDiT(_PixelDiTBase):
     """Class-conditional PixelDiT: patch-level DiT blocks for semantics, pixel-level PiT
     blocks for detail, in pixel space.
 
-    Reference: `pixeldit_c2i.PixDiT`; argument names and defaults are the reference's.
+    Reference: `pixeldit_c2i.PixDiT`; argument names and defaults are the reference's,
+    `model.config` holds them (`PixelDiTConfig`).
     Init as the reference: adaLN and final Linears zero, patch embedder xavier, class
     table and timestep MLP normal(0.02).
 
@@ -225,15 +249,7 @@ class PixelDiT(_PixelDiTBase):
     patch_blocks: BlockStack[DiTBlock]
     pixel_blocks: BlockStack[PiTBlock]
     final_layer: FinalLayer
-    in_channels: int = eqx.field(static=True)
-    patch_size: int = eqx.field(static=True)
-    hidden_size: int = eqx.field(static=True)
-    num_groups: int = eqx.field(static=True)
-    pixel_hidden_size: int = eqx.field(static=True)
-    num_classes: int = eqx.field(static=True)
-    pixel_attn_hidden_size: int = eqx.field(static=True)
-    pixel_num_groups: int = eqx.field(static=True)
-    _config: tuple = eqx.field(static=True)
+    config: PixelDiTConfig = eqx.field(static=True)
     compute_dtype: Any = eqx.field(static=True)
 
     variant: ClassVar[str] = "c2i"
@@ -257,74 +273,27 @@ class PixelDiT(_PixelDiTBase):
         checkpoint: bool = False,
         key: PRNGKeyArray,
     ):
-        _at_least(
-            1,
-            in_channels=in_channels,
-            num_groups=num_groups,
-            hidden_size=hidden_size,
-            pixel_hidden_size=pixel_hidden_size,
-            pixel_depth=pixel_depth,
-            patch_size=patch_size,
-        )
-        # As in the reference: no patch blocks, or no classes (labels: only the null
-        # class 0, an unconditional model), are valid configurations.
-        _at_least(0, patch_depth=patch_depth, num_classes=num_classes)
-        _check_rope_width(hidden_size, num_groups, "hidden_size", "num_groups")
-        self._config = _frozen(
-            in_channels=in_channels,
-            num_groups=num_groups,
-            hidden_size=hidden_size,
-            pixel_hidden_size=pixel_hidden_size,
-            patch_depth=patch_depth,
-            pixel_depth=pixel_depth,
-            patch_size=patch_size,
-            num_classes=num_classes,
-            use_pixel_abs_pos=bool(use_pixel_abs_pos),
-            pit_adaln_post_modulation=bool(pit_adaln_post_modulation),
-            mlp_ratio=float(mlp_ratio),
-        )
+        self.config = config = PixelDiTConfig.of(locals())
+        self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
 
         def make_patch_block(k):
-            block = DiTBlock(hidden_size, num_groups, mlp_ratio, dtype, key=k)
-            return eqx.tree_at(lambda b: b.adaln, block, zero_linear(block.adaln))
-
-        def make_pixel_block(k):
-            block = PiTBlock(
-                pixel_hidden_size, hidden_size, patch_size, hidden_size, num_groups, mlp_ratio,
-                pit_adaln_post_modulation, dtype, key=k,
-            )  # fmt: skip
+            block = DiTBlock(config.hidden_size, config.num_groups, config.mlp_ratio, dtype, key=k)
             return eqx.tree_at(lambda b: b.adaln, block, zero_linear(block.adaln))
 
         def make_parts(key):
             kp, ks, kt, ky, kb, kx, kf = jr.split(key, 7)
-            return (
-                PixelEmbedder(in_channels, pixel_hidden_size, use_pixel_abs_pos, dtype, key=kp),
-                PatchEmbedder(in_channels * patch_size**2, hidden_size, dtype, key=ks),
-                TimestepConditioner(hidden_size, dtype=dtype, key=kt),
-                ClassEmbedder(num_classes, hidden_size, dtype, key=ky),
-                BlockStack(make_patch_block, patch_depth, key=kb, checkpoint=checkpoint),
-                BlockStack(make_pixel_block, pixel_depth, key=kx, checkpoint=checkpoint),
-                FinalLayer(pixel_hidden_size, in_channels, dtype, key=kf),
+            shared = _shared_parts(
+                config, (kp, ks, kt, kx, kf), zero_pixel_adaln=True, dtype=dtype, checkpoint=checkpoint
+            )
+            return dict(
+                shared,
+                y_embedder=ClassEmbedder(config.num_classes, config.hidden_size, dtype, key=ky),
+                patch_blocks=BlockStack(make_patch_block, config.patch_depth, key=kb, checkpoint=checkpoint),
             )
 
-        (
-            self.pixel_embedder,
-            self.s_embedder,
-            self.t_embedder,
-            self.y_embedder,
-            self.patch_blocks,
-            self.pixel_blocks,
-            self.final_layer,
-        ) = _initialise(make_parts, key)
-        self.in_channels = in_channels
-        self.patch_size = patch_size
-        self.hidden_size = hidden_size
-        self.num_groups = num_groups
-        self.pixel_hidden_size = pixel_hidden_size
-        self.num_classes = num_classes
-        self.pixel_attn_hidden_size = hidden_size
-        self.pixel_num_groups = num_groups
-        self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
+        _set_parts(self, _initialise(make_parts, key))
+
+    num_classes = config_attribute("num_classes", "Labels `0..num_classes-1`; `num_classes` is the null label.")
 
     def patch_level(self, x: Image, t: TimeLike, y: LabelLike) -> Float[Array, "L {self.hidden_size}"]:
         """The per-patch conditioning `silu(t_emb + s)` that feeds the pixel blocks."""
@@ -349,13 +318,15 @@ class PixelDiT(_PixelDiTBase):
         return model._pixel_level(xc, model._patch_level(xc, t, y))
 
 
+@register
 class PixelDiTT2I(_PixelDiTBase):
     """Text-conditional PixelDiT: MMDiT patch blocks attend jointly over text and image.
 
     Reference: `pixeldit_t2i.PixDiT_T2I`; argument names and defaults are the
-    reference's. Only the final Linear is zero-initialised. The conditioning is
-    `silu(t_emb)`; text tokens are `norm(proj(text)) + y_pos_embedding[:T]`, text longer
-    than `txt_max_length` is truncated to it (as the reference does).
+    reference's, `model.config` holds them (`PixelDiTT2IConfig`). Only the final Linear
+    is zero-initialised. The conditioning is `silu(t_emb)`; text tokens are
+    `norm(proj(text)) + y_pos_embedding[:T]`, text longer than `txt_max_length` is
+    truncated to it (as the reference does).
 
     **Arguments:** as `PixelDiT` without `num_classes`, plus `pixel_attn_hidden_size`,
     `pixel_num_groups` (width and heads of the pixel-level attention; default the patch
@@ -377,18 +348,7 @@ class PixelDiTT2I(_PixelDiTBase):
     patch_blocks: BlockStack[MMDiTBlock]
     pixel_blocks: BlockStack[PiTBlock]
     final_layer: FinalLayer
-    in_channels: int = eqx.field(static=True)
-    patch_size: int = eqx.field(static=True)
-    hidden_size: int = eqx.field(static=True)
-    num_groups: int = eqx.field(static=True)
-    pixel_hidden_size: int = eqx.field(static=True)
-    pixel_attn_hidden_size: int = eqx.field(static=True)
-    pixel_num_groups: int = eqx.field(static=True)
-    txt_embed_dim: int = eqx.field(static=True)
-    txt_max_length: int = eqx.field(static=True)
-    use_text_rope: bool = eqx.field(static=True)
-    text_rope_theta: float = eqx.field(static=True)
-    _config: tuple = eqx.field(static=True)
+    config: PixelDiTT2IConfig = eqx.field(static=True)
     compute_dtype: Any = eqx.field(static=True)
 
     variant: ClassVar[str] = "t2i"
@@ -419,91 +379,33 @@ class PixelDiTT2I(_PixelDiTBase):
         checkpoint: bool = False,
         key: PRNGKeyArray,
     ):
-        attn_size = hidden_size if pixel_attn_hidden_size is None else pixel_attn_hidden_size
-        pixel_heads = num_groups if pixel_num_groups is None else pixel_num_groups
-        _at_least(
-            1,
-            in_channels=in_channels,
-            num_groups=num_groups,
-            hidden_size=hidden_size,
-            pixel_hidden_size=pixel_hidden_size,
-            pixel_attn_hidden_size=attn_size,
-            pixel_num_groups=pixel_heads,
-            pixel_depth=pixel_depth,
-            patch_size=patch_size,
-            txt_embed_dim=txt_embed_dim,
-            txt_max_length=txt_max_length,
-        )
-        _at_least(0, patch_depth=patch_depth)  # as in the reference, no patch blocks is valid
-        _check_rope_width(hidden_size, num_groups, "hidden_size", "num_groups")
-        _check_rope_width(attn_size, pixel_heads, "pixel_attn_hidden_size", "pixel_num_groups")
-        self._config = _frozen(
-            in_channels=in_channels,
-            num_groups=num_groups,
-            hidden_size=hidden_size,
-            pixel_hidden_size=pixel_hidden_size,
-            pixel_attn_hidden_size=pixel_attn_hidden_size,
-            pixel_num_groups=pixel_num_groups,
-            patch_depth=patch_depth,
-            pixel_depth=pixel_depth,
-            patch_size=patch_size,
-            txt_embed_dim=txt_embed_dim,
-            txt_max_length=txt_max_length,
-            use_text_rope=bool(use_text_rope),
-            text_rope_theta=float(text_rope_theta),
-            use_pixel_abs_pos=bool(use_pixel_abs_pos),
-            pit_adaln_post_modulation=bool(pit_adaln_post_modulation),
-            mlp_ratio=float(mlp_ratio),
-        )
+        self.config = config = PixelDiTT2IConfig.of(locals())
+        self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
+        d = config.hidden_size
 
         def make_parts(key):
             kp, ks, kt, ky, kpos, kb, kx, kf = jr.split(key, 8)
-            return (
-                PixelEmbedder(in_channels, pixel_hidden_size, use_pixel_abs_pos, dtype, key=kp),
-                PatchEmbedder(in_channels * patch_size**2, hidden_size, dtype, key=ks),
-                TimestepConditioner(hidden_size, dtype=dtype, key=kt),
-                TextEmbedder(txt_embed_dim, hidden_size, dtype, key=ky),
-                jr.normal(kpos, (txt_max_length, hidden_size), dtype or jnp.float32),
-                BlockStack(
-                    lambda k: MMDiTBlock(hidden_size, num_groups, mlp_ratio, dtype, key=k),
-                    patch_depth,
+            shared = _shared_parts(
+                config, (kp, ks, kt, kx, kf), zero_pixel_adaln=False, dtype=dtype, checkpoint=checkpoint
+            )
+            return dict(
+                shared,
+                y_embedder=TextEmbedder(config.txt_embed_dim, d, dtype, key=ky),
+                y_pos_embedding=jr.normal(kpos, (config.txt_max_length, d), dtype or jnp.float32),
+                patch_blocks=BlockStack(
+                    lambda k: MMDiTBlock(d, config.num_groups, config.mlp_ratio, dtype, key=k),
+                    config.patch_depth,
                     key=kb,
                     checkpoint=checkpoint,
                 ),
-                BlockStack(
-                    lambda k: PiTBlock(
-                        pixel_hidden_size, hidden_size, patch_size, attn_size, pixel_heads, mlp_ratio,
-                        pit_adaln_post_modulation, dtype, key=k,
-                    ),
-                    pixel_depth,
-                    key=kx,
-                    checkpoint=checkpoint,
-                ),
-                FinalLayer(pixel_hidden_size, in_channels, dtype, key=kf),
-            )  # fmt: skip
+            )
 
-        (
-            self.pixel_embedder,
-            self.s_embedder,
-            self.t_embedder,
-            self.y_embedder,
-            self.y_pos_embedding,
-            self.patch_blocks,
-            self.pixel_blocks,
-            self.final_layer,
-        ) = _initialise(make_parts, key)
-        self.in_channels = in_channels
-        self.patch_size = patch_size
-        self.hidden_size = hidden_size
-        self.num_groups = num_groups
-        self.pixel_hidden_size = pixel_hidden_size
-        self.pixel_attn_hidden_size = attn_size
-        self.pixel_num_groups = pixel_heads
-        self.txt_embed_dim = txt_embed_dim
-        self.txt_max_length = txt_max_length
-        self.use_text_rope = bool(use_text_rope)
-        self.text_rope_theta = float(text_rope_theta)
-        self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
+        _set_parts(self, _initialise(make_parts, key))
+
+    txt_embed_dim = config_attribute("txt_embed_dim")
+    txt_max_length = config_attribute("txt_max_length")
+    use_text_rope = config_attribute("use_text_rope")
+    text_rope_theta = config_attribute("text_rope_theta")
 
     def _check_text(self, text: Array, text_mask: Array | None) -> None:
         if text.ndim != 2 or text.shape[1] != self.txt_embed_dim:
@@ -584,107 +486,3 @@ class PixelDiTT2I(_PixelDiTBase):
         self._check_image(x)
         model, xc = self._compute_view(x)
         return model._pixel_level(xc, model._patch_level(xc, t, text, text_mask))
-
-
-VARIANTS: dict[str, type[eqx.Module]] = {"c2i": PixelDiT, "t2i": PixelDiTT2I}
-
-_CONFIG_TYPE_NAMES = {bool: "a bool", int: "an int", float: "a number", type(None): "None"}
-
-
-def _annotation_options(annotation: Any) -> tuple[Any, ...]:
-    return typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-
-
-def _config_value_fits(annotation: Any, value: Any) -> bool:
-    """Whether a config value has the plain Python type a constructor argument needs
-    (a YAML `64.0` or `"64"` for an int, a `"no"` for a bool, are refused)."""
-    for option in _annotation_options(annotation):
-        if option not in _CONFIG_TYPE_NAMES:
-            return True  # not a plain type: left to the constructor
-        if option is type(None) and value is None:
-            return True
-        if option is bool and isinstance(value, bool | np.bool_):
-            return True
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return True
-    return False
-
-
-def _describe_annotation(annotation: Any) -> str:
-    return " or ".join(_CONFIG_TYPE_NAMES.get(o, str(o)) for o in _annotation_options(annotation))
-
-
-# Reference constructor arguments that change nothing the model computes: accepted (so
-# that a reference config loads as it is) and dropped.
-_REFERENCE_ONLY = {"t2i": ("num_text_blocks", "repa_encoder_index")}
-
-
-def build(
-    config: Mapping[str, Any] | str,
-    variant: str | None = None,
-    *,
-    key: PRNGKeyArray | None = None,
-    dtype: Any = None,
-    compute_dtype: Any = None,
-    checkpoint: bool = False,
-) -> "PixelDiT | PixelDiTT2I | PixelDiT2":
-    """Build a model from the reference's constructor arguments (a released YAML's
-    `init_args`) or a preset name (see `pixeldit_eqx.PRESETS`).
-
-    `variant` (`"c2i"`, `"t2i"` or `"pixeldit2"`; a plain `str` so that a wrong one gets the
-    `ValueError` below, not a type-checker error) defaults to the preset's, else
-    `"c2i"`. Unknown or wrongly typed arguments raise `ValueError`; the t2i reference's
-    `num_text_blocks` and `repa_encoder_index`, which change nothing the model computes,
-    are accepted and ignored. `key` defaults to `jr.key(0)`.
-    """
-    from ._presets import resolve
-
-    preset = config if isinstance(config, str) else None
-    config, preset_variant = resolve(config)
-    if variant is not None and variant not in VARIANTS:
-        raise ValueError(f"`variant` must be one of {sorted(VARIANTS)}, got {variant!r}.")
-    if variant is not None and preset_variant is not None and variant != preset_variant:
-        raise ValueError(
-            f"`variant`={variant!r} contradicts the preset {preset!r}, which is a {preset_variant!r} model; "
-            "leave `variant` out."
-        )
-    variant = variant or preset_variant or "c2i"
-    cls = VARIANTS[variant]
-    # numpy scalars (a config read with numpy) count as the Python value they hold.
-    config = {k: v.item() if isinstance(v, np.generic) else v for k, v in config.items()}
-    for name in _REFERENCE_ONLY.get(variant, ()):
-        if name in config:
-            value = config.pop(name)
-            if not _config_value_fits(int, value):
-                raise ValueError(f"`config`: `{name}` must be an int, got {value!r} of type {type(value).__name__}.")
-    params = inspect.signature(cls.__init__).parameters.values()
-    allowed = {p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD} - {"self"}
-    unknown = sorted(set(config) - allowed)
-    if unknown:
-        raise ValueError(
-            f"`config`: unknown argument(s) {unknown} for variant {variant!r}; accepted: {sorted(allowed)}."
-        )
-    for p in params:
-        if p.name in config and not _config_value_fits(p.annotation, config[p.name]):
-            value = config[p.name]
-            raise ValueError(
-                f"`config`: `{p.name}` must be {_describe_annotation(p.annotation)}, "
-                f"got {value!r} of type {type(value).__name__}."
-            )
-    key = jr.key(0) if key is None else key
-    return cls(
-        **config,
-        dtype=dtype,
-        compute_dtype=compute_dtype,
-        checkpoint=checkpoint,
-        key=key,
-    )
-
-
-# PixelDiT2 builds on the helpers above, so it joins the variants once they exist.
-from ._pixeldit2 import PixelDiT2  # noqa: E402
-
-
-VARIANTS["pixeldit2"] = PixelDiT2

@@ -4,7 +4,6 @@
 DINOv3 looking at the input image, with in-context class tokens, predicting the clean image.
 """
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -16,12 +15,13 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ._attention import _check_heads, RotaryAttention
 from ._blocks import _add, _modulate, _modulated, BlockStack
+from ._config import _is_int, _resolve_encoder, config_attribute, PixelDiT2Config, register
 from ._custom_types import Image, LabelLike, TimeLike
-from ._dinov3 import DINOv3, DINOV3_PRESETS, DINOv3Config, encoder_config
-from ._model import _check_label, _check_time, _initialise, _stream_dtype
+from ._dinov3 import DINOv3, DINOv3Config, encoder_config
+from ._model import _check_label, _check_time, _ImageModel, _initialise, _stream_dtype
 from ._resize import resize_bicubic
 from ._rope import rope_2d
-from ._tokens import check_image_size, ClassEmbedder, PatchEmbedder, patchify, unpatchify
+from ._tokens import ClassEmbedder, PatchEmbedder, patchify, unpatchify
 from .modules import cast_params, keep, linear, RESIDUAL, RMSNorm, silu_gate, TimestepConditioner, zero_linear
 
 
@@ -245,24 +245,6 @@ class TimestepProjection(eqx.Module):
         return linear(self.output_proj, x)
 
 
-def _resolve_encoder(spec: Any, encoder: Any, what: str) -> "str | DINOv3Config":
-    """The grounding encoder from a preset name / mapping `spec` and the fixtures' separate
-    `encoder` mapping (which, when given, defines the encoder `spec` names)."""
-    if encoder is None:
-        if isinstance(spec, str) and spec in DINOV3_PRESETS:
-            return spec
-        return encoder_config(spec)
-    config = encoder_config(encoder)
-    if isinstance(spec, str) and spec in DINOV3_PRESETS and encoder_config(spec) != config:
-        raise ValueError(f"`{what}`={spec!r} names a preset, but `encoder` describes another encoder: {config}.")
-    if not isinstance(spec, str) and encoder_config(spec) != config:
-        raise ValueError(f"`{what}` and `encoder` describe two different encoders: give one.")
-    name = encoder.get("spec_name") if isinstance(encoder, Mapping) else None
-    if isinstance(spec, str) and spec not in DINOV3_PRESETS and name is not None and name != spec:
-        raise ValueError(f"`{what}`={spec!r} does not match the `encoder` mapping's `spec_name`={name!r}.")
-    return config
-
-
 class GroundingConditioner(eqx.Module):
     """The grounding condition: the image, mapped to ImageNet normalisation and resized
     (bicubic) so the frozen DINOv3 sees one patch per target patch, then the encoder's patch
@@ -352,87 +334,6 @@ class GroundingConditioner(eqx.Module):
         return self.dino_proj(self.encode(x), t, grid_hw)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclasses.dataclass(frozen=True)
-class PixelDiT2Config:
-    """PixelDiT2's constructor arguments (reference names and defaults), validated once.
-
-    `grounding_encoder` holds a preset name or, for any other encoder, its
-    `DINOv3Config` (a mapping given here is converted to one).
-    """
-
-    in_channels: int = 3
-    hidden_size: int = 1280
-    num_heads: int = 16
-    depth: int = 32
-    patch_size: int = 16
-    num_classes: int = 1000
-    in_context_len: int = 32
-    in_context_start: int = 8
-    attn_dropout: float = 0.0
-    proj_dropout: float = 0.0
-    mlp_hidden_multiple: int = 0
-    grounding_encoder: "str | DINOv3Config" = "dinov3_vits16"
-    grounding_proj_blocks: int = 1
-    grounding_proj_heads: int | None = None
-    single_silu_cond: bool = False
-
-    def __post_init__(self):
-        for name in ("in_channels", "hidden_size", "num_heads", "depth", "patch_size"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        for name in ("num_classes", "in_context_len", "mlp_hidden_multiple", "grounding_proj_blocks"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
-        if self.in_channels not in (1, 3):
-            raise ValueError(
-                f"`in_channels` must be 3 (or 1, broadcast to the encoder's 3 ImageNet-normalised channels), "
-                f"got {self.in_channels}."
-            )
-        # As the reference: checked whether or not there are in-context tokens.
-        if not _is_int(self.in_context_start) or not 0 <= self.in_context_start < self.depth:
-            raise ValueError(f"`in_context_start` must lie in [0, {self.depth - 1}], got {self.in_context_start!r}.")
-        for name in ("attn_dropout", "proj_dropout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
-                raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}.")
-            object.__setattr__(self, name, float(value))
-        if not isinstance(self.single_silu_cond, bool):
-            raise ValueError(f"`single_silu_cond` must be a bool, got {self.single_silu_cond!r}.")
-        heads = self.grounding_proj_heads
-        if heads is not None and (not _is_int(heads) or heads < 1):
-            raise ValueError(f"`grounding_proj_heads` must be a positive integer or None, got {heads!r}.")
-        for width_heads, name in ((self.num_heads, "num_heads"), (self.proj_heads, "grounding_proj_heads")):
-            if self.hidden_size % width_heads or (self.hidden_size // width_heads) % 4:
-                raise ValueError(
-                    f"`hidden_size`={self.hidden_size} must be divisible by `{name}`={width_heads} into a head dim "
-                    f"divisible by 4 (2D rope)."
-                )
-        object.__setattr__(
-            self, "grounding_encoder", _resolve_encoder(self.grounding_encoder, None, "grounding_encoder")
-        )
-
-    @property
-    def proj_heads(self) -> int:
-        """Heads of the grounding projection (`grounding_proj_heads`, default `num_heads`)."""
-        return self.num_heads if self.grounding_proj_heads is None else self.grounding_proj_heads
-
-    @property
-    def encoder(self) -> DINOv3Config:
-        """The grounding encoder's sizes."""
-        return encoder_config(self.grounding_encoder)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The arguments as plain Python values (`build(config.to_dict(), "pixeldit2")`
-        rebuilds the model)."""
-        return dataclasses.asdict(self)
-
-
 def _run_blocks(
     stack: BlockStack[ModulatedDiTBlock],
     lo: int,
@@ -467,7 +368,8 @@ def _run_blocks(
     return x
 
 
-class PixelDiT2(eqx.Module):
+@register
+class PixelDiT2(_ImageModel):
     """PixelDiT2: a patch-level DiT in pixel space, each patch conditioned on
     `silu(grounding + t_emb + y_emb)` where the grounding tokens come from a frozen DINOv3
     looking at the input image; `in_context_len` class tokens join the sequence at block
@@ -533,24 +435,8 @@ class PixelDiT2(eqx.Module):
         key: PRNGKeyArray,
     ):
         del pretrained_encoder  # weights come from a state dict
-        config = PixelDiT2Config(
-            in_channels=in_channels,
-            hidden_size=hidden_size,
-            num_heads=num_heads,
-            depth=depth,
-            patch_size=patch_size,
-            num_classes=num_classes,
-            in_context_len=in_context_len,
-            in_context_start=in_context_start,
-            attn_dropout=attn_dropout,
-            proj_dropout=proj_dropout,
-            mlp_hidden_multiple=mlp_hidden_multiple,
-            grounding_encoder=_resolve_encoder(grounding_encoder, encoder, "grounding_encoder"),
-            grounding_proj_blocks=grounding_proj_blocks,
-            grounding_proj_heads=grounding_proj_heads,
-            single_silu_cond=single_silu_cond,
-        )
-        self.config = config
+        grounding_encoder = _resolve_encoder(grounding_encoder, encoder, "grounding_encoder")
+        self.config = config = PixelDiT2Config.of(locals())
         self.compute_dtype = None if compute_dtype is None else jnp.dtype(compute_dtype)
         d = config.hidden_size
 
@@ -598,49 +484,11 @@ class PixelDiT2(eqx.Module):
         ) = _initialise(make_parts, key)
 
     # The reference's attributes, read from the config.
-    @property
-    def in_channels(self) -> int:
-        return self.config.in_channels
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
-    def num_heads(self) -> int:
-        return self.config.num_heads
-
-    @property
-    def depth(self) -> int:
-        return self.config.depth
-
-    @property
-    def patch_size(self) -> int:
-        return self.config.patch_size
-
-    @property
-    def num_classes(self) -> int:
-        """Labels `0..num_classes-1`; `num_classes` is the null label."""
-        return self.config.num_classes
-
-    @property
-    def in_context_len(self) -> int:
-        return self.config.in_context_len
-
-    @property
-    def in_context_start(self) -> int:
-        return self.config.in_context_start
-
-    def _check_image(self, x: Array) -> tuple[int, int]:
-        if x.ndim != 3:
-            raise ValueError(
-                f"`x`: expected one image of shape (C, H, W) (batch with `jax.vmap`), got shape {tuple(x.shape)}."
-            )
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"`x`: expected a floating-point image, got dtype {x.dtype}.")
-        if x.shape[0] != self.in_channels:
-            raise ValueError(f"`x`: expected {self.in_channels} channels (C, H, W), got shape {tuple(x.shape)}.")
-        return check_image_size(x.shape[1], x.shape[2], self.patch_size)
+    num_heads = config_attribute("num_heads")
+    depth = config_attribute("depth")
+    num_classes = config_attribute("num_classes", "Labels `0..num_classes-1`; `num_classes` is the null label.")
+    in_context_len = config_attribute("in_context_len")
+    in_context_start = config_attribute("in_context_start")
 
     def condition(
         self, x: Image, t: TimeLike, y: LabelLike, *, skip_grounding: bool | Bool[Array, ""] = False
@@ -651,11 +499,6 @@ class PixelDiT2(eqx.Module):
         self._check_image(x)
         model, xc = self._compute_view(x)
         return model._condition(xc, t, y, skip_grounding)[0]
-
-    def _compute_view(self, x: Array) -> tuple["PixelDiT2", Array]:
-        dtype = self.compute_dtype or self.s_embedder.proj.weight.dtype
-        model = self if self.compute_dtype is None else cast_params(self, dtype)
-        return model, x.astype(dtype)
 
     def _condition(self, x: Array, t: TimeLike, y: LabelLike, skip_grounding: Any) -> tuple[Array, Array]:
         """`(c (L, D), y_emb (D,))`."""

@@ -330,7 +330,7 @@ def test_model_file_round_trip(tmp_path, getkey):
     path = tmp_path / "model.eqx"
     train.save_model(path, model)
     header = json.loads(path.read_bytes().split(b"\n", 1)[0])
-    assert header["variant"] == "c2i" and header["config"] == model.config
+    assert header["variant"] == "c2i" and header["config"] == model.config.to_dict()
     assert header["dtype"] == "float32"
     loaded = train.load_model(path)
     assert type(loaded) is type(model) and loaded.config == model.config
