@@ -5,7 +5,7 @@ returns the value in the type the caller goes on with.
 """
 
 from collections.abc import Collection
-from typing import Any
+from typing import Any, Literal, overload
 
 import equinox as eqx
 import jax
@@ -20,15 +20,31 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
 
-def check_int(name: str, value: Any, minimum: int = 0, *, maximum: int | None = None, none_ok: bool = False) -> Any:
+@overload
+def check_int(
+    name: str, value: Any, minimum: int = 0, *, maximum: int | None = None, none_ok: Literal[False] = False
+) -> int: ...
+
+
+@overload
+def check_int(
+    name: str, value: Any, minimum: int = 0, *, maximum: int | None = None, none_ok: Literal[True]
+) -> int | None: ...
+
+
+def check_int(
+    name: str, value: Any, minimum: int = 0, *, maximum: int | None = None, none_ok: bool = False
+) -> int | None:
     """`value` as an `int` in `[minimum, maximum]`, else a `ValueError` naming `name`.
 
     With `none_ok`, `None` passes through (and the message says it is allowed).
     """
     if value is None and none_ok:
         return None
-    if is_int(value) and value >= minimum and (maximum is None or value <= maximum):
-        return int(value)
+    if isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_):
+        number = int(value)
+        if number >= minimum and (maximum is None or number <= maximum):
+            return number
     bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     allowed = " or None" if none_ok else ""
     raise ValueError(f"`{name}` must be an integer {bound}{allowed}, got {name}={value!r}.")

@@ -336,9 +336,10 @@ Config = PixelDiTConfig | PixelDiTT2IConfig | PixelDiT2Config
 CONFIGS: dict[str, type[Config]] = {c.variant: c for c in (PixelDiTConfig, PixelDiTT2IConfig, PixelDiT2Config)}
 #: Variant -> its model class, filled by `register` as the model modules are imported.
 MODELS: dict[str, type] = {}
+_ModelType = TypeVar("_ModelType", bound=type)
 
 
-def register(model: type) -> type:
+def register(model: _ModelType) -> _ModelType:
     """Class decorator: `build` makes `model` for its `variant`."""
     MODELS[model.variant] = model  # type: ignore[attr-defined]
     return model

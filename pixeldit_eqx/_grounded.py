@@ -25,12 +25,12 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
+from ._checks import check_int
 from ._custom_types import Array, ArrayLike, Bool, Float, Image, Int, LabelLike, Real, TimeLike
 from ._dinov2 import DINOv2
 from ._linspace import torch_linspace
 from ._resize import resize_bicubic
-from ._solvers import _check_guidance, AbstractSolver, Euler, Heun
-from .flow import time_shift
+from ._solvers import _check_guidance, AbstractSolver, Euler, Heun, time_shift
 
 
 #: `x_pred_fn(x, t, y, skip_grounding) -> x_pred`, `x_pred` shaped like `x`.
@@ -95,8 +95,7 @@ def sampling_times(num_steps: int, shift: Real[ArrayLike, ""] = 1.0) -> Float[Ar
     reference has no shift; with the default 1.0 the grid is the reference's bit for bit).
     Reference: `GroundedSampler._impl_sampling`.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"`num_steps` must be an integer >= 1, got num_steps={num_steps!r}.")
+    num_steps = check_int("num_steps", num_steps, 1)
     value = _concrete(shift)
     if value is not None and not value > 0:
         raise ValueError(f"`shift` must be > 0, got shift={shift!r}.")
@@ -195,25 +194,6 @@ def grounded_solver(method: str, solver: Any = None) -> AbstractSolver:
     return solver
 
 
-def grounded_sample(
-    x_pred_fn: XPredFn, noise: Float[Array, "*shape"], y: Any, null_label: Any, **options: Any
-) -> Float[Array, "*shape"] | tuple[Float[Array, "*shape"], Float[Array, " N *shape"]]:
-    """Samples one example of any shape with PixelDiT2's guided ODE, from `t = 0` (noise) to `t = 1`.
-
-    [`pixeldit_eqx.sample`][] (its keywords: `num_steps`, `method`, `guidance`, ...) on an
-    x-prediction function: `x_0 = noise * noise_scale`; on [`sampling_times`][], steps
-    `0 .. N-2` are Euler (`x + dt v(x, t)`) or exact Heun (`v = v(x, t)`,
-    `v' = v(x + dt v, t')`, `x + dt (v + v') / 2`), the last step is always Euler
-    ([`grounded_solver`][] over `flow.integrate`'s scan), on the velocity [`GroundedVelocity`][].
-
-    Reference: `GroundedSampler`, `GroundedEulerSampler`, `GroundedHeunSampler`. Deviation:
-    one example per call; `shift` (1.0 = none), `solver` and `progress` are extensions.
-    """
-    from ._sample import sample  # the one implementation, which takes models and this alike
-
-    return sample(XPrediction(x_pred_fn, null_label), noise, y, **options)
-
-
 # ---------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------
@@ -285,8 +265,7 @@ class PixelDiT2REPA(eqx.Module):
         if not isinstance(teacher, DINOv2):
             raise ValueError(f"`teacher` must be a pixeldit_eqx.DINOv2, got {type(teacher).__name__}.")
         depth = getattr(model, "depth", None)
-        if isinstance(align_layer, bool) or not isinstance(align_layer, int) or align_layer < 1:
-            raise ValueError(f"`align_layer` must be an integer >= 1, got align_layer={align_layer!r}.")
+        align_layer = check_int("align_layer", align_layer, 1)
         if depth is not None and align_layer > depth:
             raise ValueError(f"`align_layer` must be <= the model's depth {depth}, got align_layer={align_layer}.")
         if not weight >= 0:
@@ -377,7 +356,7 @@ def pixeldit2_example_losses(
         raise ValueError(f"`noise` must be shaped like `x` (C, H, W): expected {x.shape}, got {noise.shape}.")
     _check_t_eps(t_eps)
     repa = model if isinstance(model, PixelDiT2REPA) else None
-    net = model.model if repa is not None else model
+    net: Any = model.model if repa is not None else model
     num_classes = getattr(net, "num_classes", None)
     if num_classes is None:
         raise ValueError(f"`model` must be a PixelDiT2 (with `num_classes`), got {type(model).__name__}.")
@@ -390,6 +369,7 @@ def pixeldit2_example_losses(
     skip = jnp.asarray(drop_grounding, dtype=bool)
     if not _has_dropout(net):  # without dropout, training mode is evaluation mode
         key = None
+    tokens = None
     if repa is not None and repa.weight > 0:
         x_pred, tokens = _x_pred_and_features(net, x_t, t, y, skip, repa.align_layer, key)
     else:
@@ -397,7 +377,7 @@ def pixeldit2_example_losses(
     velocity = (x - x_t) / scale
     velocity_pred = (x_pred - x_t) / scale
     fm_loss = jnp.mean(jnp.square((velocity - velocity_pred).astype(jnp.float32)))
-    if repa is None or repa.weight == 0:
+    if repa is None or tokens is None:
         return {"fm_loss": fm_loss, "loss": fm_loss}
     src = jax.vmap(repa.proj)(tokens)
     dst = repa.teacher_features(x)
@@ -410,18 +390,10 @@ def pixeldit2_example_losses(
 
 
 def pixeldit2_example_loss(
-    model: Any,
-    x: Float[Array, "C H W"],
-    y: Int[ArrayLike, ""],
-    *,
-    t: Real[ArrayLike, ""],
-    noise: Float[Array, "C H W"],
-    drop_label: bool | Bool[ArrayLike, ""],
-    drop_grounding: bool | Bool[ArrayLike, ""],
-    t_eps: Real[ArrayLike, ""] = 0.05,
-    key: PRNGKeyArray | None = None,
+    model: Any, x: Float[Array, "C H W"], y: Int[ArrayLike, ""], **draws: Any
 ) -> Float[Array, ""]:
-    """PixelDiT2's training loss of one example at given draws.
+    """PixelDiT2's training loss of one example at given draws (the keywords of
+    [`pixeldit2_example_losses`][], which checks them), `pixeldit2_example_losses(...)["loss"]`.
 
     `y -> null` if `drop_label`; `x_t = t x + (1 - t) noise`; `x_pred = model(x_t, t, y,
     skip_grounding=drop_grounding)`; with `s = max(1 - t, t_eps)`, the loss is the mean over
@@ -447,9 +419,7 @@ def pixeldit2_example_loss(
 
     A float32 scalar.
     """
-    return pixeldit2_example_losses(
-        model, x, y, t=t, noise=noise, drop_label=drop_label, drop_grounding=drop_grounding, t_eps=t_eps, key=key
-    )["loss"]
+    return pixeldit2_example_losses(model, x, y, **draws)["loss"]
 
 
 def pixeldit2_dropout(

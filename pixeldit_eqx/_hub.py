@@ -8,6 +8,7 @@ imported.
 
 import os
 import re
+from typing import TypeGuard
 
 from ._optional import require
 
@@ -18,7 +19,7 @@ _REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _HUB_ID = re.compile(rf"^hf://(?P<repo>{_REPO_PART}/{_REPO_PART})(?:@(?P<revision>[^/]+))?/(?P<file>[^@].*)$")
 
 
-def is_hub_id(source: object) -> bool:
+def is_hub_id(source: object) -> TypeGuard[str]:
     """Whether `source` is a string naming a file on the Hub (`hf://...`)."""
     return isinstance(source, str) and source.startswith(SCHEME)
 

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray, PyTree
 
+from ._checks import check_int
 from ._custom_types import Array, ArrayLike, Float, Real
-from ._solvers import _check_floating, ProbabilityFlow
+from ._solvers import _check_floating, ProbabilityFlow, sampling_times
 
 
 _DIVERGENCES = ("exact", "hutchinson")
@@ -67,11 +68,6 @@ def _likelihood_field(t: Array, state: tuple[Array, Array], args: tuple[Probabil
     return v.reshape(shape), div.astype(jnp.float32)
 
 
-def _check_count(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {name}={value!r}.")
-
-
 def _step_control(
     dfx: Any, solver: Any, times: Array | None, rtol: float, atol: float, dt0: float | None
 ) -> tuple[Any, Any, float | None]:
@@ -99,9 +95,7 @@ def _grid(num_steps: int | None, times: Any, shift: Any, *, whole: bool) -> Arra
     if num_steps is not None and times is not None:
         raise ValueError("give at most one of `num_steps` and `times`, got both.")
     if num_steps is not None:
-        from .flow import sampling_times
-
-        _check_count("num_steps", num_steps, 1)
+        check_int("num_steps", num_steps, 1)
         return sampling_times(int(num_steps), shift)
     if times is None:
         return None
@@ -172,7 +166,7 @@ def sample_ode(
     """
     dfx = _diffrax()
     _check_floating("noise", noise)
-    _check_count("max_steps", max_steps, 1)
+    check_int("max_steps", max_steps, 1)
     ode = ProbabilityFlow(
         velocity_fn, cond, guidance=guidance, null_cond=null_cond, guidance_interval=guidance_interval
     )
@@ -257,7 +251,7 @@ def log_likelihood(
     """
     dfx = _diffrax()
     _check_floating("x", x)
-    _check_count("max_steps", max_steps, 1)
+    check_int("max_steps", max_steps, 1)
     if divergence not in _DIVERGENCES:
         raise ValueError(f"`divergence` must be one of {_DIVERGENCES}, got divergence={divergence!r}.")
     ode = ProbabilityFlow(
@@ -269,7 +263,7 @@ def log_likelihood(
         dt0 = -abs(float(dt0))
     probes = None
     if divergence == "hutchinson":
-        _check_count("num_probes", num_probes, 1)
+        check_int("num_probes", num_probes, 1)
         if probe not in _PROBES:
             raise ValueError(f"`probe` must be one of {_PROBES}, got probe={probe!r}.")
         if key is None:

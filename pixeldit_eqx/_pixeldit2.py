@@ -34,7 +34,7 @@ def _dropout(x: Array, rate: float | Array, key: PRNGKeyArray | None) -> Array:
     if key is None or (isinstance(rate, float) and rate == 0.0):
         return x
     keep_mask = jr.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep_mask, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
+    return jnp.where(keep_mask, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 def _split(key: PRNGKeyArray | None, n: int) -> list[PRNGKeyArray | None]:
@@ -363,8 +363,10 @@ def _run_blocks(
         body = jax.checkpoint(body)
     else:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(RESIDUAL))
-    training = keys is not None and rates is not None
-    x, _ = jax.lax.scan(body, x, (params, keys[lo:hi] if training else None, rates[lo:hi] if training else None))
+    if keys is not None and rates is not None:  # training: per-block keys and dropout rates
+        x, _ = jax.lax.scan(body, x, (params, keys[lo:hi], rates[lo:hi]))
+    else:
+        x, _ = jax.lax.scan(body, x, (params, None, None))
     return x
 
 
@@ -551,12 +553,13 @@ class PixelDiT2(_ImageModel):
             rates = jnp.where(inside, jnp.float32(cfg.proj_dropout), jnp.float32(0.0))
         n = cfg.in_context_len
         start = cfg.in_context_start if n else cfg.depth
-        stop = cfg.depth if run_head else feature_depth
+        stop = cfg.depth if run_head or feature_depth is None else feature_depth
         bounds = sorted({0, start, stop} | ({feature_depth} if feature_depth is not None else set()))
         bounds = [b for b in bounds if b <= stop]
         features = s if feature_depth == 0 else None
+        c_all, angles_all = c, angles  # with the in-context tokens, from block `in_context_start` on
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-            if lo == start:  # the in-context class tokens join before block `in_context_start`
+            if lo == start and self.in_context_posemb is not None:  # the class tokens join here
                 context = y_emb[None, :] + self.in_context_posemb.astype(y_emb.dtype)
                 s = jnp.concatenate([context.astype(stream), s])
                 c_all = jnp.concatenate([jnp.broadcast_to(jnp.mean(c, axis=0), (n, c.shape[1])), c])

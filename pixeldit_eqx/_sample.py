@@ -5,7 +5,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from ._custom_types import Array, ArrayLike, Float, Real
-from ._grounded import grounded_solver, GroundedVelocity, PixelDiT2REPA, sampling_times, XPrediction
+from ._grounded import grounded_solver, GroundedVelocity, PixelDiT2REPA, sampling_times, XPredFn, XPrediction
 from ._model import PixelDiT, PixelDiTT2I
 from ._pixeldit2 import PixelDiT2
 from ._solvers import _check_floating, integrate
@@ -87,7 +87,7 @@ def sample(
         start = noise * jnp.asarray(noise_scale, dtype=noise.dtype)
         times = sampling_times(num_steps, shift)
         return integrate(velocity, start, times, solver, return_trajectory=return_trajectory, progress=progress)
-    options = dict(
+    options: dict[str, Any] = dict(
         num_steps=num_steps,
         method=method,
         solver=solver,
@@ -107,8 +107,25 @@ def sample(
         mask = jnp.ones(text.shape[:1], dtype=bool) if mask is None else jnp.asarray(mask, dtype=bool)
         null = (jnp.zeros_like(text), jnp.ones(text.shape[:1], dtype=bool))
 
-        def velocity(x: Array, t: Array, cond: Any) -> Array:
+        def text_velocity(x: Array, t: Array, cond: Any) -> Array:
             return model(x, t, cond[0], cond[1])
 
-        return flow_sample(velocity, start, (text, mask), null_cond=null, **options)
+        return flow_sample(text_velocity, start, (text, mask), null_cond=null, **options)
     raise ValueError(f"`model`: expected a PixelDiT2, PixelDiT or PixelDiTT2I, got {type(model).__name__}.")
+
+
+def grounded_sample(
+    x_pred_fn: XPredFn, noise: Float[Array, "*shape"], y: Any, null_label: Any, **options: Any
+) -> Float[Array, "*shape"] | tuple[Float[Array, "*shape"], Float[Array, " N *shape"]]:
+    """Samples one example of any shape with PixelDiT2's guided ODE, from `t = 0` (noise) to `t = 1`.
+
+    [`pixeldit_eqx.sample`][] (its keywords: `num_steps`, `method`, `guidance`, ...) on an
+    x-prediction function: `x_0 = noise * noise_scale`; on [`sampling_times`][], steps
+    `0 .. N-2` are Euler (`x + dt v(x, t)`) or exact Heun (`v = v(x, t)`,
+    `v' = v(x + dt v, t')`, `x + dt (v + v') / 2`), the last step is always Euler
+    ([`grounded_solver`][] over `flow.integrate`'s scan), on the velocity [`GroundedVelocity`][].
+
+    Reference: `GroundedSampler`, `GroundedEulerSampler`, `GroundedHeunSampler`. Deviation:
+    one example per call; `shift` (1.0 = none), `solver` and `progress` are extensions.
+    """
+    return sample(XPrediction(x_pred_fn, null_label), noise, y, **options)

@@ -31,11 +31,12 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PRNGKeyArray, PyTree
 
+from ._checks import check_int
 from ._custom_types import Array, ArrayLike, Float, Real
 from ._likelihood import log_likelihood as log_likelihood, sample_ode as sample_ode
-from ._linspace import torch_linspace
 from ._solvers import (
     _check_floating,
+    _check_shift,
     _check_velocity,
     _concrete_float,
     _pair_conditions,
@@ -46,6 +47,8 @@ from ._solvers import (
     Heun as Heun,
     integrate as integrate,
     ProbabilityFlow as ProbabilityFlow,
+    sampling_times as sampling_times,
+    time_shift as time_shift,
 )
 
 
@@ -53,34 +56,6 @@ from ._solvers import (
 VelocityFn: TypeAlias = Callable[[Array, Array, Any], Array]
 
 _METHODS = ("heun", "euler", "flowdpm")
-
-
-def _check_shift(shift: Any) -> None:
-    value = _concrete_float(shift)
-    if value is not None and not value > 0:
-        raise ValueError(f"`shift` must be > 0, got shift={shift!r}.")
-
-
-def time_shift(t: Float[ArrayLike, "*shape"], shift: Real[ArrayLike, ""]) -> Float[Array, "*shape"]:
-    """The resolution-dependent time shift `t / (t + (1 - t) * shift)`.
-
-    A shift above 1 moves times towards 0 (more steps near the noise end), as larger
-    images need. It fixes 0 and 1.
-
-    Reference: `shift_respace_fn` / `time_shift_fn` in `c2i/src/diffusion.py`.
-
-    **Arguments:**
-
-    - `t`: times in [0, 1], any shape.
-    - `shift`: the shift, > 0; 1.0 is the identity.
-
-    **Returns:**
-
-    The shifted times, shaped and typed like `t`.
-    """
-    t = jnp.asarray(t)
-    shift = jnp.asarray(shift, dtype=t.dtype)
-    return t / (t + (1 - t) * shift)
 
 
 def sample_training_time(key: PRNGKeyArray, shift: Real[ArrayLike, ""] = 1.0) -> Float[Array, ""]:
@@ -229,45 +204,14 @@ def flow_matching_loss(
         raise ValueError(f"`drop_prob` must lie in [0, 1], got drop_prob={drop_prob!r}.")
     if null_cond is None and drop != 0.0:
         raise ValueError(f"`drop_prob`={drop_prob!r} drops conditions, so `null_cond` is required; got null_cond=None.")
-    if null_cond is not None and drop != 0.0:
-        cond_arr, null_arr = _pair_conditions(cond, null_cond)
+    pair = _pair_conditions(cond, null_cond) if null_cond is not None and drop != 0.0 else None
     eps_key, t_key, drop_key = jax.random.split(key, 3)
     eps = jax.random.normal(eps_key, x.shape, dtype=x.dtype)
     t = sample_training_time(t_key, shift)
-    if null_cond is not None and drop != 0.0:
+    if pair is not None:
         dropped = jax.random.bernoulli(drop_key, jnp.asarray(drop_prob, dtype=jnp.float32))
-        cond = jtu.tree_map(lambda c, n: jnp.where(dropped, n, c), cond_arr, null_arr)
+        cond = jtu.tree_map(lambda c, n: jnp.where(dropped, n, c), *pair)
     return flow_matching_loss_at(velocity_fn, x, cond, eps, t)
-
-
-def sampling_times(num_steps: int, shift: Real[ArrayLike, ""] = 1.0) -> Float[Array, " {num_steps+1}"]:
-    """The time grid of the samplers: `num_steps + 1` float32 times from 0 to 1.
-
-    `linspace(0, 1 - 1/N, N)`, then 1.0, then [`time_shift`][] (which keeps 0 and 1),
-    all in float32. The linspace is computed the way PyTorch's CPU kernel computes it
-    (from the start for the first half, from the end for the second) so that the grid
-    equals the reference's bit for bit (for grids of up to 15 points, where that
-    kernel does not vectorise; beyond, within an ulp).
-
-    Reference: `EulerSampler.__init__` (and `HeunSampler`, `FlowDPMSolverSampler`) in
-    `c2i/src/diffusion.py`, with the default `last_step = 1 / num_steps`.
-
-    **Arguments:**
-
-    - `num_steps`: the number of integration steps `N >= 1`.
-    - `shift`: the time shift, > 0; released PixelDiT-XL uses 1.0 at 256px and 2.0 at
-        512px.
-
-    **Returns:**
-
-    A float32 array of shape `(num_steps + 1,)`, increasing from 0.0 to 1.0.
-    """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"`num_steps` must be an integer >= 1, got num_steps={num_steps!r}.")
-    _check_shift(shift)
-    grid = torch_linspace(0.0, 1.0 - 1.0 / num_steps, num_steps)
-    grid = jnp.concatenate([grid, jnp.ones((1,), dtype=jnp.float32)])
-    return time_shift(grid, shift)
 
 
 def _method_solver(method: str, exact: bool, solver: Any) -> Any:
@@ -385,10 +329,9 @@ def sample(
     """
     _check_floating("noise", noise)
     solver = _method_solver(method, exact, solver)
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"`num_steps` must be an integer >= 1, got num_steps={num_steps!r}.")
+    num_steps = check_int("num_steps", num_steps, 1)
     _check_shift(shift)
-    guide = dict(guidance=guidance, null_cond=null_cond, guidance_interval=guidance_interval)
+    guide: dict[str, Any] = dict(guidance=guidance, null_cond=null_cond, guidance_interval=guidance_interval)
     if _is_diffrax_solver(solver):
         if return_trajectory or progress:
             raise ValueError(

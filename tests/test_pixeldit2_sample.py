@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import pixeldit_eqx as px
-from pixeldit_eqx import _grounded, flow
+from pixeldit_eqx import _grounded, _sample, flow
 
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pixeldit2"
@@ -127,7 +127,7 @@ def _reference_loop(noise, y, null, *, num_steps, method, guidance, guidance_int
 )
 def test_loop_matches_a_transcription_of_the_reference(settings):
     noise = np.random.default_rng(0).standard_normal((2, 3, 5), dtype=np.float32)
-    x, trajectory = _grounded.grounded_sample(
+    x, trajectory = _sample.grounded_sample(
         _stand_in, jnp.asarray(noise), jnp.int32(3), jnp.int32(10), return_trajectory=True, **settings
     )
     expected = _reference_loop(noise, 3.0, 10.0, **settings)
@@ -145,10 +145,10 @@ def test_guidance_one_skips_the_unconditional_branch():
         return _stand_in(x, t, y, skip_grounding)
 
     noise = jnp.ones((1, 2, 2), dtype=jnp.float32)
-    _grounded.grounded_sample(spy, noise, 1, 10, num_steps=2, method="euler", guidance=1.0)
+    _sample.grounded_sample(spy, noise, 1, 10, num_steps=2, method="euler", guidance=1.0)
     assert calls and not any(calls)
     calls.clear()
-    _grounded.grounded_sample(spy, noise, 1, 10, num_steps=2, method="euler", guidance=2.0)
+    _sample.grounded_sample(spy, noise, 1, 10, num_steps=2, method="euler", guidance=2.0)
     assert sorted(calls) == [False, True]  # the scan body is traced once: both branches
 
 
@@ -166,7 +166,7 @@ def test_invalid_arguments(kwargs, match):
     options = dict(num_steps=2, method="heun", guidance=2.0)
     options.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        _grounded.grounded_sample(_stand_in, jnp.zeros((1, 2, 2)), 1, 10, **options)
+        _sample.grounded_sample(_stand_in, jnp.zeros((1, 2, 2)), 1, 10, **options)
 
 
 # ----------------------------------------------------------------- golden trajectories
@@ -271,19 +271,19 @@ def test_grounded_samplers_are_flow_solvers_over_the_grounded_velocity():
     times = _grounded.sampling_times(5)
     results = {}
     for method, solver in (("heun", flow.Heun(exact=True)), ("euler", flow.Euler())):
-        want = _grounded.grounded_sample(
+        want = _sample.grounded_sample(
             _stand_in, noise, jnp.int32(3), jnp.int32(10), num_steps=5, method=method, **settings
         )
         np.testing.assert_array_equal(flow.integrate(velocity, noise, times, solver), want)
-        got = _grounded.grounded_sample(
+        got = _sample.grounded_sample(
             _stand_in, noise, jnp.int32(3), jnp.int32(10), num_steps=5, solver=solver, **settings
         )
         np.testing.assert_array_equal(got, want)
         results[method] = want
     # Another solver object is an extension the reference does not have: the lazy Heun.
-    lazy = _grounded.grounded_sample(
+    lazy = _sample.grounded_sample(
         _stand_in, noise, jnp.int32(3), jnp.int32(10), num_steps=5, solver=flow.Heun(), **settings
     )
     assert lazy.shape == noise.shape and not np.array_equal(lazy, results["heun"])
     with pytest.raises(ValueError, match="solver"):
-        _grounded.grounded_sample(_stand_in, noise, 3, 10, num_steps=2, solver="heun")
+        _sample.grounded_sample(_stand_in, noise, 3, 10, num_steps=2, solver="heun")

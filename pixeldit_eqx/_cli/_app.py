@@ -132,12 +132,13 @@ def sample(
     weights_path = _files._resolve_weights(weights)
     settings = _preset(preset)
     sampling = (_files.preset_field(settings, "sampling") if settings is not None else None) or {}
-    steps = sampling.get("num_steps", 50) if steps is None else steps
-    guidance = sampling.get("guidance", 1.0) if guidance is None else guidance
-    interval = tuple(sampling.get("guidance_interval", (0.0, 1.0)) if guidance_interval is None else guidance_interval)
-    shift = sampling.get("shift", 1.0) if shift is None else shift
-    noise_scale = sampling.get("noise_scale", 1.0) if noise_scale is None else noise_scale
-    t_eps = sampling.get("t_eps", 0.05) if t_eps is None else t_eps
+    steps = int(sampling.get("num_steps", 50) if steps is None else steps)
+    guidance = float(sampling.get("guidance", 1.0) if guidance is None else guidance)
+    t_min, t_max = sampling.get("guidance_interval", (0.0, 1.0)) if guidance_interval is None else guidance_interval
+    interval = (float(t_min), float(t_max))
+    shift = float(sampling.get("shift", 1.0) if shift is None else shift)
+    noise_scale = float(sampling.get("noise_scale", 1.0) if noise_scale is None else noise_scale)
+    t_eps = float(sampling.get("t_eps", 0.05) if t_eps is None else t_eps)
     if resolution is None and settings is not None:
         resolution = _files.preset_field(settings, "resolution")
     labels = _parse_classes(classes)
@@ -157,7 +158,7 @@ def sample(
             "needs text embeddings (use pixeldit_eqx.sample from Python)."
         )
     grounded = variant == "pixeldit2"
-    method = sampling.get("method", "heun" if grounded else "flowdpm") if method is None else method
+    method = str(sampling.get("method", "heun" if grounded else "flowdpm") if method is None else method)
     if grounded and method not in _GROUNDED_METHODS:
         raise ValueError(f"`--method`: a PixelDiT2 samples with {' or '.join(_GROUNDED_METHODS)}, got {method!r}.")
     bad = [c for c in labels if not 0 <= c < model.num_classes]

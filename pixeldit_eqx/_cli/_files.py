@@ -170,14 +170,14 @@ def mismatches(weights: Mapping[str, Any], expected: Mapping[str, tuple[int, ...
     return problems
 
 
-def fitting_presets(variant: str, config: Mapping[str, Any], weights: Mapping[str, Any]) -> list[str]:
-    """The presets whose network has exactly the keys and shapes of `weights` (only the
+def fitting_presets(variant: str | None, config: Mapping[str, Any], weights: Mapping[str, Any]) -> list[str]:
+    """The presets (of `variant`, default c2i) whose network has exactly the keys and shapes of `weights` (only the
     presets of the same variant, widths and depths as `config` are built, as skeletons)."""
     same = ("hidden_size", "patch_size", "patch_depth", "pixel_depth", "depth")
     return [
         name
         for name, preset in PRESETS.items()
-        if preset_field(preset, "variant") == variant
+        if preset_field(preset, "variant") == (variant or "c2i")
         and all(preset_field(preset, "config").get(k) == config.get(k) for k in same)
         and not mismatches(weights, skeleton_shapes(name, None))
     ]
