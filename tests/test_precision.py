@@ -156,14 +156,41 @@ def test_low_precision_dense_rounds_once():
     b = jax.random.normal(kb, (48,), jnp.bfloat16)
     out = dense(x, w, b)
     assert out.dtype == jnp.bfloat16
-    (dot,) = _dots(jax.make_jaxpr(dense)(x, w, b).jaxpr)
-    assert dot.params["preferred_element_type"] == F32
+    assert not _dots(jax.make_jaxpr(dense)(x, w, b).jaxpr)  # a `lowp_dot`, not a bf16-result dot_general
     exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T + np.asarray(b, np.float64)
     once = jnp.asarray(exact.astype(np.float32)).astype(jnp.bfloat16)
     # float32 accumulation order aside (a rare last-bit tie), the one rounding of the exact result
     assert float(jnp.mean(out != once)) <= 0.01
     ulp = np.abs(np.asarray(once, np.float32)) * 2.0**-7
     assert (np.abs(np.asarray(out, np.float32) - np.asarray(once, np.float32)) <= ulp).all()
+
+
+def test_low_precision_dense_backward_is_bf16_and_exact():
+    """The backward matmuls of a bf16 `dense` (`_lowp.lowp_dot`) multiply bf16
+    operands, also under `vmap` (one matmul over all examples), and give the gradients
+    of `dot_general(..., preferred_element_type=float32)` exactly: the cotangent they
+    round to bf16 is that of a bf16 result."""
+    from pixeldit_eqx.modules import dense
+
+    kx, kw, kb, kc = jax.random.split(jax.random.key(1), 4)
+    x = jax.random.normal(kx, (3, 10, 32), jnp.bfloat16)
+    w = jax.random.normal(kw, (24, 32), jnp.bfloat16)
+    b = jax.random.normal(kb, (24,), jnp.bfloat16)
+    ct = jax.random.normal(kc, (3, 10, 24), jnp.bfloat16)
+
+    def plain(x, w, b):
+        out = jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return (out + b.astype(jnp.float32)[None, :]).astype(x.dtype)
+
+    ours = jax.vmap(dense, in_axes=(0, None, None))
+    (got, vjp), (want, vjp_want) = jax.vjp(ours, x, w, b), jax.vjp(jax.vmap(plain, in_axes=(0, None, None)), x, w, b)
+    assert np.array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    for g, h in zip(vjp(ct), vjp_want(ct), strict=True):
+        assert g.dtype == h.dtype and np.array_equal(np.asarray(g, np.float32), np.asarray(h, np.float32))
+    jaxpr = jax.make_jaxpr(lambda x, w, b: jax.vjp(ours, x, w, b)[1](ct))(x, w, b).jaxpr
+    lowp = [e for e in _eqns(jaxpr) if e.primitive.name == "pixeldit_lowp_dot"]
+    assert len(lowp) == 3 and all(_dtypes(e) == {BF16} for e in lowp)  # forward, input and weight gradients
+    assert any(e.outvars[0].aval.shape == w.shape for e in lowp)  # the weight gradient: one matmul, not per example
 
 
 def test_float32_islands_in_a_bfloat16_program(case):
