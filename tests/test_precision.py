@@ -193,6 +193,37 @@ def test_low_precision_dense_backward_is_bf16_and_exact():
     assert any(e.outvars[0].aval.shape == w.shape for e in lowp)  # the weight gradient: one matmul, not per example
 
 
+def test_pixel_modulation_is_bf16_under_bf16_compute(getkey):
+    """Deliberate deviation, for speed: under bf16 compute a PiT block's per-pixel adaLN
+    modulation (its largest array) is rounded once to bf16 (a bf16 `dense`); the
+    residual stream it modulates stays float32. In float32 it is float32."""
+    import pixeldit_eqx as px
+
+    block = px.PiTBlock(8, 32, 2, 32, 4, key=getkey())
+    n_mod_wide = 6 * 4 * 8  # chunks x pixels per patch x pixel width
+    x = jax.random.normal(getkey(), (5, 4, 8))
+    s_cond = jax.random.normal(getkey(), (5, 32))
+    angles = jnp.zeros((5, 4))
+    for dtype in (jnp.bfloat16, jnp.float32):
+        cast = px.cast_params(block, dtype)
+        jaxpr = jax.make_jaxpr(cast)(x, s_cond.astype(dtype), angles).jaxpr
+        wide = [
+            v.aval.dtype
+            for e in _eqns(jaxpr)
+            if e.primitive.name in ("dot_general", "pixeldit_lowp_dot")
+            for v in e.outvars
+            if v.aval.shape[-1] == n_mod_wide
+        ]
+        assert wide == [F32]  # the matmul accumulates in float32 ...
+        mods = [
+            e.outvars[0].aval.dtype
+            for e in _eqns(jaxpr)
+            if e.primitive.name == "convert_element_type" and e.outvars[0].aval.shape[-1] == n_mod_wide
+        ]
+        assert (BF16 in mods) == (dtype == jnp.bfloat16), mods  # ... and is rounded once to bf16
+        assert cast(x, s_cond.astype(dtype), angles).dtype == jnp.float32
+
+
 def test_float32_islands_in_a_bfloat16_program(case):
     """Norm statistics (rsqrt), the timestep sinusoid and the rope and sincos tables
     (sin, cos) and the softmax (max, exp) are float32; the activations are bf16."""
