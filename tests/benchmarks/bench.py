@@ -50,7 +50,8 @@ the default case builds the model both ways: from a state dict (as when loading
 weights) and with the constructor (as a training script from scratch does).
 
 Results are printed as tables and written to `<out>/results.json` and
-`<out>/results.md`.
+`<out>/results.md`. `tests/benchmarks/bf16_dots.py` times XLA's matmuls by operand and
+result dtype at the model's shapes (why bf16 Linears ask for a float32 result).
 """
 
 import argparse
