@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 
 from ._custom_types import TimeLike
+from ._lowp import lowp_dot
 
 
 __all__ = [
@@ -242,10 +243,21 @@ def dense(
 ) -> Float[Array, "*batch d_out"]:
     """`x @ weight^T + bias` on the last axis of `x`: `linear` for a weight and bias
     that are not held by an `eqx.nn.Linear` (e.g. a row-permuted view of one)."""
-    out = jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
+    # A bf16 (or f16) matmul accumulates and returns float32, rounded once to the
+    # inputs' dtype after the bias: XLA:CPU runs bf16 x bf16 -> float32 dots on the
+    # CPU's bf16 dot instructions, but bf16 x bf16 -> bf16 ones on a slow path (a
+    # 2048 matmul at ~1/6 the rate; `tests/benchmarks/bf16_dots.py`), and `lowp_dot`
+    # keeps the backward matmuls bf16 too. Deliberate deviation from rounding the
+    # product and then the sum with the bias: one rounding instead of two
+    # (`test_precision.py::test_low_precision_dense_rounds_once`).
+    low = dtype is None and x.dtype == weight.dtype and jnp.finfo(x.dtype).bits < 32
+    if low:
+        out = lowp_dot(x, weight, ((x.ndim - 1,), (1,)))
+    else:
+        out = jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
     if bias is not None:
         out = out + bias.astype(out.dtype).reshape((1,) * (out.ndim - 1) + bias.shape)
-    return out
+    return out.astype(x.dtype) if low else out
 
 
 RESIDUAL = "pixeldit_residual"

@@ -19,6 +19,11 @@ What it measures, on whatever device JAX uses (CPU or one accelerator):
   `checkpoint=True` (rematerialised blocks). On CPU the 64x64 and 128x128 cases run
   twice: in this (default) process, and in a subprocess that first calls
   `pixeldit_eqx.runtime.tune_cpu_allocator()` (no per-call page faults).
+- **where the time goes**: at 64x64 and 128x128, forward and forward+backward of the
+  whole model and of `model.patch_level` alone (its output's mean square as the loss),
+  timed alternately in one process; the difference is the pixel path (pixel embedder,
+  PiT blocks, final layer, unpatchify), reported as a share of the whole, next to its
+  share of the analytic FLOPs (about half: the per-pixel adaLN matmuls).
 - **compile time** of `jit(forward+backward)` at patch depth 2, 6 and 24 (same widths);
   with the block stacks run by `lax.scan` it should not grow with depth.
 - **peak memory** of a fresh process that builds the model and runs 10
@@ -45,7 +50,8 @@ the default case builds the model both ways: from a state dict (as when loading
 weights) and with the constructor (as a training script from scratch does).
 
 Results are printed as tables and written to `<out>/results.json` and
-`<out>/results.md`.
+`<out>/results.md`. `tests/benchmarks/bf16_dots.py` times XLA's matmuls by operand and
+result dtype at the model's shapes (why bf16 Linears ask for a float32 result).
 """
 
 import argparse
@@ -338,6 +344,52 @@ def speed_case(
     return out
 
 
+def split_case(config: dict, variant: str, hw: int, batch: int, repeats: int) -> dict:
+    """Forward and forward+backward of the whole model and of `patch_level` alone,
+    timed alternately (one call of each in turn, medians): the pixel path's share."""
+    model = random_model(config, variant)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    args = (params, *inputs(config, variant, hw, batch))
+    forward, fwd_bwd = programs(static)
+
+    def patch_forward(params, x, t, cond):
+        return jax.vmap(eqx.combine(params, static).patch_level)(x, t, cond)
+
+    def patch_loss(params, x, t, cond):
+        return jnp.mean(patch_forward(params, x, t, cond) ** 2)
+
+    fns = {
+        ("forward", "model"): forward,
+        ("forward", "patch_level"): patch_forward,
+        ("forward_backward", "model"): fwd_bwd,
+        ("forward_backward", "patch_level"): jax.value_and_grad(patch_loss),
+    }
+    compiled = {k: jax.jit(fn).lower(*args).compile() for k, fn in fns.items()}
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in compiled}
+    for fn in compiled.values():
+        jax.block_until_ready(fn(*args))
+    for _ in range(repeats):
+        for k, fn in compiled.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[k].append(time.perf_counter() - t0)
+    out: dict[str, Any] = {"hw": hw, "batch": batch}
+    # The pixel path's share of the analytic FLOPs: the model without its PiT blocks
+    # (pixel embedder and final layer are a few MFLOP) against the whole.
+    flops = pixeldit_flops(config, variant, hw, hw, batch)
+    patch_flops = pixeldit_flops({**config, "pixel_depth": 0}, variant, hw, hw, batch)
+    for pass_name in ("forward", "forward_backward"):
+        whole = statistics.median(times[(pass_name, "model")])
+        patch = statistics.median(times[(pass_name, "patch_level")])
+        out[pass_name] = {
+            "model_s": whole,
+            "patch_level_s": patch,
+            "pixel_path_share": (whole - patch) / whole,
+            "pixel_path_flop_share": 1 - patch_flops[pass_name] / flops[pass_name],
+        }
+    return out
+
+
 class _GatedMLPBlock(eqx.Module):
     """`x + SwiGLU(RMSNorm(x))` with a choice of gating, for the gating comparison."""
 
@@ -453,6 +505,20 @@ def render(results: dict) -> str:
                 f"| {100 * r['fraction_of_matmul']:.0f}% | {r['compile_s']:.1f} "
                 f"| {r.get('temp_mib', float('nan')):.0f} |"
             )
+    if results.get("split"):
+        lines.append("\n## Where the time goes: whole model against `patch_level` alone (same process)\n")
+        lines.append(
+            "| case | pass | model ms | patch_level ms | pixel path ms | pixel path share of time | of FLOPs |"
+        )
+        lines.append("|---|---|---:|---:|---:|---:|---:|")
+        for r in results["split"]:
+            for pass_name in ("forward", "forward_backward"):
+                q = r[pass_name]
+                lines.append(
+                    f"| mid {r['hw']}px b{r['batch']} | {pass_name.replace('_', '+')} | {_ms(q['model_s'])} "
+                    f"| {_ms(q['patch_level_s'])} | {_ms(q['model_s'] - q['patch_level_s'])} "
+                    f"| {100 * q['pixel_path_share']:.0f}% | {100 * q['pixel_path_flop_share']:.0f}% |"
+                )
     if results.get("compile"):
         lines.append("\n## Compile time of jit(forward+backward), mid widths, 64x64 b8\n")
         lines.append("| patch depth | lower s | compile s | total s | vs depth 2 |")
@@ -513,6 +579,10 @@ def checks(results: dict) -> dict[str, tuple[bool, str]]:
                 f >= 0.55,
                 f"{100 * f:.0f}%",
             )
+    for r in results.get("split", []):
+        if r["hw"] == 128:
+            share = r["forward_backward"]["pixel_path_share"]
+            out["mid 128px forward+backward: pixel path <= 25% of the time"] = (share <= 0.25, f"{100 * share:.0f}%")
     for r in results.get("memory", []):
         if r["label"].startswith("mid 64px") and not r.get("xla_flags"):
             out[f"{r['label']}: peak RSS <= 700 MiB"] = (
@@ -597,6 +667,11 @@ def main() -> None:
     log("speed: mid config 128x128 with checkpoint=True (forward+backward)")
     case = speed_case("mid", MID, "c2i", 128, BATCH, max(3, repeats - 2), mm, checkpoint=True)
     results["speed"].append(case)
+
+    results["split"] = []
+    for hw in (64, 128):
+        log(f"split: whole model and patch_level alone, {hw}x{hw}")
+        results["split"].append(split_case(MID, "c2i", hw, BATCH, max(3, repeats - 2)))
 
     log("batched matmul of the attention scores (128x128 shape)")
     results["batched_matmul"] = batched_matmul_case(mm)
