@@ -128,7 +128,7 @@ def time_shift(t: Float[ArrayLike, "*shape"], shift: Real[ArrayLike, ""]) -> Flo
 def sampling_times(num_steps: int, shift: Real[ArrayLike, ""] = 1.0) -> Float[Array, " {num_steps+1}"]:
     """The time grid of the samplers: `num_steps + 1` float32 times from 0 to 1.
 
-    `linspace(0, 1 - 1/N, N)`, then 1.0, then [`time_shift`][] (which keeps 0 and 1),
+    `linspace(0, 1 - 1/N, N)`, then 1.0, then [`time_shift`][pixeldit_eqx.flow.time_shift] (which keeps 0 and 1),
     all in float32. The linspace is computed the way PyTorch's CPU kernel computes it
     (from the start for the first half, from the end for the second) so that the grid
     equals the reference's bit for bit (for grids of up to 15 points, where that

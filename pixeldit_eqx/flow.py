@@ -67,7 +67,7 @@ def sample_training_time(key: PRNGKeyArray, shift: Real[ArrayLike, ""] = 1.0) ->
     **Arguments:**
 
     - `key`: a JAX PRNG key.
-    - `shift`: the time shift (see [`time_shift`][]).
+    - `shift`: the time shift (see [`time_shift`][pixeldit_eqx.flow.time_shift]).
 
     **Returns:**
 
@@ -257,7 +257,7 @@ def sample(
     """Integrates the flow ODE from noise (`t = 0`) to a sample (`t = 1`) for one example.
 
     The ODE is [`ProbabilityFlow`][] (the velocity, guided with `null_cond`); the steps are
-    those of the grid [`sampling_times`][], `dt = t_{k+1} - t_k`, taken by a solver
+    those of the grid [`sampling_times`][pixeldit_eqx.flow.sampling_times], `dt = t_{k+1} - t_k`, taken by a solver
     ([`integrate`][], one `jax.lax.scan`). `method` names the reference's three:
 
     - `"euler"` ([`Euler`][]): `x += dt v(x, t_k)`.
@@ -300,7 +300,7 @@ def sample(
         cast). Required when `guidance != 1`.
     - `guidance_interval`: `(t_min, t_max)`, guidance applies where `t_min < t < t_max`.
         Released PixelDiT-XL: `(0.1, 0.9)` at 256px, `(0.1, 1.0)` at 512px.
-    - `shift`: the time shift of the grid (see [`sampling_times`][]).
+    - `shift`: the time shift of the grid (see [`sampling_times`][pixeldit_eqx.flow.sampling_times]).
     - `exact`: Heun only: evaluate the velocity afresh at the start of every step.
     - `return_trajectory`: also return every state.
     - `solver`: a solver object instead of `method`/`exact`: an [`AbstractSolver`][] or a
