@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
+from ._ops import keep, linear
 from ._rope import apply_rope
-from .modules import keep, linear, RMSNorm
+from .modules import RMSNorm
 
 
 def _check_heads(dim: int, heads: int, what: str) -> int:

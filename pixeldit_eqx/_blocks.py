@@ -11,7 +11,8 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
 from ._attention import _check_heads, JointAttention, RotaryAttention
-from .modules import dense, keep, linear, PixelMLP, RESIDUAL, RMSNorm, SwiGLU
+from ._ops import dense, keep, linear, RESIDUAL
+from .modules import PixelMLP, RMSNorm, SwiGLU
 
 
 _Block = TypeVar("_Block", bound=eqx.Module)
@@ -262,7 +263,7 @@ class BlockStack(eqx.Module, Generic[_Block]):
     conditioning) are shared by all layers and closed over, not stacked.
 
     What the backward pass keeps: by default each layer keeps only the values its block
-    marks with `modules.keep` (matmul outputs: adaLN modulation, qkv, attention and
+    marks with `_ops.keep` (matmul outputs: adaLN modulation, qkv, attention and
     projection outputs) and recomputes the elementwise work in between (norms,
     modulation, activations, the per-pixel MLP) from them; measured, that halves the
     memory of forward+backward at no cost in time, and no matmul of the model is done

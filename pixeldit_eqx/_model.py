@@ -21,6 +21,7 @@ from ._config import (
     register,
 )
 from ._custom_types import Image, LabelLike, TimeLike
+from ._ops import token_wise, zero_linear
 from ._rope import rope_1d, rope_2d
 from ._tokens import (
     check_image_size,
@@ -31,13 +32,7 @@ from ._tokens import (
     TextEmbedder,
     unpatchify,
 )
-from .modules import (
-    cast_params,
-    FinalLayer,
-    TimestepConditioner,
-    token_wise,
-    zero_linear,
-)
+from .modules import cast_params, FinalLayer, TimestepConditioner
 
 
 # The program that draws a model's initial parameters runs once, so on CPU XLA's

@@ -19,10 +19,11 @@ from ._config import _is_int, _resolve_encoder, config_attribute, PixelDiT2Confi
 from ._custom_types import Image, LabelLike, TimeLike
 from ._dinov3 import DINOv3, DINOv3Config, encoder_config
 from ._model import _check_label, _check_time, _ImageModel, _initialise, _stream_dtype
+from ._ops import keep, linear, RESIDUAL, silu_gate, zero_linear
 from ._resize import resize_bicubic
 from ._rope import rope_2d
 from ._tokens import ClassEmbedder, PatchEmbedder, patchify, unpatchify
-from .modules import cast_params, keep, linear, RESIDUAL, RMSNorm, silu_gate, TimestepConditioner, zero_linear
+from .modules import cast_params, RMSNorm, TimestepConditioner
 
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)

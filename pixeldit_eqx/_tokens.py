@@ -13,7 +13,8 @@ import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._custom_types import Image
-from .modules import linear, RMSNorm, sincos_axes, token_wise
+from ._ops import linear, sincos_axes, token_wise
+from .modules import RMSNorm
 
 
 def check_image_size(height: int, width: int, patch_size: int, what: str = "x") -> tuple[int, int]:
