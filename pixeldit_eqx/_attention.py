@@ -99,6 +99,7 @@ class RotaryAttention(eqx.Module):
         k = apply_rope(self.k_norm.apply(qkv[:, 1]), angles)
         return q, k, qkv[:, 2]
 
+    @jax.named_scope("RotaryAttention")
     def __call__(
         self,
         x: Float[Array, "N dim"],
@@ -144,6 +145,7 @@ class JointAttention(eqx.Module):
         self.proj_y = eqx.nn.Linear(dim, dim, dtype=dtype, key=k4)
         self.heads = heads
 
+    @jax.named_scope("JointAttention")
     def __call__(
         self,
         x: Float[Array, "L dim"],

@@ -79,6 +79,7 @@ class DiTBlock(eqx.Module):
         self.mlp = SwiGLU(hidden_size, mlp_ratio, dtype=dtype, key=k2)
         self.adaln = eqx.nn.Linear(hidden_size, 6 * hidden_size, dtype=dtype, key=k3)
 
+    @jax.named_scope("DiTBlock")
     def __call__(
         self,
         x: Float[Array, "L D"],
@@ -137,6 +138,7 @@ class MMDiTBlock(eqx.Module):
         self.adaln_img = eqx.nn.Linear(hidden_size, 6 * hidden_size, dtype=dtype, key=k4)
         self.adaln_txt = eqx.nn.Linear(hidden_size, 6 * hidden_size, dtype=dtype, key=k5)
 
+    @jax.named_scope("MMDiTBlock")
     def __call__(
         self,
         xy: tuple[Float[Array, "L D"], Float[Array, "T D"]],
@@ -214,6 +216,7 @@ class PiTBlock(eqx.Module):
         self.patch_size = patch_size
         self.post_modulation = post_modulation
 
+    @jax.named_scope("PiTBlock")
     def __call__(
         self,
         x: Float[Array, "L p2 D_pix"],

@@ -195,11 +195,14 @@ class _PixelDiTBase(_ImageModel):
         hs, ws = h // self.patch_size, w // self.patch_size
         angles = rope_2d(self.pixel_attn_hidden_size // self.pixel_num_groups, hs, ws)
         out_dtype = _stream_dtype(x.dtype)
-        pix = self.pixel_embedder(x, self.patch_size).astype(out_dtype)
-        pix = self.pixel_blocks(pix, s_cond, angles)
+        with jax.named_scope("pixel_embed"):
+            pix = self.pixel_embedder(x, self.patch_size).astype(out_dtype)
+        with jax.named_scope("pixel_blocks"):
+            pix = self.pixel_blocks(pix, s_cond, angles)
         # float32 island: the output head runs in (at least) float32.
-        final = cast_params(self.final_layer, out_dtype)
-        return unpatchify(token_wise(final, pix.astype(out_dtype)), self.patch_size, h, w)
+        with jax.named_scope("final_layer"):
+            final = cast_params(self.final_layer, out_dtype)
+            return unpatchify(token_wise(final, pix.astype(out_dtype)), self.patch_size, h, w)
 
 
 @register
@@ -302,8 +305,10 @@ class PixelDiT(_PixelDiTBase):
         y = _check_label(y, self.num_classes)
         t_emb = self.t_embedder(t)
         c = jax.nn.silu(t_emb + self.y_embedder(y))
-        s = self.s_embedder(patchify(x, self.patch_size)).astype(_stream_dtype(x.dtype))
-        s = self.patch_blocks(s, c, rope_2d(self.hidden_size // self.num_groups, hs, ws))
+        with jax.named_scope("patch_embed"):
+            s = self.s_embedder(patchify(x, self.patch_size)).astype(_stream_dtype(x.dtype))
+        with jax.named_scope("patch_blocks"):
+            s = self.patch_blocks(s, c, rope_2d(self.hidden_size // self.num_groups, hs, ws))
         return jax.nn.silu(t_emb[None, :].astype(s.dtype) + s).astype(x.dtype)
 
     def __call__(self, x: Image, t: TimeLike, y: LabelLike) -> Float[Array, "{self.in_channels} H W"]:
@@ -444,8 +449,12 @@ class PixelDiTT2I(_PixelDiTBase):
         hd = self.hidden_size // self.num_groups
         text_angles = rope_1d(hd, n_txt, self.text_rope_theta) if self.use_text_rope else None
         stream = _stream_dtype(x.dtype)
-        s = self.s_embedder(patchify(x, self.patch_size)).astype(stream)
-        s, _ = self.patch_blocks((s, y.astype(stream)), jax.nn.silu(t_emb), rope_2d(hd, hs, ws), text_angles, text_mask)
+        with jax.named_scope("patch_embed"):
+            s = self.s_embedder(patchify(x, self.patch_size)).astype(stream)
+        with jax.named_scope("patch_blocks"):
+            s, _ = self.patch_blocks(
+                (s, y.astype(stream)), jax.nn.silu(t_emb), rope_2d(hd, hs, ws), text_angles, text_mask
+            )
         return jax.nn.silu(t_emb[None, :].astype(s.dtype) + s).astype(x.dtype)
 
     def __call__(

@@ -81,6 +81,7 @@ class FeedForward(eqx.Module):
         self.w3 = eqx.nn.Linear(dim, hidden, use_bias=False, dtype=dtype, key=k3)
         self.drop = float(drop)
 
+    @jax.named_scope("FeedForward")
     def __call__(
         self,
         x: Float[Array, "*batch dim"],
@@ -136,6 +137,7 @@ class ModulatedDiTBlock(eqx.Module):
         self.adaln = eqx.nn.Linear(hidden_size, 6 * hidden_size, dtype=dtype, key=k3)
         self.proj_drop = float(proj_drop)
 
+    @jax.named_scope("ModulatedDiTBlock")
     def __call__(
         self,
         x: Float[Array, "N D"],
@@ -519,7 +521,8 @@ class PixelDiT2(_ImageModel):
         null_c = jnp.broadcast_to(activate(t_emb + y_emb)[None, :], (hs * ws, t_emb.shape[0]))
         if skip_grounding is True:
             return null_c, y_emb
-        grounding = self.dino_conditioner(x, t)
+        with jax.named_scope("grounding"):
+            grounding = self.dino_conditioner(x, t)
         c = activate(grounding + t_emb[None, :] + y_emb[None, :])
         if skip_grounding is not False:
             c = jnp.where(skip_grounding, null_c, c)
@@ -541,7 +544,8 @@ class PixelDiT2(_ImageModel):
         hs, ws = h // self.patch_size, w // self.patch_size
         cfg = self.config
         stream = _stream_dtype(x.dtype)
-        s = self.s_embedder(patchify(x, self.patch_size)).astype(stream)
+        with jax.named_scope("patch_embed"):
+            s = self.s_embedder(patchify(x, self.patch_size)).astype(stream)
         angles = rope_2d(cfg.hidden_size // cfg.num_heads, hs, ws)
         keys = rates = None
         if key is not None:
@@ -562,10 +566,11 @@ class PixelDiT2(_ImageModel):
                 s = jnp.concatenate([context.astype(stream), s])
                 c_all = jnp.concatenate([jnp.broadcast_to(jnp.mean(c, axis=0), (n, c.shape[1])), c])
                 angles_all = jnp.concatenate([jnp.zeros((n, angles.shape[1]), angles.dtype), angles])
-            if lo >= start:
-                s = _run_blocks(self.patch_blocks, lo, hi, s, c_all, angles_all, keys, rates)
-            else:
-                s = _run_blocks(self.patch_blocks, lo, hi, s, c, angles, keys, rates)
+            with jax.named_scope("patch_blocks"):
+                if lo >= start:
+                    s = _run_blocks(self.patch_blocks, lo, hi, s, c_all, angles_all, keys, rates)
+                else:
+                    s = _run_blocks(self.patch_blocks, lo, hi, s, c, angles, keys, rates)
             if hi == feature_depth:
                 features = s[n:] if hi > start else s
         if not run_head:
@@ -573,8 +578,9 @@ class PixelDiT2(_ImageModel):
         if cfg.depth > start:
             s = s[n:]
         out_dtype = _stream_dtype(x.dtype)
-        final = cast_params(self.final_layer, out_dtype)
-        out = final(s.astype(out_dtype), c.astype(out_dtype))
+        with jax.named_scope("final_layer"):
+            final = cast_params(self.final_layer, out_dtype)
+            out = final(s.astype(out_dtype), c.astype(out_dtype))
         out = unpatchify(out.reshape(hs * ws, self.patch_size**2, cfg.in_channels), self.patch_size, h, w)
         return out, features
 

@@ -228,6 +228,7 @@ class SwiGLU(eqx.Module):
         """One vector `(dim,)` through `w2(silu(w1 x) * w3 x)`."""
         return self.apply(x)
 
+    @jax.named_scope("SwiGLU")
     def apply(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
         """`__call__` on every vector of `x` (last axis), as whole-array matmuls."""
         gate, value = keep(linear(self.w1, x)), keep(linear(self.w3, x))
@@ -257,6 +258,7 @@ class PixelMLP(eqx.Module):
         """One vector `(dim,)` through `fc2(gelu(fc1 x))`."""
         return self.apply(x)
 
+    @jax.named_scope("PixelMLP")
     def apply(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
         """`__call__` on every vector of `x` (last axis), as whole-array matmuls."""
         return linear(self.fc2, gelu(linear(self.fc1, x)))
