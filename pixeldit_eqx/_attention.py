@@ -74,6 +74,14 @@ class RotaryAttention(eqx.Module):
 
     Reference: `modules.RotaryAttention(dim, num_heads, qkv_bias=False)`: `qkv` Linear
     (no bias) split as `(3, heads, hd)`, `q_norm`/`k_norm` over hd, `proj` biased.
+
+    **Arguments:**
+
+    - `dim`: the token width, split into `heads` heads of `dim // heads` (a multiple of
+      `heads`; the rope tables need an even head width, 2D rope a multiple of 4).
+    - `heads`: the number of heads.
+    - `dtype`: the parameters' dtype (default float32).
+    - `key`: a PRNG key for the Linears' initialisation.
     """
 
     qkv: eqx.nn.Linear
@@ -120,6 +128,13 @@ class JointAttention(eqx.Module):
     on the text stream when `text_angles` is given. `text_mask` False removes a text
     token as a key (deliberate deviation: the reference builds its boolean SDPA mask as
     `mask == 0`, which would keep only padding; the released models run without a mask).
+
+    **Arguments:**
+
+    - `dim`: the width of both streams, split into `heads` heads.
+    - `heads`: the number of heads.
+    - `dtype`: the parameters' dtype (default float32).
+    - `key`: a PRNG key for the Linears' initialisation.
     """
 
     qkv_x: eqx.nn.Linear

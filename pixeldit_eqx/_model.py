@@ -53,9 +53,9 @@ def _initialise(make: Any, key: PRNGKeyArray) -> Any:
     the result has at most 50M parameters.
 
     Eagerly, every initialiser compiles its own small program per parameter shape and
-    keeps it cached: about 100 for a PixelDiT, 10 s for the benchmark's mid-size config
-    on a 2-core CPU, and about 250 MiB more resident than loading weights. One program
-    for the whole model compiles in about 2 s and is dropped after use. Under a transformation
+    keeps it cached (about 100 for a PixelDiT); one program for the whole model compiles
+    once and is dropped after use (`docs/performance.md` has the times and memory
+    measured). Under a transformation
     (`eqx.filter_eval_shape`, `jit`, `vmap` over keys) `make` is traced inline.
     """
     if isinstance(key, jax.core.Tracer) or jax.config.jax_disable_jit:
@@ -223,6 +223,7 @@ class PixelDiT(_PixelDiTBase):
     - `num_classes`: labels `0..num_classes-1`; `num_classes` is the null class.
     - `use_pixel_abs_pos`: add the 2D sincos table to pixel tokens.
     - `pit_adaln_post_modulation`: the PiT blocks' post-modulation variant.
+    - `mlp_ratio`: the width ratio of the patch blocks' SwiGLUs and the PiT blocks' MLPs.
     - `dtype`: parameter dtype; `compute_dtype`: dtype of activations (e.g.
       `jnp.bfloat16`: the matmuls and activations run in it; the residual streams, norm
       statistics, adaLN modulation and gates, timestep sinusoid, rope, softmax and the
@@ -328,9 +329,17 @@ class PixelDiTT2I(_PixelDiTBase):
     `norm(proj(text)) + y_pos_embedding[:T]`, text longer than `txt_max_length` is
     truncated to it (as the reference does).
 
-    **Arguments:** as `PixelDiT` without `num_classes`, plus `pixel_attn_hidden_size`,
-    `pixel_num_groups` (width and heads of the pixel-level attention; default the patch
-    level's), `txt_embed_dim`, `txt_max_length`, `use_text_rope`, `text_rope_theta`.
+    **Arguments:**
+
+    - `in_channels`, `patch_size`, `num_groups`, `hidden_size`, `patch_depth`,
+      `pixel_hidden_size`, `pixel_depth`, `use_pixel_abs_pos`, `pit_adaln_post_modulation`,
+      `mlp_ratio`, `dtype`, `compute_dtype`, `checkpoint`, `key`: as `PixelDiT`'s.
+    - `pixel_attn_hidden_size`, `pixel_num_groups`: width and heads of the pixel-level
+      attention (default: the patch level's).
+    - `txt_embed_dim`: the width of the text encoder's embeddings; `txt_max_length`: the
+      rows of the text position table (longer text is truncated).
+    - `use_text_rope`, `text_rope_theta`: 1D rope on the text stream, and its base.
+
     The reference's `num_text_blocks` and `repa_encoder_index` change nothing the model
     computes (one is unused, the other picks the tokens of a training-only loss); `build`
     and `load_reference` accept and ignore them.

@@ -152,7 +152,7 @@ def silu_gate(gate: Float[Array, "*shape"], value: Float[Array, "*shape"]) -> Fl
     computes them once, row-major, and transposes the result for the weight
     gradients; with autodiff's products it re-derives them inside the transposing copy,
     a slow loop on CPU (`nox -s bench` measures a scanned SwiGLU stack's
-    forward+backward 1.3x faster).
+    forward+backward both ways; `docs/performance.md` records the result).
     The same values up to float rounding; forward, reverse and higher-order autodiff
     all go through it.
     """

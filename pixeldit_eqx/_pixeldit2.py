@@ -260,6 +260,19 @@ class GroundingConditioner(eqx.Module):
     (weights come from a state dict). The encoder runs without gradient, as under the
     reference's `torch.no_grad()`.
 
+    **Arguments:**
+
+    - `encoder_name`: the frozen encoder, a preset name, a mapping or a `DINOv3Config`.
+    - `hidden_size`: the width `D` of the condition tokens.
+    - `target_patch_size`: the patch side `p` of the model the tokens condition: the
+      image is resized so that each encoder patch covers one target patch.
+    - `proj_num_blocks`, `proj_num_heads`: blocks and heads of the `TimestepProjection`.
+    - `pretrained_encoder`: accepted and ignored.
+    - `encoder`: the fixtures' separate encoder mapping, used in place of `encoder_name`'s.
+    - `dtype`: the parameters' dtype (default float32).
+    - `checkpoint`: rematerialise each projection block in the backward pass.
+    - `key`: a PRNG key for the initialisation (the encoder's weights come from a state dict).
+
     ```python
     cond = GroundingConditioner("dinov3_vits16", hidden_size=1280, target_patch_size=16, key=key)
     tokens = jax.vmap(cond)(x, t)  # x (B, 3, 256, 256) in [-1, 1] -> (B, 256, 1280)
@@ -385,10 +398,26 @@ class PixelDiT2(_ImageModel):
     separate `encoder` mapping is accepted as in the fixtures' manifest; `pretrained_encoder`
     is accepted and ignored (weights come from a state dict).
 
-    **Arguments** beyond the reference's: `dtype` (parameters), `compute_dtype`
-    (activations, e.g. `jnp.bfloat16`; the residual stream, norm statistics, rope and
-    softmax stay float32), `checkpoint` (rematerialise each block in the backward pass),
-    `key`.
+    **Arguments:**
+
+    - `in_channels`, `patch_size`: image channels (3, or 1 broadcast to the encoder's 3)
+      and patch side `p`.
+    - `hidden_size`, `num_heads`, `depth`: width `D`, heads and number of the DiT blocks.
+    - `num_classes`: labels `0..num_classes-1`; `num_classes` is the null class.
+    - `in_context_len`, `in_context_start`: how many class tokens join the sequence, and
+      before which block.
+    - `attn_dropout`: accepted as the reference's (its attention never drops);
+      `proj_dropout`: dropout in the middle half of the blocks, in training mode (a `key`
+      given to the call).
+    - `mlp_hidden_multiple`: round the SwiGLU hidden width up to a multiple of it (0: no).
+    - `grounding_encoder`, `grounding_proj_blocks`, `grounding_proj_heads`: the frozen
+      encoder and the blocks and heads (default `num_heads`) of the grounding projection.
+    - `single_silu_cond`: no SiLU on the summed condition (the blocks' adaLN applies one).
+    - `pretrained_encoder` (ignored), `encoder`: as above.
+    - `dtype`: the parameters' dtype; `compute_dtype`: the activations' (e.g.
+      `jnp.bfloat16`; the residual stream, norm statistics, rope and softmax stay float32).
+    - `checkpoint`: rematerialise each block in the backward pass.
+    - `key`: a PRNG key for the initialisation.
 
     One example per call; `jax.vmap` for batches (also over `skip_grounding`):
 

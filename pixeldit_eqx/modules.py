@@ -182,6 +182,12 @@ class RMSNorm(eqx.Module):
     Reference: `modules.RMSNorm`. The normalised vector is cast back to the input dtype
     before the weight; the weight is cast to the input dtype too (explicit policy: the
     output has the input's dtype, where PyTorch would promote bf16 x fp32 to fp32).
+
+    **Arguments:**
+
+    - `dim`: the width of the vectors it normalises (and of `weight`, initialised to ones).
+    - `eps`: added to the mean square before the square root.
+    - `dtype`: the dtype of `weight` (default float32).
     """
 
     weight: Float[Array, " dim"]
@@ -207,6 +213,13 @@ class SwiGLU(eqx.Module):
 
     Reference: `modules.FeedForward(dim, int(dim * mlp_ratio))`, whose hidden width is
     `int(2 * int(dim * mlp_ratio) / 3)`.
+
+    **Arguments:**
+
+    - `dim`: input and output width.
+    - `mlp_ratio`: hidden width `int(2 * int(dim * mlp_ratio) / 3)`, as the reference.
+    - `dtype`: the parameters' dtype (default float32).
+    - `key`: a PRNG key for the three Linears' initialisation.
     """
 
     w1: eqx.nn.Linear
@@ -239,6 +252,13 @@ class PixelMLP(eqx.Module):
     """`fc2(gelu(fc1 x))` with exact (erf) GELU, both Linears biased.
 
     Reference: `modules.MLP(dim, mlp_ratio)` (dropout 0).
+
+    **Arguments:**
+
+    - `dim`: input and output width.
+    - `mlp_ratio`: hidden width `int(dim * mlp_ratio)`.
+    - `dtype`: the parameters' dtype (default float32).
+    - `key`: a PRNG key for the two Linears' initialisation.
     """
 
     fc1: eqx.nn.Linear
@@ -269,6 +289,13 @@ class TimestepConditioner(eqx.Module):
 
     Reference: `modules.TimestepConditioner` (keys `mlp.0.*`, `mlp.2.*`); weights
     normal(0.02), default biases.
+
+    **Arguments:**
+
+    - `hidden_size`: the output width `D`.
+    - `freq_dim`: the width of the sinusoid (`timestep_embedding`, max period 10).
+    - `dtype`: the parameters' dtype (default float32; the sinusoid is float32 and cast).
+    - `key`: a PRNG key for the initialisation.
     """
 
     linear1: eqx.nn.Linear
@@ -304,6 +331,13 @@ class FinalLayer(eqx.Module):
     """RMSNorm then a zero-initialised biased Linear: the model outputs zero at init.
 
     Reference: `modules.FinalLayer` (keys `norm.weight`, `linear.*`).
+
+    **Arguments:**
+
+    - `hidden_size`: input width (of the norm).
+    - `out_channels`: output width of the Linear.
+    - `dtype`: the parameters' dtype (default float32).
+    - `key`: a PRNG key (the Linear starts at zero; the key only builds it).
     """
 
     norm: RMSNorm
