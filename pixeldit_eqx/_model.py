@@ -55,8 +55,8 @@ def _initialise(make: Any, key: PRNGKeyArray) -> Any:
     Eagerly, every initialiser compiles its own small program per parameter shape and
     keeps it cached (about 100 for a PixelDiT); one program for the whole model compiles
     once and is dropped after use (`docs/performance.md` has the times and memory
-    measured). Under a transformation
-    (`eqx.filter_eval_shape`, `jit`, `vmap` over keys) `make` is traced inline.
+    measured). Under a transformation (`eqx.filter_eval_shape`, `jit`, `vmap` over keys)
+    `make` is traced inline.
     """
     if isinstance(key, jax.core.Tracer) or jax.config.jax_disable_jit:
         return make(key)
