@@ -5,7 +5,7 @@ a few minutes on a laptop CPU, no download. The job itself lives in
 `pixeldit_eqx._digits`, which describes its steps and metrics; this script runs it.
 
 ```bash
-python examples/digits.py                       # defaults: 2-3 minutes on 2 CPU cores
+python examples/digits.py                       # the defaults (how long: docs/performance.md)
 python examples/digits.py --steps 3000 --out runs/  --save-samples runs/samples.npz
 python examples/digits.py --quick               # a smoke test of the plumbing (mostly compile time)
 python examples/digits.py --help                # every option

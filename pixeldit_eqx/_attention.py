@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
+from ._ops import keep, linear
 from ._rope import apply_rope
-from .modules import keep, linear, RMSNorm
+from .modules import RMSNorm
 
 
 def _check_heads(dim: int, heads: int, what: str) -> int:
@@ -73,6 +74,14 @@ class RotaryAttention(eqx.Module):
 
     Reference: `modules.RotaryAttention(dim, num_heads, qkv_bias=False)`: `qkv` Linear
     (no bias) split as `(3, heads, hd)`, `q_norm`/`k_norm` over hd, `proj` biased.
+
+    **Arguments:**
+
+    - `dim`: the token width, split into `heads` heads of `dim // heads` (a multiple of
+      `heads`; the rope tables need an even head width, 2D rope a multiple of 4).
+    - `heads`: the number of heads.
+    - `dtype`: the parameters' dtype (default float32).
+    - `key`: a PRNG key for the Linears' initialisation.
     """
 
     qkv: eqx.nn.Linear
@@ -98,6 +107,7 @@ class RotaryAttention(eqx.Module):
         k = apply_rope(self.k_norm.apply(qkv[:, 1]), angles)
         return q, k, qkv[:, 2]
 
+    @jax.named_scope("RotaryAttention")
     def __call__(
         self,
         x: Float[Array, "N dim"],
@@ -118,6 +128,13 @@ class JointAttention(eqx.Module):
     on the text stream when `text_angles` is given. `text_mask` False removes a text
     token as a key (deliberate deviation: the reference builds its boolean SDPA mask as
     `mask == 0`, which would keep only padding; the released models run without a mask).
+
+    **Arguments:**
+
+    - `dim`: the width of both streams, split into `heads` heads.
+    - `heads`: the number of heads.
+    - `dtype`: the parameters' dtype (default float32).
+    - `key`: a PRNG key for the Linears' initialisation.
     """
 
     qkv_x: eqx.nn.Linear
@@ -143,6 +160,7 @@ class JointAttention(eqx.Module):
         self.proj_y = eqx.nn.Linear(dim, dim, dtype=dtype, key=k4)
         self.heads = heads
 
+    @jax.named_scope("JointAttention")
     def __call__(
         self,
         x: Float[Array, "L dim"],

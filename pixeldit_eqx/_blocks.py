@@ -11,7 +11,8 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
 from ._attention import _check_heads, JointAttention, RotaryAttention
-from .modules import dense, keep, linear, PixelMLP, RESIDUAL, RMSNorm, SwiGLU
+from ._ops import dense, keep, linear, RESIDUAL
+from .modules import PixelMLP, RMSNorm, SwiGLU
 
 
 _Block = TypeVar("_Block", bound=eqx.Module)
@@ -52,6 +53,14 @@ class DiTBlock(eqx.Module):
     Reference: `pixeldit_c2i.AugmentedDiTBlock`: `adaLN_modulation.0` is Linear(D -> 6D)
     with no SiLU inside (the conditioning arrives activated); chunks shift, scale, gate
     (attention) then shift, scale, gate (SwiGLU).
+
+    **Arguments:**
+
+    - `hidden_size`: the token width `D`.
+    - `heads`: attention heads (`D` a multiple of it).
+    - `mlp_ratio`: the SwiGLU's width ratio (`SwiGLU`).
+    - `dtype`: the parameters' dtype (default float32).
+    - `key`: a PRNG key for the initialisation.
     """
 
     norm1: RMSNorm
@@ -78,6 +87,7 @@ class DiTBlock(eqx.Module):
         self.mlp = SwiGLU(hidden_size, mlp_ratio, dtype=dtype, key=k2)
         self.adaln = eqx.nn.Linear(hidden_size, 6 * hidden_size, dtype=dtype, key=k3)
 
+    @jax.named_scope("DiTBlock")
     def __call__(
         self,
         x: Float[Array, "L D"],
@@ -99,6 +109,14 @@ class MMDiTBlock(eqx.Module):
     own norms, SwiGLUs and adaLN, joined in one attention over `[text, image]`.
 
     Reference: `pixeldit_t2i.MMDiTBlockT2I`. Called on the carry `(x, y)`.
+
+    **Arguments:**
+
+    - `hidden_size`: the width `D` of both streams.
+    - `heads`: attention heads (`D` a multiple of it).
+    - `mlp_ratio`: the SwiGLUs' width ratio (`SwiGLU`).
+    - `dtype`: the parameters' dtype (default float32).
+    - `key`: a PRNG key for the initialisation.
     """
 
     norm_x1: RMSNorm
@@ -136,6 +154,7 @@ class MMDiTBlock(eqx.Module):
         self.adaln_img = eqx.nn.Linear(hidden_size, 6 * hidden_size, dtype=dtype, key=k4)
         self.adaln_txt = eqx.nn.Linear(hidden_size, 6 * hidden_size, dtype=dtype, key=k5)
 
+    @jax.named_scope("MMDiTBlock")
     def __call__(
         self,
         xy: tuple[Float[Array, "L D"], Float[Array, "T D"]],
@@ -170,6 +189,19 @@ class PiTBlock(eqx.Module):
     modulation (`post_modulation=False`, 6 chunks in DiT order) modulates the norms'
     outputs and gates the branches; *post* (4 chunks: scale1, shift1, scale2, shift2)
     modulates the branches' outputs.
+
+    **Arguments:**
+
+    - `pixel_size`: the pixel token width `D_pix`.
+    - `cond_size`: the width `D` of the per-patch conditioning.
+    - `patch_size`: the patch side `p` (each patch has `p*p` pixels).
+    - `attn_size`: the width of the compacted tokens the attention runs on (one per
+      patch, `p*p*D_pix -> attn_size`).
+    - `heads`: attention heads (`attn_size` a multiple of it).
+    - `mlp_ratio`: the per-pixel MLP's width ratio (`PixelMLP`).
+    - `post_modulation`: the post-modulation variant (4 chunks) instead of pre (6).
+    - `dtype`: the parameters' dtype (default float32).
+    - `key`: a PRNG key for the initialisation.
     """
 
     compress_to_attn: eqx.nn.Linear
@@ -213,6 +245,7 @@ class PiTBlock(eqx.Module):
         self.patch_size = patch_size
         self.post_modulation = post_modulation
 
+    @jax.named_scope("PiTBlock")
     def __call__(
         self,
         x: Float[Array, "L p2 D_pix"],
@@ -263,11 +296,20 @@ class BlockStack(eqx.Module, Generic[_Block]):
     """`depth` identical blocks stored as one block whose arrays carry a leading layer
     axis, applied with `lax.scan`: compile time does not grow with depth.
 
+    **Arguments:**
+
+    - `make_block`: `key -> block`, called (vmapped) once per layer key.
+    - `depth`: the number of layers (0: the stack returns its carry).
+    - `key`: a PRNG key, split into one per layer.
+    - `checkpoint`: rematerialise the whole scan body in the backward pass.
+    - `blocks`: instead of `make_block` and `key`, an already stacked block whose arrays
+      have the leading axis `depth` (`from_layers` stacks separately built blocks).
+
     Each block is called as `block(carry, *args) -> carry`; `args` (tables,
     conditioning) are shared by all layers and closed over, not stacked.
 
     What the backward pass keeps: by default each layer keeps only the values its block
-    marks with `modules.keep` (matmul outputs: adaLN modulation, qkv, attention and
+    marks with `_ops.keep` (matmul outputs: adaLN modulation, qkv, attention and
     projection outputs) and recomputes the elementwise work in between (norms,
     modulation, activations, the per-pixel MLP) from them; measured, that halves the
     memory of forward+backward at no cost in time, and no matmul of the model is done

@@ -33,7 +33,7 @@ own size), four in-context class tokens, trained with
 and the grounding).
 
 ```bash
-python examples/digits.py                       # defaults: 2-3 minutes on 2 CPU cores
+python examples/digits.py                       # the defaults (how long: docs/performance.md)
 python examples/digits.py --steps 3000 --out runs/  --save-samples runs/samples.npz
 python examples/digits.py --quick               # a smoke test of the plumbing (mostly compile time)
 python examples/digits.py --model pixeldit2     # the same job with PixelDiT2

@@ -21,8 +21,9 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ._attention import _check_heads, attend
 from ._blocks import BlockStack
 from ._custom_types import Image
+from ._ops import dense, keep, linear
 from ._tokens import check_image_size, patchify
-from .modules import dense, keep, linear, PixelMLP
+from .modules import PixelMLP
 
 
 @dataclasses.dataclass(frozen=True)

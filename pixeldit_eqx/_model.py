@@ -21,6 +21,7 @@ from ._config import (
     register,
 )
 from ._custom_types import Image, LabelLike, TimeLike
+from ._ops import token_wise, zero_linear
 from ._rope import rope_1d, rope_2d
 from ._tokens import (
     check_image_size,
@@ -31,13 +32,7 @@ from ._tokens import (
     TextEmbedder,
     unpatchify,
 )
-from .modules import (
-    cast_params,
-    FinalLayer,
-    TimestepConditioner,
-    token_wise,
-    zero_linear,
-)
+from .modules import cast_params, FinalLayer, TimestepConditioner
 
 
 # The program that draws a model's initial parameters runs once, so on CPU XLA's
@@ -58,10 +53,10 @@ def _initialise(make: Any, key: PRNGKeyArray) -> Any:
     the result has at most 50M parameters.
 
     Eagerly, every initialiser compiles its own small program per parameter shape and
-    keeps it cached: about 100 for a PixelDiT, 10 s for the benchmark's mid-size config
-    on a 2-core CPU, and about 250 MiB more resident than loading weights. One program
-    for the whole model compiles in about 2 s and is dropped after use. Under a transformation
-    (`eqx.filter_eval_shape`, `jit`, `vmap` over keys) `make` is traced inline.
+    keeps it cached (about 100 for a PixelDiT); one program for the whole model compiles
+    once and is dropped after use (`docs/performance.md` has the times and memory
+    measured). Under a transformation (`eqx.filter_eval_shape`, `jit`, `vmap` over keys)
+    `make` is traced inline.
     """
     if isinstance(key, jax.core.Tracer) or jax.config.jax_disable_jit:
         return make(key)
@@ -200,11 +195,14 @@ class _PixelDiTBase(_ImageModel):
         hs, ws = h // self.patch_size, w // self.patch_size
         angles = rope_2d(self.pixel_attn_hidden_size // self.pixel_num_groups, hs, ws)
         out_dtype = _stream_dtype(x.dtype)
-        pix = self.pixel_embedder(x, self.patch_size).astype(out_dtype)
-        pix = self.pixel_blocks(pix, s_cond, angles)
+        with jax.named_scope("pixel_embed"):
+            pix = self.pixel_embedder(x, self.patch_size).astype(out_dtype)
+        with jax.named_scope("pixel_blocks"):
+            pix = self.pixel_blocks(pix, s_cond, angles)
         # float32 island: the output head runs in (at least) float32.
-        final = cast_params(self.final_layer, out_dtype)
-        return unpatchify(token_wise(final, pix.astype(out_dtype)), self.patch_size, h, w)
+        with jax.named_scope("final_layer"):
+            final = cast_params(self.final_layer, out_dtype)
+            return unpatchify(token_wise(final, pix.astype(out_dtype)), self.patch_size, h, w)
 
 
 @register
@@ -225,6 +223,7 @@ class PixelDiT(_PixelDiTBase):
     - `num_classes`: labels `0..num_classes-1`; `num_classes` is the null class.
     - `use_pixel_abs_pos`: add the 2D sincos table to pixel tokens.
     - `pit_adaln_post_modulation`: the PiT blocks' post-modulation variant.
+    - `mlp_ratio`: the width ratio of the patch blocks' SwiGLUs and the PiT blocks' MLPs.
     - `dtype`: parameter dtype; `compute_dtype`: dtype of activations (e.g.
       `jnp.bfloat16`: the matmuls and activations run in it; the residual streams, norm
       statistics, adaLN modulation and gates, timestep sinusoid, rope, softmax and the
@@ -307,8 +306,10 @@ class PixelDiT(_PixelDiTBase):
         y = _check_label(y, self.num_classes)
         t_emb = self.t_embedder(t)
         c = jax.nn.silu(t_emb + self.y_embedder(y))
-        s = self.s_embedder(patchify(x, self.patch_size)).astype(_stream_dtype(x.dtype))
-        s = self.patch_blocks(s, c, rope_2d(self.hidden_size // self.num_groups, hs, ws))
+        with jax.named_scope("patch_embed"):
+            s = self.s_embedder(patchify(x, self.patch_size)).astype(_stream_dtype(x.dtype))
+        with jax.named_scope("patch_blocks"):
+            s = self.patch_blocks(s, c, rope_2d(self.hidden_size // self.num_groups, hs, ws))
         return jax.nn.silu(t_emb[None, :].astype(s.dtype) + s).astype(x.dtype)
 
     def __call__(self, x: Image, t: TimeLike, y: LabelLike) -> Float[Array, "{self.in_channels} H W"]:
@@ -328,9 +329,17 @@ class PixelDiTT2I(_PixelDiTBase):
     `norm(proj(text)) + y_pos_embedding[:T]`, text longer than `txt_max_length` is
     truncated to it (as the reference does).
 
-    **Arguments:** as `PixelDiT` without `num_classes`, plus `pixel_attn_hidden_size`,
-    `pixel_num_groups` (width and heads of the pixel-level attention; default the patch
-    level's), `txt_embed_dim`, `txt_max_length`, `use_text_rope`, `text_rope_theta`.
+    **Arguments:**
+
+    - `in_channels`, `patch_size`, `num_groups`, `hidden_size`, `patch_depth`,
+      `pixel_hidden_size`, `pixel_depth`, `use_pixel_abs_pos`, `pit_adaln_post_modulation`,
+      `mlp_ratio`, `dtype`, `compute_dtype`, `checkpoint`, `key`: as `PixelDiT`'s.
+    - `pixel_attn_hidden_size`, `pixel_num_groups`: width and heads of the pixel-level
+      attention (default: the patch level's).
+    - `txt_embed_dim`: the width of the text encoder's embeddings; `txt_max_length`: the
+      rows of the text position table (longer text is truncated).
+    - `use_text_rope`, `text_rope_theta`: 1D rope on the text stream, and its base.
+
     The reference's `num_text_blocks` and `repa_encoder_index` change nothing the model
     computes (one is unused, the other picks the tokens of a training-only loss); `build`
     and `load_reference` accept and ignore them.
@@ -449,8 +458,12 @@ class PixelDiTT2I(_PixelDiTBase):
         hd = self.hidden_size // self.num_groups
         text_angles = rope_1d(hd, n_txt, self.text_rope_theta) if self.use_text_rope else None
         stream = _stream_dtype(x.dtype)
-        s = self.s_embedder(patchify(x, self.patch_size)).astype(stream)
-        s, _ = self.patch_blocks((s, y.astype(stream)), jax.nn.silu(t_emb), rope_2d(hd, hs, ws), text_angles, text_mask)
+        with jax.named_scope("patch_embed"):
+            s = self.s_embedder(patchify(x, self.patch_size)).astype(stream)
+        with jax.named_scope("patch_blocks"):
+            s, _ = self.patch_blocks(
+                (s, y.astype(stream)), jax.nn.silu(t_emb), rope_2d(hd, hs, ws), text_angles, text_mask
+            )
         return jax.nn.silu(t_emb[None, :].astype(s.dtype) + s).astype(x.dtype)
 
     def __call__(

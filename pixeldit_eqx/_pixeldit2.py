@@ -19,10 +19,11 @@ from ._config import _is_int, _resolve_encoder, config_attribute, PixelDiT2Confi
 from ._custom_types import Image, LabelLike, TimeLike
 from ._dinov3 import DINOv3, DINOv3Config, encoder_config
 from ._model import _check_label, _check_time, _ImageModel, _initialise, _stream_dtype
+from ._ops import keep, linear, RESIDUAL, silu_gate, zero_linear
 from ._resize import resize_bicubic
 from ._rope import rope_2d
 from ._tokens import ClassEmbedder, PatchEmbedder, patchify, unpatchify
-from .modules import cast_params, keep, linear, RESIDUAL, RMSNorm, silu_gate, TimestepConditioner, zero_linear
+from .modules import cast_params, RMSNorm, TimestepConditioner
 
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -80,6 +81,7 @@ class FeedForward(eqx.Module):
         self.w3 = eqx.nn.Linear(dim, hidden, use_bias=False, dtype=dtype, key=k3)
         self.drop = float(drop)
 
+    @jax.named_scope("FeedForward")
     def __call__(
         self,
         x: Float[Array, "*batch dim"],
@@ -135,6 +137,7 @@ class ModulatedDiTBlock(eqx.Module):
         self.adaln = eqx.nn.Linear(hidden_size, 6 * hidden_size, dtype=dtype, key=k3)
         self.proj_drop = float(proj_drop)
 
+    @jax.named_scope("ModulatedDiTBlock")
     def __call__(
         self,
         x: Float[Array, "N D"],
@@ -256,6 +259,19 @@ class GroundingConditioner(eqx.Module):
     separate `encoder` mapping is accepted too. `pretrained_encoder` is accepted and ignored
     (weights come from a state dict). The encoder runs without gradient, as under the
     reference's `torch.no_grad()`.
+
+    **Arguments:**
+
+    - `encoder_name`: the frozen encoder, a preset name, a mapping or a `DINOv3Config`.
+    - `hidden_size`: the width `D` of the condition tokens.
+    - `target_patch_size`: the patch side `p` of the model the tokens condition: the
+      image is resized so that each encoder patch covers one target patch.
+    - `proj_num_blocks`, `proj_num_heads`: blocks and heads of the `TimestepProjection`.
+    - `pretrained_encoder`: accepted and ignored.
+    - `encoder`: the fixtures' separate encoder mapping, used in place of `encoder_name`'s.
+    - `dtype`: the parameters' dtype (default float32).
+    - `checkpoint`: rematerialise each projection block in the backward pass.
+    - `key`: a PRNG key for the initialisation (the encoder's weights come from a state dict).
 
     ```python
     cond = GroundingConditioner("dinov3_vits16", hidden_size=1280, target_patch_size=16, key=key)
@@ -384,10 +400,26 @@ class PixelDiT2(_ImageModel):
     separate `encoder` mapping is accepted as in the fixtures' manifest; `pretrained_encoder`
     is accepted and ignored (weights come from a state dict).
 
-    **Arguments** beyond the reference's: `dtype` (parameters), `compute_dtype`
-    (activations, e.g. `jnp.bfloat16`; the residual stream, norm statistics, rope and
-    softmax stay float32), `checkpoint` (rematerialise each block in the backward pass),
-    `key`.
+    **Arguments:**
+
+    - `in_channels`, `patch_size`: image channels (3, or 1 broadcast to the encoder's 3)
+      and patch side `p`.
+    - `hidden_size`, `num_heads`, `depth`: width `D`, heads and number of the DiT blocks.
+    - `num_classes`: labels `0..num_classes-1`; `num_classes` is the null class.
+    - `in_context_len`, `in_context_start`: how many class tokens join the sequence, and
+      before which block.
+    - `attn_dropout`: accepted as the reference's (its attention never drops);
+      `proj_dropout`: dropout in the middle half of the blocks, in training mode (a `key`
+      given to the call).
+    - `mlp_hidden_multiple`: round the SwiGLU hidden width up to a multiple of it (0: no).
+    - `grounding_encoder`, `grounding_proj_blocks`, `grounding_proj_heads`: the frozen
+      encoder and the blocks and heads (default `num_heads`) of the grounding projection.
+    - `single_silu_cond`: no SiLU on the summed condition (the blocks' adaLN applies one).
+    - `pretrained_encoder` (ignored), `encoder`: as above.
+    - `dtype`: the parameters' dtype; `compute_dtype`: the activations' (e.g.
+      `jnp.bfloat16`; the residual stream, norm statistics, rope and softmax stay float32).
+    - `checkpoint`: rematerialise each block in the backward pass.
+    - `key`: a PRNG key for the initialisation.
 
     One example per call; `jax.vmap` for batches (also over `skip_grounding`):
 
@@ -520,7 +552,8 @@ class PixelDiT2(_ImageModel):
         null_c = jnp.broadcast_to(activate(t_emb + y_emb)[None, :], (hs * ws, t_emb.shape[0]))
         if skip_grounding is True:
             return null_c, y_emb
-        grounding = self.dino_conditioner(x, t)
+        with jax.named_scope("grounding"):
+            grounding = self.dino_conditioner(x, t)
         c = activate(grounding + t_emb[None, :] + y_emb[None, :])
         if skip_grounding is not False:
             c = jnp.where(skip_grounding, null_c, c)
@@ -542,7 +575,8 @@ class PixelDiT2(_ImageModel):
         hs, ws = h // self.patch_size, w // self.patch_size
         cfg = self.config
         stream = _stream_dtype(x.dtype)
-        s = self.s_embedder(patchify(x, self.patch_size)).astype(stream)
+        with jax.named_scope("patch_embed"):
+            s = self.s_embedder(patchify(x, self.patch_size)).astype(stream)
         angles = rope_2d(cfg.hidden_size // cfg.num_heads, hs, ws)
         keys = rates = None
         if key is not None:
@@ -564,10 +598,11 @@ class PixelDiT2(_ImageModel):
                 s = jnp.concatenate([context.astype(stream), s])
                 c_all = jnp.concatenate([jnp.broadcast_to(jnp.mean(c, axis=0), (n, c.shape[1])), c])
                 angles_all = jnp.concatenate([jnp.zeros((n, angles.shape[1]), angles.dtype), angles])
-            if lo >= start:
-                s = _run_blocks(self.patch_blocks, lo, hi, s, c_all, angles_all, keys, rates)
-            else:
-                s = _run_blocks(self.patch_blocks, lo, hi, s, c, angles, keys, rates)
+            with jax.named_scope("patch_blocks"):
+                if lo >= start:
+                    s = _run_blocks(self.patch_blocks, lo, hi, s, c_all, angles_all, keys, rates)
+                else:
+                    s = _run_blocks(self.patch_blocks, lo, hi, s, c, angles, keys, rates)
             if hi == feature_depth:
                 features = s[n:] if hi > start else s
         if not run_head:
@@ -575,8 +610,9 @@ class PixelDiT2(_ImageModel):
         if cfg.depth > start:
             s = s[n:]
         out_dtype = _stream_dtype(x.dtype)
-        final = cast_params(self.final_layer, out_dtype)
-        out = final(s.astype(out_dtype), c.astype(out_dtype))
+        with jax.named_scope("final_layer"):
+            final = cast_params(self.final_layer, out_dtype)
+            out = final(s.astype(out_dtype), c.astype(out_dtype))
         out = unpatchify(out.reshape(hs * ws, self.patch_size**2, cfg.in_channels), self.patch_size, h, w)
         return out, features
 

@@ -13,7 +13,8 @@ import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._custom_types import Image
-from .modules import linear, RMSNorm, sincos_axes, token_wise
+from ._ops import linear, sincos_axes, token_wise
+from .modules import RMSNorm
 
 
 def check_image_size(height: int, width: int, patch_size: int, what: str = "x") -> tuple[int, int]:
@@ -46,6 +47,13 @@ class PatchEmbedder(eqx.Module):
     """Linear patch embedding `C*p*p -> D`; xavier-uniform weight, zero bias.
 
     Reference: `modules.PatchTokenEmbedder` as `s_embedder` (key `proj.*`).
+
+    **Arguments:**
+
+    - `in_features`: the patch's flattened size `C*p*p`.
+    - `hidden_size`: the token width `D`.
+    - `dtype`: the parameters' dtype (default float32).
+    - `key`: a PRNG key for the initialisation.
     """
 
     proj: eqx.nn.Linear
@@ -86,6 +94,14 @@ class PixelEmbedder(eqx.Module):
 
     Reference: `pixeldit_c2i.PixelTokenEmbedder` (key `proj.*`). Returns
     `(L, p*p, D_pix)`, patches row-major, pixels row-major inside each patch.
+
+    **Arguments:**
+
+    - `in_channels`: the image channels `C`.
+    - `pixel_size`: the pixel token width `D_pix`.
+    - `use_abs_pos`: add the 2D sincos table over the image's pixels (computed per call).
+    - `dtype`: the parameters' dtype (default float32).
+    - `key`: a PRNG key for the initialisation.
     """
 
     proj: eqx.nn.Linear
@@ -132,6 +148,13 @@ class ClassEmbedder(eqx.Module):
 
     Reference: `modules.ClassEmbedder(num_classes + 1, D)` (key `embedding_table.weight`),
     initialised normal(0.02).
+
+    **Arguments:**
+
+    - `num_classes`: the number of real classes (the table has `num_classes + 1` rows).
+    - `hidden_size`: the embedding width `D`.
+    - `dtype`: the table's dtype (default float32).
+    - `key`: a PRNG key for the initialisation.
     """
 
     embedding_table: eqx.nn.Embedding
@@ -157,6 +180,13 @@ class TextEmbedder(eqx.Module):
 
     Reference: `modules.PatchTokenEmbedder(txt_dim, D, norm_layer=RMSNorm)` as the
     t2i `y_embedder` (keys `proj.*`, `norm.weight`).
+
+    **Arguments:**
+
+    - `text_dim`: the width of the text encoder's embeddings.
+    - `hidden_size`: the token width `D`.
+    - `dtype`: the parameters' dtype (default float32).
+    - `key`: a PRNG key for the initialisation.
     """
 
     proj: eqx.nn.Linear

@@ -58,9 +58,8 @@ def _key_impl(x: Any) -> Any:
 #: Replicated arrays smaller than this per replica are written whole by one replica.
 #: Orbax splits the writing of a replicated array among its replicas by slicing it on
 #: the devices, one small program compiled per slice; for the many small arrays of a
-#: training state that compiling costs more than the parallel write saves (the first
-#: save of the tiny FSDP state of `examples/multi_process.py` on 8 CPU devices, on a
-#: busy 2-core machine: 31 s with slicing, 0.36 s without).
+#: training state that compiling costs more than the parallel write saves (measured on
+#: the first save of `examples/multi_process.py`'s FSDP state: `docs/performance.md`).
 _MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 

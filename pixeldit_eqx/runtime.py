@@ -2,8 +2,8 @@
 
 XLA:CPU allocates a program's temporary buffer afresh on every call. glibc serves blocks
 over 32 MiB with new `mmap` pages and unmaps them on free, so each call of a jitted
-training step page-faults its whole working set again: measured on the benchmark's
-mid-size config at 128x128, 173k faults per forward+backward, a fifth of its time.
+training step page-faults its whole working set again (`docs/performance.md` has the
+benchmark's counts and times).
 `tune_cpu_allocator` keeps large blocks in the heap, so steps reuse their pages.
 
 Compiling a large program leaves a few hundred MiB of freed memory scattered in the

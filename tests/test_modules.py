@@ -68,7 +68,7 @@ def test_timestep_embedding_is_float32_from_python_and_bf16():
 
 def test_sincos_square_and_nonsquare():
     import pixeldit_eqx as px
-    from pixeldit_eqx.modules import sincos_2d
+    from pixeldit_eqx._ops import sincos_2d
 
     square = load_case("sincos_2d_square")["out_table"]
     table = px.get_2d_sincos_pos_embed(16, 6)
@@ -82,7 +82,7 @@ def test_sincos_square_and_nonsquare():
 
 
 def test_one_d_sincos_helper():
-    from pixeldit_eqx.modules import get_1d_sincos_pos_embed_from_grid
+    from pixeldit_eqx._ops import get_1d_sincos_pos_embed_from_grid
 
     emb = get_1d_sincos_pos_embed_from_grid(8, np.arange(3.0))
     omega = 1.0 / 10000 ** (np.arange(4) / 4.0)
@@ -303,7 +303,7 @@ def test_silu_gate_equals_autodiff_of_silu_product():
     """`silu_gate` only rewrites the derivative: values are bit-identical to
     `jax.nn.silu(g) * v`; first and second derivatives agree to float rounding; the
     extremes stay finite."""
-    from pixeldit_eqx.modules import silu_gate
+    from pixeldit_eqx._ops import silu_gate
 
     g = jnp.array([-1e4, -100.0, -50.0, -10.0, -1.278, -1.0, 0.0, 1e-3, 1.0, 10.0, 100.0, 1e4], jnp.float32)
     v = jnp.linspace(-3.0, 3.0, g.size, dtype=jnp.float32)

@@ -37,7 +37,7 @@ What it measures, on whatever device JAX uses (CPU or one accelerator):
   XLA:CPU runs a matmul with batch dimensions on one thread; this line shows what that
   leaves of the machine.
 - **SwiGLU gating**: forward+backward of a scanned stack of 6 SwiGLU blocks with
-  `modules.silu_gate` and with autodiff of `jax.nn.silu(gate) * value`.
+  `_ops.silu_gate` and with autodiff of `jax.nn.silu(gate) * value`.
 - **program size**: bytes of the StableHLO text of `jax.jit(forward).lower(...)` at
   64x64 and 512x512 (tables are computed in the program, not baked in as constants).
 - **PixelDiT-XL** (the released c2i network) at 256x256, batch 1: forward, and
@@ -74,6 +74,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import pixeldit_eqx as px  # noqa: E402
+from pixeldit_eqx import _ops  # noqa: E402
 from tests.benchmarks.flops import pixeldit_flops  # noqa: E402
 
 
@@ -398,7 +399,7 @@ class _GatedMLPBlock(eqx.Module):
     gating: Any = eqx.field(static=True)
 
     def __call__(self, x):
-        linear, keep = px.modules.linear, px.modules.keep
+        linear, keep = _ops.linear, _ops.keep
         h = self.norm.apply(x)
         gate, value = keep(linear(self.mlp.w1, h)), keep(linear(self.mlp.w3, h))
         return x + keep(linear(self.mlp.w2, self.gating(gate, value)))
@@ -406,10 +407,10 @@ class _GatedMLPBlock(eqx.Module):
 
 def gating_case(repeats: int, mm: MatmulRate) -> dict:
     """Forward+backward of a scanned stack of 6 SwiGLU blocks (mid widths, 8x256
-    tokens) with `modules.silu_gate` against autodiff of `jax.nn.silu(gate) * value`."""
+    tokens) with `_ops.silu_gate` against autodiff of `jax.nn.silu(gate) * value`."""
     out = {}
     x = jax.random.normal(jax.random.key(3), (BATCH, 256, MID["hidden_size"]))
-    for name, gating in (("silu_gate", px.modules.silu_gate), ("jax.nn.silu", lambda g, v: jax.nn.silu(g) * v)):
+    for name, gating in (("silu_gate", _ops.silu_gate), ("jax.nn.silu", lambda g, v: jax.nn.silu(g) * v)):
 
         def make(key, gating=gating):
             return _GatedMLPBlock(px.RMSNorm(MID["hidden_size"]), px.SwiGLU(MID["hidden_size"], key=key), gating)
@@ -533,7 +534,7 @@ def render(results: dict) -> str:
         g = results["gating"]
         lines.append("\n## SwiGLU gating: forward+backward of 6 scanned blocks, 8x256 tokens, width 256\n")
         lines.append(
-            f"`modules.silu_gate` {_ms(g['silu_gate'])} ms, autodiff of `jax.nn.silu(gate) * value` "
+            f"`_ops.silu_gate` {_ms(g['silu_gate'])} ms, autodiff of `jax.nn.silu(gate) * value` "
             f"{_ms(g['jax.nn.silu'])} ms: {g['speedup']:.2f}x"
         )
     if results.get("memory"):
