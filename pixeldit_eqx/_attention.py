@@ -61,7 +61,7 @@ def attend(
     `key_mask` is None. The logits and the softmax are float32 for any input dtype.
     """
     mask = None if key_mask is None else key_mask[None, None, :]
-    if q.dtype != jnp.float32 and jax.config.jax_numpy_dtype_promotion == "strict":
+    if q.dtype != jnp.float32 and getattr(jax.config, "jax_numpy_dtype_promotion") == "strict":
         # jax 0.10 cannot lower the backward pass of `dot_product_attention` on bf16
         # inputs under strict promotion (its BF16_BF16_F32 dots meet float32
         # cotangents); there, and only there, that pass runs on float32 copies.

@@ -2,7 +2,7 @@
 identical blocks (built with `eqx.filter_vmap`, run with `lax.scan`)."""
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, cast, ClassVar, Generic, TypeVar
 
 import equinox as eqx
 import jax
@@ -37,7 +37,7 @@ def _modulated(norm: RMSNorm, x: Array, shift: Array, scale: Array, dtype: Any) 
     return _modulate(h, shift.astype(h.dtype), scale.astype(h.dtype)).astype(dtype)
 
 
-def _add(x: Array, gate: Array | None, branch: Array, shift: Array | None = None) -> Array:
+def _add(x: Array, gate: Array, branch: Array, shift: Array | None = None) -> Array:
     """Residual update `x + gate * branch` (or `x + branch * (1 + gate) + shift`,
     post-modulation) in the stream's dtype: a float32 stream stays float32 while the
     branches compute in bf16, so the rounding of the updates does not accumulate."""
@@ -277,7 +277,7 @@ class PiTBlock(eqx.Module):
         if self.post_modulation:
             h = self.norm1.apply(x).astype(dtype)
         else:
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+            shift_msa, scale_msa = mod[:2]
             h = _modulated(self.norm1, x, shift_msa, scale_msa, dtype)
         compact = keep(linear(self.compress_to_attn, h.reshape(n, p2 * d)))
         expanded = keep(linear(self.expand_from_attn, self.attn(compact, angles)))
@@ -288,6 +288,7 @@ class PiTBlock(eqx.Module):
             scale1, shift1, scale2, shift2 = mod
             x = _add(x, scale1, expanded, shift1)
             return _add(x, scale2, self.mlp.apply(self.norm2.apply(x).astype(dtype)), shift2)
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[2:]
         x = _add(x, gate_msa, expanded)
         return _add(x, gate_mlp, self.mlp.apply(_modulated(self.norm2, x, shift_mlp, scale_mlp, dtype)))
 
@@ -336,7 +337,7 @@ class BlockStack(eqx.Module, Generic[_Block]):
                 raise ValueError("BlockStack needs `make_block` and `key`, or stacked `blocks`.")
             if depth < 0:
                 raise ValueError(f"BlockStack: `depth` must be >= 0, got {depth}.")
-            blocks = eqx.filter_vmap(make_block)(jr.split(key, depth))
+            blocks = cast(_Block, eqx.filter_vmap(make_block)(jr.split(key, depth)))
         else:
             sizes = {x.shape[0] for x in jax.tree.leaves(eqx.filter(blocks, eqx.is_array)) if x.ndim > 0}
             if sizes != {depth}:

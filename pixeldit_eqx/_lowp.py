@@ -15,6 +15,7 @@ axis of one operand into that operand's free axes, so that under `jax.vmap` the 
 from collections.abc import Sequence
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive

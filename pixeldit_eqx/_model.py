@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -58,7 +59,7 @@ def _initialise(make: Any, key: PRNGKeyArray) -> Any:
     measured). Under a transformation (`eqx.filter_eval_shape`, `jit`, `vmap` over keys)
     `make` is traced inline.
     """
-    if isinstance(key, jax.core.Tracer) or jax.config.jax_disable_jit:
+    if isinstance(key, jax.core.Tracer) or getattr(jax.config, "jax_disable_jit"):
         return make(key)
     static = []
 

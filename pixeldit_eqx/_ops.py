@@ -5,7 +5,7 @@ scanned stacks keep (`keep`), activations (`gelu`, `silu_gate`) and the sincos t
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -190,8 +190,9 @@ def token_wise(layer: Callable[..., Array], x: Array) -> Array:
     """
     if isinstance(layer, eqx.nn.Linear):
         return linear(layer, x)
-    if callable(getattr(layer, "apply", None)):  # `RMSNorm`, `SwiGLU`, `PixelMLP`, `FinalLayer`
-        return layer.apply(x)
+    apply = getattr(layer, "apply", None)
+    if callable(apply):  # `RMSNorm`, `SwiGLU`, `PixelMLP`, `FinalLayer`
+        return cast(Array, apply(x))
     flat = x.reshape(-1, x.shape[-1])
     out = jax.vmap(layer)(flat)
     return out.reshape(*x.shape[:-1], out.shape[-1])

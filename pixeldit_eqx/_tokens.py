@@ -68,7 +68,7 @@ class PatchEmbedder(eqx.Module):
     ):
         proj = eqx.nn.Linear(in_features, hidden_size, dtype=dtype, key=key)
         weight = jax.nn.initializers.glorot_uniform()(key, proj.weight.shape, proj.weight.dtype)
-        self.proj = eqx.tree_at(lambda m: (m.weight, m.bias), proj, (weight, jnp.zeros_like(proj.bias)))
+        self.proj = eqx.tree_at(lambda m: (m.weight, m.bias), proj, (weight, jnp.zeros(hidden_size, proj.weight.dtype)))
 
     def __call__(self, patches: Float[Array, "L in"]) -> Float[Array, "L D"]:
         """Patch vectors `(L, C*p*p)` (see `patchify`) -> patch tokens `(L, D)`."""

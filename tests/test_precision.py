@@ -148,7 +148,7 @@ def test_low_precision_dense_rounds_once():
     rounds once to bf16, where a plain bf16 matmul rounds the product and then the sum;
     XLA:CPU runs the float32-result form on the bf16 dot instructions
     (`tests/benchmarks/bf16_dots.py`)."""
-    from pixeldit_eqx.modules import dense
+    from pixeldit_eqx._ops import dense
 
     kx, kw, kb = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (64, 96), jnp.bfloat16)
@@ -170,7 +170,7 @@ def test_low_precision_dense_backward_is_bf16_and_exact():
     operands, also under `vmap` (one matmul over all examples), and give the gradients
     of `dot_general(..., preferred_element_type=float32)` exactly: the cotangent they
     round to bf16 is that of a bf16 result."""
-    from pixeldit_eqx.modules import dense
+    from pixeldit_eqx._ops import dense
 
     kx, kw, kb, kc = jax.random.split(jax.random.key(1), 4)
     x = jax.random.normal(kx, (3, 10, 32), jnp.bfloat16)
