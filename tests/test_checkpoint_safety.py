@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from . import _hostile
-from ._reference import FIXTURES, MANIFEST
+from .helpers import FIXTURES, MANIFEST
 
 
 ROOT = Path(__file__).resolve().parent.parent

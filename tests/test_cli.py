@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from ._reference import FIXTURES, load_weights, MANIFEST
+from .helpers import FIXTURES, FIXTURES2, init, load_weights, MANIFEST
 
 
 pytest.importorskip("typer", reason="the command line needs the `cli` extra (the `test` extra installs it)")
@@ -250,10 +250,9 @@ def pixeldit2_file(tmp_path_factory):
     """The PixelDiT2 fixture network as `save_safetensors` writes it (config in the metadata)."""
     import pixeldit_eqx as px
 
-    from ._pixeldit2_reference import init, load_weights as load_weights2
 
     path = tmp_path_factory.mktemp("pixeldit2") / "pixeldit2.safetensors"
-    px.save_safetensors(path, px.load_reference(load_weights2("model_pixeldit2"), init("model_pixeldit2")))
+    px.save_safetensors(path, px.load_reference(load_weights("model_pixeldit2"), init("model_pixeldit2")))
     return path
 
 
@@ -278,7 +277,6 @@ def test_convert_stores_the_config_and_info_reports_it(capsys, tmp_path):
 
 
 def test_info_on_a_pixeldit2_file(capsys, pixeldit2_file):
-    from ._pixeldit2_reference import init
 
     code, out, err = cli(capsys, "info", pixeldit2_file, "--json")
     report = json.loads(out)
@@ -312,9 +310,8 @@ def test_sample_takes_a_pixeldit2_preset_s_settings(capsys, tmp_path, monkeypatc
     import pixeldit_eqx as px
     from pixeldit_eqx._cli import _app
 
-    from ._pixeldit2_reference import init, load_weights as load_weights2
 
-    tiny = px.load_reference(load_weights2("model_pixeldit2"), init("model_pixeldit2"))
+    tiny = px.load_reference(load_weights("model_pixeldit2"), init("model_pixeldit2"))
     loaded, calls = [], []
     monkeypatch.setattr(_app, "load_reference", lambda path, preset, **kw: loaded.append((preset, kw)) or tiny)
 
@@ -347,7 +344,6 @@ def test_info_reads_the_config_of_the_released_pixeldit2_networks():
     and shapes (zero-strided arrays stand in for the weights)."""
     from pixeldit_eqx._cli import _files
 
-    from ._pixeldit2_reference import FIXTURES as FIXTURES2
 
     released = json.loads((FIXTURES2 / "released_shapes.json").read_text())
     for name, preset in (("pixeldit2_h16_in256", "pixeldit2-h16-256"), ("pixeldit2_h16_in512", "pixeldit2-h16-512")):

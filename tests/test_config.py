@@ -16,7 +16,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from ._pixeldit2_reference import init
+from .helpers import init
 
 
 MODEL_FILES = pathlib.Path(__file__).parent / "fixtures" / "model_files"

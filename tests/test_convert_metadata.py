@@ -9,8 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from ._pixeldit2_reference import init as init2, load_weights as load_weights2
-from ._reference import FIXTURES, load_weights, MANIFEST
+from .helpers import FIXTURES, init, load_weights, MANIFEST
 
 
 pytest.importorskip("safetensors", reason="save_safetensors needs the `safetensors` extra (the `test` extra has it)")
@@ -55,7 +54,7 @@ def test_a_saved_model_loads_without_its_config(tmp_path, weights, config, varia
     import pixeldit_eqx as px
 
     if weights == "pixeldit2":
-        weights, config = load_weights2("model_pixeldit2"), init2("model_pixeldit2")
+        weights, config = load_weights("model_pixeldit2"), init("model_pixeldit2")
     # No `variant`: read from the config's argument names (t2i's text, PixelDiT2's depth/heads).
     model = px.load_reference(weights, config)
     assert type(model).__name__ == cls
@@ -133,13 +132,13 @@ def test_the_variant_is_inferred_from_config_names_then_weight_names():
     assert isinstance(px.load_reference(FIXTURES / "model_t2i.safetensors", T2I), px.PixelDiTT2I)
     assert _infer.variant_of_config(C2I) == "c2i"
     assert _infer.variant_of_config(T2I) == "t2i"
-    assert _infer.variant_of_config(init2("model_pixeldit2")) == "pixeldit2"
+    assert _infer.variant_of_config(init("model_pixeldit2")) == "pixeldit2"
     assert _infer.variant_of_config({"hidden_size": 64, "patch_size": 4}) is None  # shared names only
     assert _infer.variant_of_config({**C2I, "depth": 3}) is None  # a mix
     # Weight names, under any prefix (a Lightning checkpoint's).
     assert _infer.variant_of_weights(load_weights("model_c2i")) == "c2i"
     assert _infer.variant_of_weights(f"ema_denoiser.{k}" for k in load_weights("model_t2i")) == "t2i"
-    assert _infer.variant_of_weights(load_weights2("model_pixeldit2")) == "pixeldit2"
+    assert _infer.variant_of_weights(load_weights("model_pixeldit2")) == "pixeldit2"
     assert _infer.variant_of_weights(["encoder.layers.0.weight"]) is None
     # A config whose names tell nothing: the weight names decide (here, the config then fails
     # on the t2i arguments it lacks, as a t2i model, not as an unknown-argument c2i).
@@ -198,8 +197,8 @@ def test_what_the_weights_look_like_reads_every_family():
     assert _infer.infer_config(load_weights("model_c2i")) == ("c2i", C2I)
     variant, config = _infer.infer_config(load_weights("model_t2i"))
     assert variant == "t2i" and config == {k: v for k, v in T2I.items() if k != "use_text_rope"}  # traceless
-    variant, config, problem = _infer.read_config(load_weights2("model_pixeldit2"))
-    manifest = init2("model_pixeldit2")
+    variant, config, problem = _infer.read_config(load_weights("model_pixeldit2"))
+    manifest = init("model_pixeldit2")
     assert variant == "pixeldit2"
     traced = [k for k in config if k in manifest and k != "in_context_start"]  # the start leaves no trace
     assert len(traced) == 9 and {k: config[k] for k in traced} == {k: manifest[k] for k in traced}

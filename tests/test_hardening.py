@@ -30,13 +30,10 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from pixeldit_eqx._compat import compile_lowered
-
 from . import _hostile
-from ._reference import FIXTURES, load_weights, MANIFEST
+from .helpers import arr, compiled, FIXTURES, load_weights, MANIFEST, normal, ROOT
 
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "troubleshooting.md"
 C2I = MANIFEST["model_c2i"]["init"]
 T2I = MANIFEST["model_t2i"]["init"]
@@ -46,28 +43,6 @@ CHECKPOINTS = {
     ".safetensors": FIXTURES / "model_c2i.safetensors",
 }
 HTML_404 = b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head></html>\n" * 8
-
-# These programs are checked for errors and finiteness, not speed: with XLA's backend
-# optimisations and CPU fusion emitters off they compile about 3x faster on CPU.
-_FAST = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-def compiled(fn: Callable, *args):
-    """`fn` compiled once for the shapes of `args` (arrays traced, the rest static)."""
-    dyn, static = eqx.partition(args, eqx.is_array)
-    lowered = jax.jit(lambda d: fn(*eqx.combine(d, static))).lower(dyn)
-    exe = compile_lowered(lowered, _FAST)  # without the options an XLA does not know
-    return lambda *new: exe(eqx.filter(new, eqx.is_array))
-
-
-def arr(values, dtype=None) -> jax.Array:
-    """A device array from numpy (eager `jnp` ops compile a program each; this does not)."""
-    return jnp.asarray(np.asarray(values, dtype))
-
-
-def normal(seed: int, shape: tuple[int, ...]) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
 
 def all_finite(tree) -> bool:
     return all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(tree))
@@ -92,18 +67,14 @@ def leaves_bytes(tree) -> list[tuple[str, tuple, bytes]]:
     return [raw(x) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array))]
 
 
-@pytest.fixture(scope="module")
-def c2i():
-    import pixeldit_eqx as px
-
-    return px.load_reference(FIXTURES / "model_c2i.safetensors", C2I, "c2i")
+@pytest.fixture
+def c2i(c2i_reference):
+    return c2i_reference
 
 
-@pytest.fixture(scope="module")
-def t2i():
-    import pixeldit_eqx as px
-
-    return px.load_reference(FIXTURES / "model_t2i.safetensors", T2I, "t2i")
+@pytest.fixture
+def t2i(t2i_reference):
+    return t2i_reference
 
 
 # --- Construction ---------------------------------------------------------------------

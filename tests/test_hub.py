@@ -8,8 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from ._pixeldit2_reference import FIXTURES as FIXTURES2, init as init2, load_weights as load_weights2
-from ._reference import FIXTURES, load_weights, MANIFEST
+from .helpers import FIXTURES, FIXTURES2, init, load_weights, MANIFEST
 
 
 C2I = MANIFEST["model_c2i"]["init"]
@@ -87,10 +86,10 @@ def test_a_revision_picks_the_snapshot(hub):
 def test_pixeldit2_and_its_encoder_by_hub_id(hub):
     import pixeldit_eqx as px
 
-    config = init2("model_pixeldit2")
+    config = init("model_pixeldit2")
     whole = px.load_reference("hf://nvidia/PixelDiT2-ImageNet/model.safetensors", config)
     assert isinstance(whole, px.PixelDiT2)  # the variant from the config's names
-    net = {k: v for k, v in load_weights2("model_pixeldit2").items() if not k.startswith("dino_conditioner.encoder.")}
+    net = {k: v for k, v in load_weights("model_pixeldit2").items() if not k.startswith("dino_conditioner.encoder.")}
     model = px.load_reference(net, config, encoder_weights="hf://timm/dinov3-tiny/model.safetensors")
     local = px.load_reference(net, config, encoder_weights=FIXTURES2 / "dinov3_encoder_tiny.safetensors")
     a, b = _arrays(model), _arrays(local)

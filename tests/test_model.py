@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ._reference import FIXTURES, load_case, load_weights, MANIFEST, rel_err
+from .helpers import FIXTURES, load_case, load_weights, MANIFEST, rel_err
 
 
 def _complex(angles):

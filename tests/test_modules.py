@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ._reference import load_case, load_weights, MANIFEST, rel_err
+from .helpers import load_case, load_weights, MANIFEST, rel_err
 
 
 def _seed_modules(key):

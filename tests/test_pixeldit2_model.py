@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ._pixeldit2_reference import init, load_case, load_weights, rel_err, RELEASED
+from .helpers import FIXTURES2, init, load_case, load_weights, rel_err, RELEASED2
 
 
 ENCODER = "dino_conditioner.encoder."
@@ -238,11 +238,10 @@ def test_load_reference_from_files_and_lightning_checkpoints(tmp_path):
 
     import pixeldit_eqx as px
 
-    from ._pixeldit2_reference import FIXTURES
 
     model = _model()
     config = init("model_pixeldit2")  # as the manifest records it, encoder mapping included
-    from_file = px.load_reference(FIXTURES / "model_pixeldit2.safetensors", config, "pixeldit2")
+    from_file = px.load_reference(FIXTURES2 / "model_pixeldit2.safetensors", config, "pixeldit2")
     assert _same_arrays(from_file, model)
     # a Lightning checkpoint without the encoder: EMA weights by default, the encoder from its own file
     weights = load_weights("model_pixeldit2")
@@ -287,7 +286,7 @@ def test_state_dict_round_trip(getkey):
 def test_released_configs_build_with_the_released_keys_and_shapes(name):
     import pixeldit_eqx as px
 
-    released = RELEASED[name]
+    released = RELEASED2[name]
     skeleton = eqx.filter_eval_shape(lambda: px.build(released["init"], "pixeldit2"))
     shapes = {k: list(v.shape) for k, v in px.state_dict(skeleton).items()}
     assert shapes == {**released["state_dict_shapes_without_encoder"], **released["state_dict_shapes_encoder"]}
@@ -307,7 +306,7 @@ def test_presets_carry_the_released_configs_and_sampling():
 
     for preset, name in (("pixeldit2-h16-256", "pixeldit2_h16_in256"), ("pixeldit2-h16-512", "pixeldit2_h16_in512")):
         skeleton = eqx.filter_eval_shape(lambda: px.build(preset))
-        released = {k: v for k, v in RELEASED[name]["init"].items() if k != "pretrained_encoder"}
+        released = {k: v for k, v in RELEASED2[name]["init"].items() if k != "pretrained_encoder"}
         assert skeleton.config.to_dict() == released
         assert px.PRESETS[preset]["variant"] == "pixeldit2"
     assert px.PRESETS["pixeldit2-h16-256"]["sampling"] == dict(

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ._pixeldit2_reference import init, load_case, load_weights, MANIFEST, rel_err, vmapped
+from .helpers import init, load_case, load_weights, MANIFEST2, rel_err, vmapped
 
 
 # ---------------------------------------------------------------------------------------
@@ -271,7 +271,7 @@ def test_dinov3_presets_and_mapping_parsing():
     assert dataclasses.astuple(encoder_config("dinov3_vitb16"))[:3] == (768, 12, 12)
     assert dataclasses.astuple(encoder_config("dinov3_vitl16"))[:3] == (1024, 24, 16)
     assert encoder_config("vit_base_patch16_dinov3_qkvb.lvd1689m") == encoder_config("dinov3_vitb16")
-    tiny = encoder_config(MANIFEST["dinov3_encoder_tiny"]["init"]["encoder"])
+    tiny = encoder_config(MANIFEST2["dinov3_encoder_tiny"]["init"]["encoder"])
     assert (tiny.embed_dim, tiny.depth, tiny.num_heads, tiny.patch_size) == (32, 2, 2, 16)
     assert encoder_config(dataclasses.asdict(tiny)) == tiny  # plain fields round-trip
     with pytest.raises(ValueError, match="unknown grounding encoder"):

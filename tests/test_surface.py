@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ._reference import load_case, load_weights, MANIFEST, rel_err
+from .helpers import load_case, rel_err
 
 
 def test_submodules_are_attributes():
@@ -63,23 +63,19 @@ def test_missing_extra_names_it(monkeypatch, tmp_path, blocked, action, extra):
 
 
 def _fixture(name):
-    from ._reference import FIXTURES
+    from .helpers import FIXTURES
 
     return FIXTURES / name
 
 
-def _t2i():
-    import pixeldit_eqx as px
-
-    return px.load_reference(load_weights("model_t2i"), MANIFEST["model_t2i"]["init"], "t2i")
 
 
-def test_t2i_takes_the_text_and_mask_pair_that_flow_sample_hands_over(getkey):
+def test_t2i_takes_the_text_and_mask_pair_that_flow_sample_hands_over(getkey, t2i_reference):
     import equinox as eqx
 
     from pixeldit_eqx import flow
 
-    model = _t2i()
+    model = t2i_reference
     data = load_case("model_t2i")
     x, t, text = (jnp.asarray(data[k][0]) for k in ("in_x", "in_t", "in_y"))
     mask = jnp.arange(text.shape[0]) < text.shape[0] - 1
@@ -101,8 +97,8 @@ def test_t2i_takes_the_text_and_mask_pair_that_flow_sample_hands_over(getkey):
     assert rel_err(sampled, unguided) > 1e-3  # guidance did apply
 
 
-def test_t2i_refuses_a_condition_it_cannot_read_with_the_recipe():
-    model = _t2i()
+def test_t2i_refuses_a_condition_it_cannot_read_with_the_recipe(t2i_reference):
+    model = t2i_reference
     data = load_case("model_t2i")
     x, t, text = (jnp.asarray(data[k][0]) for k in ("in_x", "in_t", "in_y"))
     mask = jnp.ones(text.shape[0], bool)
@@ -110,11 +106,11 @@ def test_t2i_refuses_a_condition_it_cannot_read_with_the_recipe():
         model(x, t, (text, mask, mask))
 
 
-def test_t2i_refuses_a_pair_and_a_mask_with_the_recipe():
+def test_t2i_refuses_a_pair_and_a_mask_with_the_recipe(t2i_reference):
     """Outside the shape checks (a plain call), the message shows the recipe."""
     from pixeldit_eqx._model import PixelDiTT2I
 
-    model = _t2i()
+    model = t2i_reference
     data = load_case("model_t2i")
     x, t, text = (jnp.asarray(data[k][0]) for k in ("in_x", "in_t", "in_y"))
     mask = jnp.ones(text.shape[0], bool)
