@@ -83,11 +83,24 @@ def vmapped(fn, *args):
 
 
 def compiled(fn: Callable, *args):
-    """`fn` compiled once for the shapes of `args` (arrays traced, the rest static)."""
+    """`fn` compiled once for the shapes of `args` (arrays traced, the rest static, in the
+    arguments and in what `fn` returns), with the `FAST` compiler options."""
     dyn, static = eqx.partition(args, eqx.is_array)
-    lowered = jax.jit(lambda d: fn(*eqx.combine(d, static))).lower(dyn)
-    exe = compile_lowered(lowered, FAST)  # without the options an XLA does not know
-    return lambda *new: exe(eqx.filter(new, eqx.is_array))
+    returned = []
+
+    def arrays_of(d):
+        out, out_static = eqx.partition(fn(*eqx.combine(d, static)), eqx.is_array)
+        returned.append(out_static)
+        return out
+
+    exe = compile_lowered(jax.jit(arrays_of).lower(dyn), FAST)  # without the options an XLA does not know
+    return lambda *new: eqx.combine(exe(eqx.filter(new, eqx.is_array)), returned[0])
+
+
+def fast_jit(fn: Callable) -> Callable:
+    """`fn` run as one program compiled for each call's arguments (see `compiled`): for the
+    tests' one-off programs, where compiling is most of the time."""
+    return lambda *args: compiled(fn, *args)(*args)
 
 
 def arr(values, dtype=None) -> jax.Array:

@@ -9,7 +9,7 @@ import pytest
 
 import pixeldit_eqx as px
 
-from .helpers import load_case, MANIFEST, rel_err
+from .helpers import compiled, fast_jit, load_case, MANIFEST, rel_err
 
 
 def _model(request, case):
@@ -37,13 +37,12 @@ def test_text_padding_masked_out_changes_nothing(getkey, t2i_reference):
     model = t2i_reference
     data = load_case("model_t2i")
     x, t, text = (jnp.asarray(data[k][0]) for k in ("in_x", "in_t", "in_y"))
-    base = model(x, t, text)
     junk = 100.0 * jax.random.normal(getkey(), (4, text.shape[1]))
     padded = jnp.concatenate([text, junk])
     mask = jnp.arange(padded.shape[0]) < text.shape[0]
-    out = model(x, t, padded, mask)
+    # without the mask (the last call) the junk does matter
+    base, out, unmasked = fast_jit(lambda m: (m(x, t, text), m(x, t, padded, mask), m(x, t, padded)))(model)
     assert rel_err(out, base) <= 1e-5
-    unmasked = model(x, t, padded)  # without the mask the junk does matter
     assert rel_err(unmasked, base) > 1e-3
 
 
@@ -52,7 +51,8 @@ def test_text_longer_than_max_length_is_truncated(getkey, t2i_reference):
     data = load_case("model_t2i")
     x, t = jnp.asarray(data["in_x"][0]), jnp.asarray(data["in_t"][0])
     text = jax.random.normal(getkey(), (model.txt_max_length + 5, model.txt_embed_dim))
-    np.testing.assert_array_equal(model(x, t, text), model(x, t, text[: model.txt_max_length]))
+    long, truncated = fast_jit(lambda m: (m(x, t, text), m(x, t, text[: m.txt_max_length])))(model)
+    np.testing.assert_array_equal(long, truncated)
 
 
 @pytest.mark.parametrize("case", ["model_c2i", "model_t2i"])
@@ -121,18 +121,23 @@ def test_vmap_equals_loop_and_jit(c2i_reference):
     data = load_case("model_c2i")
     x, t, y = (jnp.asarray(data[k]) for k in ("in_x", "in_t", "in_y"))
     batched = eqx.filter_jit(lambda m, *a: jax.vmap(m)(*a))(model, x, t, y)
-    loop = jnp.stack([model(x[i], t[i], y[i]) for i in range(2)])
+    call = lambda m, x, t, y: m(x, t, y)  # noqa: E731
+    single = compiled(call, model, x[0], t[0], y[0])
+    loop = jnp.stack([single(model, x[i], t[i], y[i]) for i in range(2)])
     assert rel_err(batched, loop) <= 1e-5
-    # python scalars and numpy inputs are accepted for t and y
-    assert rel_err(model(x[0], float(t[0]), int(y[0])), loop[0]) <= 1e-5
+    # python scalars and numpy inputs are accepted for t and y (non-arrays reach the model as they are)
+    assert rel_err(fast_jit(call)(model, x[0], float(t[0]), int(y[0])), loop[0]) <= 1e-5
 
 
 def test_gradients_flow(getkey):
     model = px.PixelDiT(3, 4, 32, 8, 2, 1, 4, 10, key=getkey())
-    model = jax.tree.map(lambda a: a + 0.01 if eqx.is_inexact_array(a) else a, model)  # leave the zero init
     x = jax.random.normal(getkey(), (3, 8, 8))
-    grads = eqx.filter_grad(lambda m: jnp.mean(m(x, 0.3, 1) ** 2))(model)
-    norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+
+    def grad(model):
+        model = jax.tree.map(lambda a: a + 0.01 if eqx.is_inexact_array(a) else a, model)  # leave the zero init
+        return eqx.filter_grad(lambda m: jnp.mean(m(x, 0.3, 1) ** 2))(model)
+
+    norms = [float(np.linalg.norm(np.asarray(g))) for g in jax.tree.leaves(fast_jit(grad)(model))]
     assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > len(norms) // 2
 
 
@@ -180,15 +185,16 @@ def test_no_patch_blocks_is_the_identity_stack(variant, getkey):
     assert not any(k.startswith("patch_blocks.") for k in px.state_dict(empty))
     x = jax.random.normal(getkey(), (config.get("in_channels", 3), 16, 16))
     cond = (3,) if variant == "c2i" else (jax.random.normal(getkey(), (5, config["txt_embed_dim"])),)
-    out = empty(x, 0.4, *cond)
+    call = lambda m: m(x, 0.4, *cond)  # noqa: E731
+    out = fast_jit(call)(empty)
     assert float(jnp.abs(out).max()) > 0.1
-    np.testing.assert_allclose(out, one(x, 0.4, *cond), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(out, fast_jit(call)(one), rtol=0, atol=1e-5)
     # Trains and round-trips through a state dict like any other model.
-    trained = jax.tree.map(lambda a: a + 0.01 if eqx.is_inexact_array(a) else a, empty)
-    grads = eqx.filter_grad(lambda m: jnp.mean(m(x, 0.4, *cond) ** 2))(trained)
+    trained = fast_jit(lambda m: jax.tree.map(lambda a: a + 0.01 if eqx.is_inexact_array(a) else a, m))(empty)
+    grads = fast_jit(eqx.filter_grad(lambda m: jnp.mean(call(m) ** 2)))(trained)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     again = px.load_reference(px.state_dict(trained), config | {"patch_depth": 0}, variant)
-    np.testing.assert_array_equal(again(x, 0.4, *cond), trained(x, 0.4, *cond))
+    np.testing.assert_array_equal(fast_jit(call)(again), fast_jit(call)(trained))
 
 
 def test_no_classes_is_an_unconditional_model(getkey):

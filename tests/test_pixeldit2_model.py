@@ -12,7 +12,7 @@ import pytest
 
 import pixeldit_eqx as px
 
-from .helpers import FIXTURES2, init, load_case, load_weights, rel_err, RELEASED2
+from .helpers import fast_jit, FIXTURES2, init, load_case, load_weights, rel_err, RELEASED2
 
 
 ENCODER = "dino_conditioner.encoder."
@@ -145,7 +145,7 @@ def _reference_forward(model, x, t, y, feature_depth):
     return px.unpatchify(out, p, x.shape[1], x.shape[2]), features
 
 
-@eqx.filter_jit
+@fast_jit
 def _randomised_model(config, key):
     """A small PixelDiT2 with every parameter random (the zero-initialised ones too, so
     that every path shows in the output), built as one program."""
@@ -158,7 +158,7 @@ def _randomised_model(config, key):
     return eqx.combine(jax.tree.unflatten(treedef, leaves), static)
 
 
-@eqx.filter_jit
+@fast_jit
 def _general_outputs(model, x, t, y):
     """The model's output and its features after the first block with context tokens, and
     the block-by-block statement of both, as one program."""

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 import pixeldit_eqx as px
 from pixeldit_eqx import train
 
-from .helpers import FIXTURES2, MANIFEST2, rel_err
+from .helpers import fast_jit, FIXTURES2, MANIFEST2, rel_err
 
 
 TEACHER_PREFIX = "repa_encoder.encoder."
@@ -227,7 +227,7 @@ def test_batch_loss_trains_with_make_train_step(getkey):
     model = train.PixelDiT2REPA(model, _teacher(), align_layer=2, weight=0.5, key=getkey())
     optimizer = train.default_optimizer(1e-3)
     state = train.init_train_state(model, optimizer, key=getkey())
-    step = eqx.filter_jit(train.make_train_step(functools.partial(train.pixeldit2_loss, **options), optimizer))
+    step = fast_jit(train.make_train_step(functools.partial(train.pixeldit2_loss, **options), optimizer))
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32))
     y = jnp.asarray([1, 7], dtype=jnp.int32)
     new, metrics = step(state, (x, y))

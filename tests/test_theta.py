@@ -11,6 +11,8 @@ import pytest
 import pixeldit_eqx
 from pixeldit_eqx import flow
 
+from .helpers import fast_jit
+
 
 LOW = np.array([0.5, 1.0], dtype=np.float32)
 HIGH = np.array([1.5, 3.0], dtype=np.float32)
@@ -85,12 +87,14 @@ def test_conditioned_model_is_a_velocity_for_training_and_likelihood():
     loss = lambda m: flow.flow_matching_loss(  # noqa: E731
         m, x, theta, key=jr.key(5), null_cond=m.tokens.null_theta(), drop_prob=0.0
     )
-    grads = eqx.filter_grad(loss)(model)
+    grads = fast_jit(eqx.filter_grad(loss))(model)
     assert float(jnp.abs(grads.tokens.projection).sum()) > 0
     # A likelihood differentiable in θ.
-    g = jax.grad(
-        lambda th: flow.log_likelihood(
-            model, x, th, solver=diffrax.Euler(), num_steps=1, divergence="hutchinson", key=jr.key(6)
+    g = fast_jit(
+        jax.grad(
+            lambda th: flow.log_likelihood(
+                model, x, th, solver=diffrax.Euler(), num_steps=1, divergence="hutchinson", key=jr.key(6)
+            )
         )
     )(theta)
     assert g.shape == (2,) and bool(jnp.all(jnp.isfinite(g)))
