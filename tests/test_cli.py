@@ -11,23 +11,14 @@ import pytest
 import pixeldit_eqx as px
 from pixeldit_eqx import _digits, runtime
 
-from .helpers import FIXTURES, FIXTURES2, init, load_weights, MANIFEST
+from .helpers import FIXTURES, FIXTURES2, init, load_weights, MANIFEST, SMALL_C2I
 
 
 pytest.importorskip("typer", reason="the command line needs the `cli` extra (the `test` extra installs it)")
 
 CKPT = FIXTURES / "checkpoints" / "model_c2i_lightning.ckpt"
 BF16 = FIXTURES / "checkpoints" / "model_c2i_bf16.pt"
-TINY = dict(
-    in_channels=1,
-    num_groups=2,
-    hidden_size=16,
-    pixel_hidden_size=4,
-    patch_depth=1,
-    pixel_depth=1,
-    patch_size=4,
-    num_classes=3,
-)
+TINY = SMALL_C2I | dict(patch_size=4, num_classes=3)
 
 
 def cli(capsys, *args):

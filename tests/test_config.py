@@ -19,16 +19,13 @@ import pytest
 import pixeldit_eqx as px
 from pixeldit_eqx import train
 
-from .helpers import init
+from .helpers import init, SMALL_C2I, SMALL_T2I, TINY
 
 
 MODEL_FILES = pathlib.Path(__file__).parent / "fixtures" / "model_files"
 
-C2I = dict(in_channels=1, num_groups=2, hidden_size=16, pixel_hidden_size=4, patch_depth=1, pixel_depth=1)
-SMALL = {
-    "c2i": C2I | dict(patch_size=2, num_classes=2),
-    "t2i": C2I | dict(pixel_attn_hidden_size=8, pixel_num_groups=1, patch_size=2, txt_embed_dim=8, txt_max_length=4),
-}
+C2I = TINY
+SMALL = {"c2i": SMALL_C2I, "t2i": SMALL_T2I | dict(pixel_attn_hidden_size=8, pixel_num_groups=1)}
 
 
 def _configs():

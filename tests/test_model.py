@@ -221,21 +221,21 @@ def test_build_accepts_the_t2i_reference_arguments_that_change_nothing(getkey):
         px.build(dict(MANIFEST["model_c2i"]["init"]) | {"repa_encoder_index": 1}, "c2i")
 
 
-def test_build_rejects_unknown_variant_and_arguments():
-    with pytest.raises(ValueError, match="`variant` must be one of"):
-        px.build(MANIFEST["model_c2i"]["init"], "x2y")
-    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['txt_embed_dim'\]"):
-        px.build(MANIFEST["model_c2i"]["init"] | {"txt_embed_dim": 3}, "c2i")
-    with pytest.raises(ValueError, match="unknown preset"):
-        px.build("pixeldit-huge")
-    with pytest.raises(
-        ValueError,
-        match="`pixel_attn_hidden_size`=30 must be divisible by `pixel_num_groups`=4",
-    ):
-        px.build(
-            MANIFEST["model_t2i"]["init"] | {"pixel_attn_hidden_size": 30, "pixel_num_groups": 4},
-            "t2i",
-        )
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((MANIFEST["model_c2i"]["init"], "x2y"), "`variant` must be one of"),
+        ((MANIFEST["model_c2i"]["init"] | {"txt_embed_dim": 3}, "c2i"), r"unknown argument\(s\) \['txt_embed_dim'\]"),
+        (("pixeldit-huge",), "unknown preset"),
+        (
+            (MANIFEST["model_t2i"]["init"] | {"pixel_attn_hidden_size": 30, "pixel_num_groups": 4}, "t2i"),
+            "`pixel_attn_hidden_size`=30 must be divisible by `pixel_num_groups`=4",
+        ),
+    ],
+)
+def test_build_rejects_unknown_variant_and_arguments(args, message):
+    with pytest.raises(ValueError, match=message):
+        px.build(*args)
 
 
 def test_image_size_not_divisible_by_patch_raises_at_call(c2i_reference):

@@ -12,7 +12,7 @@ import pytest
 import pixeldit_eqx as px
 from pixeldit_eqx import _grounded, flow
 
-from .helpers import FIXTURES2, rel_err
+from .helpers import FIXTURES2, rel_err, SMALL_C2I, SMALL_T2I
 
 
 SAMPLERS = json.loads((FIXTURES2 / "samplers.json").read_text())
@@ -197,17 +197,7 @@ def test_sample_matches_the_reference_sampler(pixeldit2, case):
 
 @pytest.fixture(scope="module")
 def tiny_pixeldit():
-    return px.PixelDiT(
-        in_channels=1,
-        num_groups=2,
-        hidden_size=16,
-        pixel_hidden_size=4,
-        patch_depth=1,
-        pixel_depth=1,
-        patch_size=4,
-        num_classes=10,
-        key=jax.random.key(0),
-    )
+    return px.PixelDiT(**SMALL_C2I | dict(patch_size=4, num_classes=10), key=jax.random.key(0))
 
 
 def test_pixeldit_delegates_to_flow_sample(tiny_pixeldit):
@@ -228,18 +218,7 @@ def test_unknown_model_is_refused():
 
 
 def test_pixeldit_t2i_samples_with_the_empty_text_as_null():
-    model = px.PixelDiTT2I(
-        in_channels=1,
-        num_groups=2,
-        hidden_size=16,
-        pixel_hidden_size=4,
-        patch_depth=1,
-        pixel_depth=1,
-        patch_size=4,
-        txt_embed_dim=8,
-        txt_max_length=6,
-        key=jax.random.key(3),
-    )
+    model = px.PixelDiTT2I(**SMALL_T2I | dict(patch_size=4, txt_max_length=6), key=jax.random.key(3))
     rng = np.random.default_rng(2)
     noise = jnp.asarray(rng.standard_normal((1, 8, 8), dtype=np.float32))
     text = jnp.asarray(rng.standard_normal((6, 8), dtype=np.float32))

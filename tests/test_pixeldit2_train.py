@@ -240,16 +240,20 @@ def test_batch_loss_trains_with_make_train_step(getkey):
     assert all(np.array_equal(a, b) for a, b in zip(encoder(new.model), encoder(model)))
 
 
-def test_batch_loss_validates(net):
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(null_condition_p=1.5), "null_condition_p"), (dict(grounding_drop_mode="joint"), "grounding_drop_mode")],
+)
+def test_batch_loss_validates(net, kwargs, message):
     x = jnp.zeros((2, 3, 16, 16))
-    with pytest.raises(ValueError, match="null_condition_p"):
-        train.pixeldit2_loss(net, (x, jnp.zeros((2,), jnp.int32)), jax.random.key(0), null_condition_p=1.5)
-    with pytest.raises(ValueError, match="grounding_drop_mode"):
-        train.pixeldit2_loss(net, (x, jnp.zeros((2,), jnp.int32)), jax.random.key(0), grounding_drop_mode="joint")
+    with pytest.raises(ValueError, match=message):
+        train.pixeldit2_loss(net, (x, jnp.zeros((2,), jnp.int32)), jax.random.key(0), **kwargs)
 
 
-def test_dinov2_validates():
-    with pytest.raises(ValueError, match="model_name"):
-        px.DINOv2("dinov2_vitg14", key=jax.random.key(0))
-    with pytest.raises(ValueError, match="embed_dim"):
-        px.DINOv2(embed_dim=30, num_heads=4, depth=1, key=jax.random.key(0))
+@pytest.mark.parametrize(
+    "args, kwargs, message",
+    [(("dinov2_vitg14",), {}, "model_name"), ((), dict(embed_dim=30, num_heads=4, depth=1), "embed_dim")],
+)
+def test_dinov2_validates(args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        px.DINOv2(*args, **kwargs, key=jax.random.key(0))

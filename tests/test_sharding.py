@@ -30,21 +30,14 @@ import pixeldit_eqx as px
 from pixeldit_eqx import flow, sharding, train
 from pixeldit_eqx.sharding import fsdp_spec
 
+from .helpers import SMALL_RGB_C2I
+
 
 NUM_DEVICES = 8
 BATCH = 16
 CHILD_ENV = "PIXELDIT_SHARDING_CHILD"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CONFIG = dict(
-    in_channels=3,
-    num_groups=2,
-    hidden_size=32,
-    pixel_hidden_size=8,
-    patch_depth=1,
-    pixel_depth=1,
-    patch_size=4,
-    num_classes=10,
-)
+CONFIG = SMALL_RGB_C2I
 RTOL, ATOL = 1e-5, 1e-6
 
 

@@ -16,34 +16,15 @@ from jaxtyping import Array, TypeCheckError
 import pixeldit_eqx
 from pixeldit_eqx import train
 
+from .helpers import SMALL_C2I, SMALL_T2I
+
 
 def _tiny_c2i(key, **kwargs):
-    config = dict(
-        in_channels=1,
-        num_groups=2,
-        hidden_size=16,
-        pixel_hidden_size=4,
-        patch_depth=1,
-        pixel_depth=1,
-        patch_size=2,
-        num_classes=2,
-    )
-    return pixeldit_eqx.PixelDiT(**config, key=key, **kwargs)
+    return pixeldit_eqx.PixelDiT(**SMALL_C2I, key=key, **kwargs)
 
 
 def _tiny_t2i(key, **kwargs):
-    config = dict(
-        in_channels=1,
-        num_groups=2,
-        hidden_size=16,
-        pixel_hidden_size=4,
-        patch_depth=1,
-        pixel_depth=1,
-        patch_size=2,
-        txt_embed_dim=8,
-        txt_max_length=4,
-    )
-    return pixeldit_eqx.PixelDiTT2I(**config, key=key, **kwargs)
+    return pixeldit_eqx.PixelDiTT2I(**SMALL_T2I, key=key, **kwargs)
 
 
 def _digit_batch(batch: int = 8) -> tuple[Array, Array]:
