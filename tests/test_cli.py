@@ -1,6 +1,7 @@
 """The `pixeldit-eqx` command line, run in process (`pixeldit_eqx._cli.main`) on tiny
 models and the reference fixture checkpoints, and once as a process."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -248,7 +249,10 @@ def test_convert_stores_the_config_and_info_reports_it(capsys, tmp_path):
     code, stdout, _ = cli(capsys, "convert", CKPT, out)
     assert code == 0 and "config: stored, a c2i config read from the weight names and shapes" in stdout
     model = px.load_reference(out)  # no config: the file carries it
-    assert isinstance(model, px.PixelDiT) and MANIFEST["model_c2i"]["init"].items() <= model.config.items()
+    assert (
+        isinstance(model, px.PixelDiT)
+        and MANIFEST["model_c2i"]["init"].items() <= dataclasses.asdict(model.config).items()
+    )
     code, stdout, _ = cli(capsys, "info", out, "--json")
     report = json.loads(stdout)
     assert code == 0 and report["config_from"] == "the file's metadata" and report["variant"] == "c2i"
