@@ -73,7 +73,7 @@ def test_an_explicit_config_wins_over_the_stored_one(tmp_path):
     assert json.loads(_metadata(path)["pixeldit_eqx.config"])["use_pixel_abs_pos"] is True
     # `use_pixel_abs_pos` leaves no trace in the weights: the caller's value is the one built.
     model = px.load_reference(path, {**C2I, "use_pixel_abs_pos": False})
-    assert model.config["use_pixel_abs_pos"] is False
+    assert model.config.use_pixel_abs_pos is False
     # ...and the weights are checked against it as always.
     with pytest.raises(px.StateDictError, match=r"does not fit PixelDiT \(\d+ problem\(s\)\)"):
         px.load_reference(path, {**C2I, "hidden_size": 32})
