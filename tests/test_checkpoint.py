@@ -18,17 +18,10 @@ import pytest
 import pixeldit_eqx as px
 from pixeldit_eqx import checkpoint, sharding, train
 
+from .helpers import SMALL_RGB_C2I
 
-CONFIG = dict(
-    in_channels=3,
-    num_groups=2,
-    hidden_size=32,
-    pixel_hidden_size=8,
-    patch_depth=1,
-    pixel_depth=1,
-    patch_size=4,
-    num_classes=10,
-)
+
+CONFIG = SMALL_RGB_C2I
 
 
 def _model(seed: int = 0, **overrides):

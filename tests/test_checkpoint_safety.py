@@ -28,8 +28,14 @@ import jax.random as jr
 import numpy as np
 import pytest
 
+import pixeldit_eqx as px
+from pixeldit_eqx import _torch_pickle, train
+from pixeldit_eqx._atomic import atomic_write
+from pixeldit_eqx._convert import _infer_prefix
+from pixeldit_eqx._torch_pickle import CheckpointFormatError, load_torch_file, UnsafeCheckpointError
+
 from . import _hostile
-from ._reference import FIXTURES, MANIFEST
+from .helpers import FIXTURES, MANIFEST
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,8 +68,6 @@ def test_every_attack_has_an_expectation():
 
 @pytest.mark.parametrize("name", sorted(_hostile.ATTACKS))
 def test_hostile_file_is_refused_quickly(name, tmp_path, monkeypatch):
-    from pixeldit_eqx._torch_pickle import CheckpointFormatError, load_torch_file, UnsafeCheckpointError
-
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "hostile.pt"
     path.write_bytes(_hostile.ATTACKS[name]())
@@ -76,8 +80,6 @@ def test_hostile_file_is_refused_quickly(name, tmp_path, monkeypatch):
 
 def test_lzma_decoder_errors_are_format_errors(tmp_path):
     """A record that really is LZMA-declared but holds garbage: the decoder's error is wrapped."""
-    from pixeldit_eqx._torch_pickle import CheckpointFormatError, load_torch_file
-
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_LZMA) as zf:
         zf.writestr("archive/data.pkl", pickle.dumps({"a": 1.0}, protocol=2) * 50)
@@ -90,8 +92,6 @@ def test_lzma_decoder_errors_are_format_errors(tmp_path):
 
 
 def test_plain_numpy_dtypes_load_and_others_do_not(tmp_path):
-    from pixeldit_eqx._torch_pickle import CheckpointFormatError, load_torch_file
-
     values = {
         f"{d}": np.arange(6).astype(d).reshape(2, 3) for d in ("?", "i1", "u2", "<i4", ">i8", "<f2", ">f4", "f8", "c8")
     }
@@ -121,8 +121,6 @@ def test_plain_numpy_dtypes_load_and_others_do_not(tmp_path):
     ],
 )
 def test_views_are_checked_against_their_storage(tmp_path, size, stride, offset, numel, ok):
-    from pixeldit_eqx._torch_pickle import CheckpointFormatError, load_torch_file
-
     storage = np.arange(numel, dtype="<f4")
     path = tmp_path / "view.pt"
     path.write_bytes(
@@ -145,9 +143,6 @@ def test_budget_applies_to_real_checkpoints_when_lowered(monkeypatch):
     """The real fixture loads under the default budget, and each lowered budget trips."""
     import dataclasses
 
-    from pixeldit_eqx import _torch_pickle
-    from pixeldit_eqx._torch_pickle import CheckpointFormatError, load_torch_file
-
     path = FIXTURES / "checkpoints" / "model_c2i_lightning.ckpt"
     assert "state_dict" in load_torch_file(path)
     for field, value in [("max_opcodes", 100), ("max_objects", 50), ("max_depth", 2), ("materialise_ratio", 0)]:
@@ -160,9 +155,6 @@ def test_budget_applies_to_real_checkpoints_when_lowered(monkeypatch):
 
 
 def test_prefix_inference_is_linear_in_the_key_length():
-    import pixeldit_eqx as px
-    from pixeldit_eqx._convert import _infer_prefix
-
     expected = set(px.state_dict(eqx.filter_eval_shape(px.build, C2I, "c2i", key=jr.key(0))))
     key = "." * 1_000_000 + "final_layer.linear.bias"
     start = time.process_time()
@@ -175,8 +167,6 @@ def test_prefix_inference_is_linear_in_the_key_length():
 
 def test_values_that_are_no_arrays_give_a_state_dict_error(tmp_path):
     """Ragged or too deep lists under a weight's key: listed as problems, not numpy's errors."""
-    import pixeldit_eqx as px
-
     deep = [1.0]
     for _ in range(80):
         deep = [deep]
@@ -192,9 +182,6 @@ def test_values_that_are_no_arrays_give_a_state_dict_error(tmp_path):
 def test_safetensors_with_a_huge_key_is_refused_quickly(tmp_path):
     import safetensors.numpy
 
-    import pixeldit_eqx as px
-    from pixeldit_eqx._torch_pickle import CheckpointFormatError
-
     path = tmp_path / "dots.safetensors"
     safetensors.numpy.save_file({"." * 1_000_000 + "final_layer.linear.bias": np.zeros(64, np.float32)}, path)
     start = time.process_time()
@@ -209,9 +196,6 @@ def test_safetensors_with_a_huge_key_is_refused_quickly(tmp_path):
 def test_safetensors_checksum_is_written_and_verified(tmp_path):
     import safetensors.numpy
     from safetensors import safe_open
-
-    import pixeldit_eqx as px
-    from pixeldit_eqx._torch_pickle import CheckpointFormatError
 
     weights = safetensors.numpy.load_file(FIXTURES / "model_c2i.safetensors")
     path = tmp_path / "m.safetensors"
@@ -230,17 +214,12 @@ def test_safetensors_checksum_is_written_and_verified(tmp_path):
 
 
 def _tiny(key, **kwargs):
-    import pixeldit_eqx as px
-
     config = dict(in_channels=1, num_groups=2, hidden_size=16, pixel_hidden_size=4, patch_depth=1, pixel_depth=1)
     return px.PixelDiT(**config, patch_size=2, num_classes=2, key=key, **kwargs)
 
 
 @pytest.mark.parametrize("kind", ["model", "checkpoint"])
 def test_truncation_flipped_bits_and_trailing_bytes_are_named(tmp_path, kind):
-    from pixeldit_eqx import train
-    from pixeldit_eqx._torch_pickle import CheckpointFormatError
-
     model = _tiny(jr.key(0))
     state = train.init_train_state(model, train.default_optimizer(1e-3), key=jr.key(1))
     path = tmp_path / f"{kind}.eqx"
@@ -267,8 +246,6 @@ def test_truncation_flipped_bits_and_trailing_bytes_are_named(tmp_path, kind):
 
 
 def test_checkpoints_from_before_checksums_still_load(tmp_path):
-    from pixeldit_eqx import train
-
     state = train.init_train_state(_tiny(jr.key(0)), train.default_optimizer(1e-3), key=jr.key(1))
     path = tmp_path / "old.eqx"
     eqx.tree_serialise_leaves(path, train._keys_to_data(state))  # What save_checkpoint wrote before.
@@ -280,9 +257,6 @@ def test_checkpoints_from_before_checksums_still_load(tmp_path):
 
 
 def test_non_finite_weights_are_refused_unless_allowed(tmp_path):
-    from pixeldit_eqx import train
-    from pixeldit_eqx._torch_pickle import CheckpointFormatError
-
     model = _tiny(jr.key(0))
     bad = eqx.tree_at(lambda m: m.final_layer.linear.bias, model, replace_fn=lambda b: b.at[0].set(jnp.nan))
     train.save_model(tmp_path / "nan.eqx", bad)
@@ -301,8 +275,6 @@ def test_non_finite_weights_are_refused_unless_allowed(tmp_path):
 
 
 def test_a_failed_write_leaves_the_previous_file(tmp_path):
-    from pixeldit_eqx._atomic import atomic_write
-
     path = tmp_path / "f.bin"
     path.write_bytes(b"previous")
     os.chmod(path, 0o640)
@@ -321,9 +293,6 @@ def test_writers_killed_at_random_points_or_racing_never_leave_a_mix(tmp_path):
     """SIGKILL 16 times per writer at random points of a save (48 kills), and 4 races of
     two writers per writer: the target is always the previous or the new file, byte for
     byte, and both load."""
-    import pixeldit_eqx as px
-    from pixeldit_eqx import train
-
     plan = {"folder": str(tmp_path), "config": C2I, "seed": 0, "kills": 16, "concurrent": 4}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     done = subprocess.run(
@@ -361,8 +330,6 @@ def _batch(seed: int, nan: bool = False):
 
 @pytest.fixture(scope="module")
 def setup():
-    from pixeldit_eqx import train
-
     optimizer = train.default_optimizer(1e-2)
     step = eqx.filter_jit(train.make_train_step(train.c2i_loss, optimizer, ema_decay=0.5))
     state = train.init_train_state(_tiny(jr.key(0)), optimizer, key=jr.key(1))
@@ -392,7 +359,6 @@ def test_a_non_finite_step_is_skipped_and_reported(setup):
 
 def test_skipping_can_be_switched_off():
     """With `skip_nonfinite=False` a NaN batch poisons the model (a toy: one cheap compile)."""
-    from pixeldit_eqx import train
 
     def loss(model, batch, key):
         return jnp.mean((jax.vmap(model)(batch) - 1.0) ** 2)
@@ -438,8 +404,6 @@ def test_fit_stops_after_too_many_consecutive_skips(setup):
     ],
 )
 def test_optimizer_numbers_are_validated(kwargs, message):
-    from pixeldit_eqx import train
-
     lr = kwargs.pop("lr")
     with pytest.raises(ValueError, match=message):
         train.default_optimizer(lr, **kwargs)

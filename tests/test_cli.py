@@ -1,6 +1,7 @@
 """The `pixeldit-eqx` command line, run in process (`pixeldit_eqx._cli.main`) on tiny
 models and the reference fixture checkpoints, and once as a process."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -8,23 +9,17 @@ import sys
 import numpy as np
 import pytest
 
-from ._reference import FIXTURES, load_weights, MANIFEST
+import pixeldit_eqx as px
+from pixeldit_eqx import _digits, runtime
+
+from .helpers import FIXTURES, FIXTURES2, init, load_weights, MANIFEST, SMALL_C2I
 
 
 pytest.importorskip("typer", reason="the command line needs the `cli` extra (the `test` extra installs it)")
 
 CKPT = FIXTURES / "checkpoints" / "model_c2i_lightning.ckpt"
 BF16 = FIXTURES / "checkpoints" / "model_c2i_bf16.pt"
-TINY = dict(
-    in_channels=1,
-    num_groups=2,
-    hidden_size=16,
-    pixel_hidden_size=4,
-    patch_depth=1,
-    pixel_depth=1,
-    patch_size=4,
-    num_classes=3,
-)
+TINY = SMALL_C2I | dict(patch_size=4, num_classes=3)
 
 
 def cli(capsys, *args):
@@ -49,8 +44,6 @@ def model_file(tmp_path_factory):
     """A tiny c2i model file (train.save_model) with random weights, none of them zero."""
     import equinox as eqx
     import jax.random as jr
-
-    import pixeldit_eqx as px
 
     skeleton = eqx.filter_eval_shape(px.build, TINY, "c2i", key=jr.key(0))  # nothing compiled
     rng = np.random.default_rng(3)
@@ -145,7 +138,6 @@ def test_info_on_a_model_file(capsys, model_file):
     assert code == 0 and not err
     report = json.loads(out)
     assert report["variant"] == "c2i" and TINY.items() <= report["config"].items() and report["dtype"] == "float32"
-    import pixeldit_eqx as px
 
     model = px.train.load_model(model_file)
     assert report["parameters"] == sum(v.size for v in px.state_dict(model).values())
@@ -200,8 +192,6 @@ def test_errors_are_one_line_and_a_nonzero_status(capsys, args, status, fragment
 
 
 def test_train_digits_runs_the_digits_job(capsys, monkeypatch):
-    from pixeldit_eqx import _digits, runtime
-
     calls = []
     monkeypatch.setattr(_digits, "main", lambda argv, prog: calls.append((argv, prog)))
     monkeypatch.setattr(runtime, "tune_cpu_allocator", lambda: calls.append("tuned"))
@@ -248,23 +238,21 @@ def test_info_reads_the_config_of_the_released_networks(name, presets):
 @pytest.fixture(scope="module")
 def pixeldit2_file(tmp_path_factory):
     """The PixelDiT2 fixture network as `save_safetensors` writes it (config in the metadata)."""
-    import pixeldit_eqx as px
-
-    from ._pixeldit2_reference import init, load_weights as load_weights2
 
     path = tmp_path_factory.mktemp("pixeldit2") / "pixeldit2.safetensors"
-    px.save_safetensors(path, px.load_reference(load_weights2("model_pixeldit2"), init("model_pixeldit2")))
+    px.save_safetensors(path, px.load_reference(load_weights("model_pixeldit2"), init("model_pixeldit2")))
     return path
 
 
 def test_convert_stores_the_config_and_info_reports_it(capsys, tmp_path):
-    import pixeldit_eqx as px
-
     out = tmp_path / "c2i.safetensors"
     code, stdout, _ = cli(capsys, "convert", CKPT, out)
     assert code == 0 and "config: stored, a c2i config read from the weight names and shapes" in stdout
     model = px.load_reference(out)  # no config: the file carries it
-    assert isinstance(model, px.PixelDiT) and MANIFEST["model_c2i"]["init"].items() <= model.config.to_dict().items()
+    assert (
+        isinstance(model, px.PixelDiT)
+        and MANIFEST["model_c2i"]["init"].items() <= dataclasses.asdict(model.config).items()
+    )
     code, stdout, _ = cli(capsys, "info", out, "--json")
     report = json.loads(stdout)
     assert code == 0 and report["config_from"] == "the file's metadata" and report["variant"] == "c2i"
@@ -278,7 +266,6 @@ def test_convert_stores_the_config_and_info_reports_it(capsys, tmp_path):
 
 
 def test_info_on_a_pixeldit2_file(capsys, pixeldit2_file):
-    from ._pixeldit2_reference import init
 
     code, out, err = cli(capsys, "info", pixeldit2_file, "--json")
     report = json.loads(out)
@@ -309,12 +296,9 @@ def test_sample_takes_a_pixeldit2_preset_s_settings(capsys, tmp_path, monkeypatc
     (the network and sampler are stand-ins here: the released network is 1B parameters)."""
     import jax.numpy as jnp
 
-    import pixeldit_eqx as px
     from pixeldit_eqx._cli import _app
 
-    from ._pixeldit2_reference import init, load_weights as load_weights2
-
-    tiny = px.load_reference(load_weights2("model_pixeldit2"), init("model_pixeldit2"))
+    tiny = px.load_reference(load_weights("model_pixeldit2"), init("model_pixeldit2"))
     loaded, calls = [], []
     monkeypatch.setattr(_app, "load_reference", lambda path, preset, **kw: loaded.append((preset, kw)) or tiny)
 
@@ -346,8 +330,6 @@ def test_info_reads_the_config_of_the_released_pixeldit2_networks():
     """`info`'s config and presets for the released PixelDiT2 files, from their key names
     and shapes (zero-strided arrays stand in for the weights)."""
     from pixeldit_eqx._cli import _files
-
-    from ._pixeldit2_reference import FIXTURES as FIXTURES2
 
     released = json.loads((FIXTURES2 / "released_shapes.json").read_text())
     for name, preset in (("pixeldit2_h16_in256", "pixeldit2-h16-256"), ("pixeldit2_h16_in512", "pixeldit2-h16-512")):

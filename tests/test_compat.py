@@ -17,12 +17,11 @@ import pytest
 import pixeldit_eqx as px
 from pixeldit_eqx import _compat, _model, runtime
 
+from .helpers import SMALL_C2I
+
 
 UNKNOWN = "xla_no_such_option_in_any_version"
-SMALL = dict(
-    in_channels=3, num_groups=2, hidden_size=16, pixel_hidden_size=4,
-    patch_depth=1, pixel_depth=1, patch_size=2, num_classes=3,
-)  # fmt: skip
+SMALL = SMALL_C2I | dict(in_channels=3, num_classes=3)
 
 
 @pytest.fixture

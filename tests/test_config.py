@@ -16,21 +16,19 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from ._pixeldit2_reference import init
+import pixeldit_eqx as px
+from pixeldit_eqx import train
+
+from .helpers import init, SMALL_C2I, SMALL_T2I, TINY
 
 
 MODEL_FILES = pathlib.Path(__file__).parent / "fixtures" / "model_files"
 
-C2I = dict(in_channels=1, num_groups=2, hidden_size=16, pixel_hidden_size=4, patch_depth=1, pixel_depth=1)
-SMALL = {
-    "c2i": C2I | dict(patch_size=2, num_classes=2),
-    "t2i": C2I | dict(pixel_attn_hidden_size=8, pixel_num_groups=1, patch_size=2, txt_embed_dim=8, txt_max_length=4),
-}
+C2I = TINY
+SMALL = {"c2i": SMALL_C2I, "t2i": SMALL_T2I | dict(pixel_attn_hidden_size=8, pixel_num_groups=1)}
 
 
 def _configs():
-    import pixeldit_eqx as px
-
     return {"c2i": px.PixelDiTConfig, "t2i": px.PixelDiTT2IConfig, "pixeldit2": px.PixelDiT2Config}
 
 
@@ -40,8 +38,6 @@ def _leaves(model):
 
 @pytest.mark.parametrize("variant", ["c2i", "t2i"])
 def test_model_config_is_the_frozen_validated_dataclass(variant):
-    import pixeldit_eqx as px
-
     model = eqx.filter_eval_shape(lambda: px.build(SMALL[variant], variant))
     config = model.config
     assert type(config) is _configs()[variant] and config.variant == variant
@@ -64,8 +60,6 @@ def test_model_config_is_the_frozen_validated_dataclass(variant):
 
 @pytest.mark.parametrize("variant", ["c2i", "t2i"])
 def test_a_config_round_trips_through_to_dict_and_build(variant):
-    import pixeldit_eqx as px
-
     key = jr.key(3)
     model = px.build(SMALL[variant], variant, key=key)
     config = model.config
@@ -89,8 +83,6 @@ def test_a_config_round_trips_through_to_dict_and_build(variant):
 
 
 def test_configs_validate_once_when_made_directly():
-    import pixeldit_eqx as px
-
     # Plain Python values of the fields' types (a numpy scalar, an int for a float, as read from a file).
     read = px.PixelDiTT2IConfig.from_arguments(dict(hidden_size=np.int64(64), num_groups=4, mlp_ratio=2))
     assert (type(read.hidden_size), type(read.mlp_ratio), read.mlp_ratio) == (int, float, 2.0)
@@ -126,8 +118,6 @@ def test_configs_validate_once_when_made_directly():
 
 
 def test_build_reads_dicts_as_before_through_the_config_fields():
-    import pixeldit_eqx as px
-
     with pytest.raises(ValueError) as info:
         px.build(SMALL["c2i"] | {"hidden_size": 16.0}, "c2i")
     assert str(info.value) == "`config`: `hidden_size` must be an int, got 16.0 of type float."
@@ -147,8 +137,6 @@ def test_build_reads_dicts_as_before_through_the_config_fields():
 
 
 def test_every_preset_is_a_valid_config():
-    import pixeldit_eqx as px
-
     for name, preset in px.PRESETS.items():
         config = _configs()[preset["variant"]].from_arguments(preset["config"])
         assert config.variant == preset["variant"], name
@@ -156,8 +144,6 @@ def test_every_preset_is_a_valid_config():
 
 
 def test_the_pixeldit2_config_reads_the_manifest_encoder_and_round_trips():
-    import pixeldit_eqx as px
-
     config = px.PixelDiT2Config.from_arguments(init("model_pixeldit2"))
     assert isinstance(config.grounding_encoder, px.DINOv3Config) and config.encoder.embed_dim == 32
     assert px.PixelDiT2Config.from_arguments(json.loads(json.dumps(config.to_dict()))) == config
@@ -169,9 +155,6 @@ def test_the_pixeldit2_config_reads_the_manifest_encoder_and_round_trips():
 def test_model_files_written_before_the_configs_load(variant):
     """The fixture files hold a dict `config` header, as `model.config` was then; their
     parameters are the initial ones for `jr.key(0)` as that version drew them."""
-    import pixeldit_eqx as px
-    from pixeldit_eqx import train
-
     path = MODEL_FILES / f"model_file_{variant}.eqx"
     header = json.loads(path.read_bytes().split(b"\n", 1)[0])
     loaded = train.load_model(path)
@@ -191,8 +174,6 @@ def test_model_files_written_before_the_configs_load(variant):
 
 
 def _rewritten(model):
-    from pixeldit_eqx import train
-
     buffer = io.BytesIO()
     train.save_model(buffer, model)
     buffer.seek(0)
@@ -200,9 +181,6 @@ def _rewritten(model):
 
 
 def test_pixeldit2_model_files_round_trip():
-    import pixeldit_eqx as px
-    from pixeldit_eqx import train
-
     model = px.build(init("model_pixeldit2"), "pixeldit2", key=jr.key(1))
     buffer = _rewritten(model)
     header = json.loads(buffer.getvalue().split(b"\n", 1)[0])

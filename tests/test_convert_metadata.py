@@ -9,8 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from ._pixeldit2_reference import init as init2, load_weights as load_weights2
-from ._reference import FIXTURES, load_weights, MANIFEST
+import pixeldit_eqx as px
+from pixeldit_eqx import _infer
+
+from .helpers import FIXTURES, init, load_weights, MANIFEST
 
 
 pytest.importorskip("safetensors", reason="save_safetensors needs the `safetensors` extra (the `test` extra has it)")
@@ -21,8 +23,6 @@ LIGHTNING = FIXTURES / "checkpoints" / "model_c2i_lightning.ckpt"
 
 
 def _arrays(model):
-    import pixeldit_eqx as px
-
     return {k: np.asarray(v) for k, v in px.state_dict(model).items()}
 
 
@@ -52,10 +52,8 @@ def _config(model):
     ],
 )
 def test_a_saved_model_loads_without_its_config(tmp_path, weights, config, variant, cls):
-    import pixeldit_eqx as px
-
     if weights == "pixeldit2":
-        weights, config = load_weights2("model_pixeldit2"), init2("model_pixeldit2")
+        weights, config = load_weights("model_pixeldit2"), init("model_pixeldit2")
     # No `variant`: read from the config's argument names (t2i's text, PixelDiT2's depth/heads).
     model = px.load_reference(weights, config)
     assert type(model).__name__ == cls
@@ -70,8 +68,6 @@ def test_a_saved_model_loads_without_its_config(tmp_path, weights, config, varia
 
 
 def test_an_explicit_config_wins_over_the_stored_one(tmp_path):
-    import pixeldit_eqx as px
-
     path = tmp_path / "c2i.safetensors"
     px.save_safetensors(path, px.load_reference(FIXTURES / "model_c2i.safetensors", C2I))
     assert json.loads(_metadata(path)["pixeldit_eqx.config"])["use_pixel_abs_pos"] is True
@@ -84,8 +80,6 @@ def test_an_explicit_config_wins_over_the_stored_one(tmp_path):
 
 
 def test_weights_without_a_config_name_what_to_pass():
-    import pixeldit_eqx as px
-
     for source in (FIXTURES / "model_c2i.safetensors", LIGHTNING, load_weights("model_c2i")):
         with pytest.raises(ValueError) as info:
             px.load_reference(source)
@@ -95,8 +89,6 @@ def test_weights_without_a_config_name_what_to_pass():
 
 
 def test_a_state_dict_saved_with_a_config_is_checked_and_loads_alone(tmp_path):
-    import pixeldit_eqx as px
-
     weights = load_weights("model_t2i")
     path = tmp_path / "t2i.safetensors"
     px.save_safetensors(path, weights, config=T2I)  # the variant from the config's names
@@ -116,8 +108,6 @@ def test_a_state_dict_saved_with_a_config_is_checked_and_loads_alone(tmp_path):
 def test_stored_metadata_that_is_not_a_config_is_a_format_error(tmp_path):
     from safetensors.numpy import save_file
 
-    import pixeldit_eqx as px
-
     for stored, message in (("{not json", "is not JSON"), ("[1, 2]", "must hold a JSON object, got list")):
         path = tmp_path / "odd.safetensors"
         save_file(load_weights("model_c2i"), str(path), metadata={"pixeldit_eqx.config": stored})
@@ -126,20 +116,17 @@ def test_stored_metadata_that_is_not_a_config_is_a_format_error(tmp_path):
 
 
 def test_the_variant_is_inferred_from_config_names_then_weight_names():
-    import pixeldit_eqx as px
-    from pixeldit_eqx import _infer
-
     # t2i weights and config, no variant: a PixelDiTT2I (the default c2i refused t2i arguments).
     assert isinstance(px.load_reference(FIXTURES / "model_t2i.safetensors", T2I), px.PixelDiTT2I)
     assert _infer.variant_of_config(C2I) == "c2i"
     assert _infer.variant_of_config(T2I) == "t2i"
-    assert _infer.variant_of_config(init2("model_pixeldit2")) == "pixeldit2"
+    assert _infer.variant_of_config(init("model_pixeldit2")) == "pixeldit2"
     assert _infer.variant_of_config({"hidden_size": 64, "patch_size": 4}) is None  # shared names only
     assert _infer.variant_of_config({**C2I, "depth": 3}) is None  # a mix
     # Weight names, under any prefix (a Lightning checkpoint's).
     assert _infer.variant_of_weights(load_weights("model_c2i")) == "c2i"
     assert _infer.variant_of_weights(f"ema_denoiser.{k}" for k in load_weights("model_t2i")) == "t2i"
-    assert _infer.variant_of_weights(load_weights2("model_pixeldit2")) == "pixeldit2"
+    assert _infer.variant_of_weights(load_weights("model_pixeldit2")) == "pixeldit2"
     assert _infer.variant_of_weights(["encoder.layers.0.weight"]) is None
     # A config whose names tell nothing: the weight names decide (here, the config then fails
     # on the t2i arguments it lacks, as a t2i model, not as an unknown-argument c2i).
@@ -148,15 +135,11 @@ def test_the_variant_is_inferred_from_config_names_then_weight_names():
 
 
 def test_a_preset_fixes_its_variant():
-    import pixeldit_eqx as px
-
     with pytest.raises(ValueError, match="contradicts the preset 'pixeldit-xl-c2i-256'"):
         px.load_reference(LIGHTNING, "pixeldit-xl-c2i-256", "t2i")
 
 
 def test_a_wrong_preset_says_what_the_weights_look_like_then_a_short_list(tmp_path):
-    import pixeldit_eqx as px
-
     with pytest.raises(px.StateDictError) as info:
         px.load_reference(LIGHTNING, "pixeldit-xl-c2i-256")
     message, problems = str(info.value), info.value.problems
@@ -179,8 +162,6 @@ def test_a_wrong_preset_says_what_the_weights_look_like_then_a_short_list(tmp_pa
 
 
 def test_few_problems_are_all_listed():
-    import pixeldit_eqx as px
-
     weights = dict(load_weights("model_c2i"))
     del weights["final_layer.linear.bias"]
     with pytest.raises(px.StateDictError) as info:
@@ -193,13 +174,11 @@ def test_few_problems_are_all_listed():
 
 
 def test_what_the_weights_look_like_reads_every_family():
-    from pixeldit_eqx import _infer
-
     assert _infer.infer_config(load_weights("model_c2i")) == ("c2i", C2I)
     variant, config = _infer.infer_config(load_weights("model_t2i"))
     assert variant == "t2i" and config == {k: v for k, v in T2I.items() if k != "use_text_rope"}  # traceless
-    variant, config, problem = _infer.read_config(load_weights2("model_pixeldit2"))
-    manifest = init2("model_pixeldit2")
+    variant, config, problem = _infer.read_config(load_weights("model_pixeldit2"))
+    manifest = init("model_pixeldit2")
     assert variant == "pixeldit2"
     traced = [k for k in config if k in manifest and k != "in_context_start"]  # the start leaves no trace
     assert len(traced) == 9 and {k: config[k] for k in traced} == {k: manifest[k] for k in traced}

@@ -2,7 +2,6 @@
 
 import json
 import math
-import pathlib
 
 import equinox as eqx
 import jax
@@ -12,14 +11,10 @@ import pytest
 
 from pixeldit_eqx import flow
 
+from .helpers import FIXTURES, MANIFEST, rel_err
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "reference"
+
 SAMPLER_CASES = {"euler": "euler", "flowdpm": "flowdpm", "heun": "heun"}
-
-
-def _rel_err(port, ref) -> float:
-    port, ref = np.asarray(port), np.asarray(ref)
-    return float(np.max(np.abs(port - ref)) / np.max(np.abs(ref)))
 
 
 def _normal(seed: int, shape: tuple[int, ...]) -> jax.Array:
@@ -434,22 +429,14 @@ def test_sample_errors():
 # ------------------------------------------------------- golden parity
 
 
-@pytest.fixture(scope="module")
-def c2i_model():
-    from pixeldit_eqx import load_reference
-
-    config = json.loads((FIXTURES / "manifest.json").read_text())["model_c2i"]["init"]
-    return load_reference(str(FIXTURES / "model_c2i.safetensors"), config, variant="c2i")
-
-
 @pytest.mark.parametrize("name", sorted(SAMPLER_CASES))
-def test_sampler_golden(name, c2i_model):
+def test_sampler_golden(name, c2i_reference):
     settings = _sampler_settings(name)
     ref = np.load(FIXTURES / f"sampler_{name}.npz")
-    null_label = json.loads((FIXTURES / "manifest.json").read_text())["model_c2i"]["init"]["num_classes"]
+    null_label = MANIFEST["model_c2i"]["init"]["num_classes"]
 
     def velocity_fn(x, t, y):
-        return c2i_model(x, t, y)
+        return c2i_reference(x, t, y)
 
     def run(noise, y):
         return flow.sample(
@@ -472,8 +459,8 @@ def test_sampler_golden(name, c2i_model):
     x, traj = jax.jit(jax.vmap(run))(jnp.asarray(ref["in_noise"]), jnp.asarray(ref["in_y"]))
     traj = jnp.moveaxis(traj, 0, 1)  # (steps + 1, batch, C, H, W), as the fixture
     assert traj.shape == ref["out_trajectory"].shape
-    assert _rel_err(traj, ref["out_trajectory"]) <= 1e-5
-    assert _rel_err(x, ref["out_x"]) <= 1e-5
+    assert rel_err(traj, ref["out_trajectory"]) <= 1e-5
+    assert rel_err(x, ref["out_x"]) <= 1e-5
 
 
 # ------------------------------------------------------- solver objects

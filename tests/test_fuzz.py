@@ -29,7 +29,7 @@ import pixeldit_eqx as px
 from pixeldit_eqx import train
 
 from . import _hostile
-from ._reference import FIXTURES, MANIFEST
+from .helpers import FIXTURES, MANIFEST
 
 
 ROOT = Path(__file__).resolve().parent.parent

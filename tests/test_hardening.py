@@ -30,13 +30,13 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from pixeldit_eqx._compat import compile_lowered
+import pixeldit_eqx as px
+from pixeldit_eqx import flow, train
 
 from . import _hostile
-from ._reference import FIXTURES, load_weights, MANIFEST
+from .helpers import arr, compiled, FIXTURES, load_weights, MANIFEST, normal, ROOT
 
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "troubleshooting.md"
 C2I = MANIFEST["model_c2i"]["init"]
 T2I = MANIFEST["model_t2i"]["init"]
@@ -47,27 +47,6 @@ CHECKPOINTS = {
 }
 HTML_404 = b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head></html>\n" * 8
 
-# These programs are checked for errors and finiteness, not speed: with XLA's backend
-# optimisations and CPU fusion emitters off they compile about 3x faster on CPU.
-_FAST = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-def compiled(fn: Callable, *args):
-    """`fn` compiled once for the shapes of `args` (arrays traced, the rest static)."""
-    dyn, static = eqx.partition(args, eqx.is_array)
-    lowered = jax.jit(lambda d: fn(*eqx.combine(d, static))).lower(dyn)
-    exe = compile_lowered(lowered, _FAST)  # without the options an XLA does not know
-    return lambda *new: exe(eqx.filter(new, eqx.is_array))
-
-
-def arr(values, dtype=None) -> jax.Array:
-    """A device array from numpy (eager `jnp` ops compile a program each; this does not)."""
-    return jnp.asarray(np.asarray(values, dtype))
-
-
-def normal(seed: int, shape: tuple[int, ...]) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
 
 def all_finite(tree) -> bool:
     return all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(tree))
@@ -75,8 +54,6 @@ def all_finite(tree) -> bool:
 
 def to_bf16(model):
     """`cast_params(model, bfloat16)` as one compiled program (eagerly, one per leaf)."""
-    import pixeldit_eqx as px
-
     return eqx.filter_jit(lambda m: px.cast_params(m, jnp.bfloat16))(model)
 
 
@@ -92,18 +69,14 @@ def leaves_bytes(tree) -> list[tuple[str, tuple, bytes]]:
     return [raw(x) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array))]
 
 
-@pytest.fixture(scope="module")
-def c2i():
-    import pixeldit_eqx as px
-
-    return px.load_reference(FIXTURES / "model_c2i.safetensors", C2I, "c2i")
+@pytest.fixture
+def c2i(c2i_reference):
+    return c2i_reference
 
 
-@pytest.fixture(scope="module")
-def t2i():
-    import pixeldit_eqx as px
-
-    return px.load_reference(FIXTURES / "model_t2i.safetensors", T2I, "t2i")
+@pytest.fixture
+def t2i(t2i_reference):
+    return t2i_reference
 
 
 # --- Construction ---------------------------------------------------------------------
@@ -143,8 +116,6 @@ def t2i():
     ],
 )
 def test_build_refuses_inconsistent_or_mistyped_configs(variant, change, message):
-    import pixeldit_eqx as px
-
     base = C2I if variant == "c2i" else T2I
     with pytest.raises(ValueError) as info:
         eqx.filter_eval_shape(px.build, base | change, variant)
@@ -152,8 +123,6 @@ def test_build_refuses_inconsistent_or_mistyped_configs(variant, change, message
 
 
 def test_numpy_scalars_in_a_config_count_as_their_python_values():
-    import pixeldit_eqx as px
-
     as_numpy = {k: np.asarray(v)[()] if isinstance(v, int | float | bool) else v for k, v in C2I.items()}
     assert any(isinstance(v, np.generic) for v in as_numpy.values())
     a = eqx.filter_eval_shape(px.build, C2I, "c2i")
@@ -164,8 +133,6 @@ def test_numpy_scalars_in_a_config_count_as_their_python_values():
 
 
 def test_variant_mixups_are_named():
-    import pixeldit_eqx as px
-
     with pytest.raises(ValueError) as info:
         px.build("pixeldit-xl-c2i-256", "t2i")
     assert str(info.value) == (
@@ -214,8 +181,6 @@ def test_out_of_range_labels_raise_under_jit_and_vmap(c2i):
 
 
 def test_out_of_range_labels_raise_through_loss_and_sampler(c2i):
-    from pixeldit_eqx import flow, train
-
     message = re.escape("`y`: class labels must lie in [0, 10] (the last is the null class).")
     xs = arr(normal(0, (2, 3, 16, 16)))
     labels = arr([1, 10], np.int32)
@@ -244,8 +209,6 @@ def test_text_width_and_length_are_checked(t2i):
 
 
 def test_text_longer_than_max_length_is_truncated_with_its_mask(t2i):
-    import pixeldit_eqx as px
-
     n = t2i.txt_max_length
     x, text = normal(0, (3, 16, 16)), normal(1, (n + 5, 24))
     mask = np.arange(n + 5) < n - 3  # padding at the end, inside and beyond the limit
@@ -264,8 +227,6 @@ def test_text_longer_than_max_length_is_truncated_with_its_mask(t2i):
 
 
 def test_every_state_dict_problem_in_one_error_and_nothing_loaded(c2i):
-    import pixeldit_eqx as px
-
     before = leaves_bytes(c2i)
     sd = dict(load_weights("model_c2i"))
     bad = dict(sd)
@@ -298,8 +259,6 @@ def test_every_state_dict_problem_in_one_error_and_nothing_loaded(c2i):
     "weights, config, variant, other", [("model_c2i", T2I, "t2i", "c2i"), ("model_t2i", C2I, "c2i", "t2i")]
 )
 def test_weights_of_the_other_variant_fail_as_one_error(weights, config, variant, other):
-    import pixeldit_eqx as px
-
     sd = load_weights(weights)
     want = {k: v.shape for k, v in px.state_dict(eqx.filter_eval_shape(px.build, config, variant)).items()}
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
@@ -329,8 +288,6 @@ def _damaged(data: bytes, damage: str) -> bytes:
 @pytest.mark.parametrize("suffix", sorted(CHECKPOINTS))
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_unreadable_checkpoint_files_give_a_clear_error(tmp_path, suffix, damage):
-    import pixeldit_eqx as px
-
     path = tmp_path / f"model{suffix}"
     path.write_bytes(_damaged(CHECKPOINTS[suffix].read_bytes(), damage))
     with pytest.raises(ValueError) as info:
@@ -350,8 +307,6 @@ def test_unreadable_checkpoint_files_give_a_clear_error(tmp_path, suffix, damage
 
 
 def test_a_checkpoint_that_holds_no_state_dict(tmp_path):
-    import pixeldit_eqx as px
-
     path = tmp_path / "list.pt"
     with zipfile.ZipFile(path, "w") as archive:  # what `torch.save([1, 2, 3], path)` writes
         archive.writestr("archive/data.pkl", pickle.dumps([1, 2, 3], protocol=2))
@@ -367,8 +322,6 @@ def test_a_checkpoint_that_holds_no_state_dict(tmp_path):
 @pytest.mark.parametrize("precision", ["float32", "bfloat16 compute", "bfloat16 params"])
 def test_forward_and_backward_are_finite(c2i, precision):
     """t = 0 and t = 1, inputs of unit, x100 and zero magnitude, random non-zero weights."""
-    import pixeldit_eqx as px
-
     if precision == "bfloat16 compute":
         model = px.load_reference(FIXTURES / "model_c2i.safetensors", C2I, compute_dtype=jnp.bfloat16)
     elif precision == "bfloat16 params":
@@ -408,9 +361,6 @@ def test_forward_and_backward_are_finite(c2i, precision):
 
 @pytest.mark.parametrize("case", ["c2i", "t2i"])
 def test_tree_serialisation_round_trip_is_bit_exact(case, request, tmp_path):
-    import pixeldit_eqx as px
-    from pixeldit_eqx import train
-
     model = request.getfixturevalue(case)
     for m in (model, to_bf16(model)):
         buffer = io.BytesIO()
@@ -429,8 +379,6 @@ def test_tree_serialisation_round_trip_is_bit_exact(case, request, tmp_path):
 
 
 def _init(model, **optimizer):
-    from pixeldit_eqx import train
-
     return train.init_train_state(model, train.default_optimizer(1e-3, **optimizer), key=jr.key(3))
 
 
@@ -441,14 +389,10 @@ def _state(model, **optimizer):
 
 def _state_like(config, **optimizer):
     """The shapes and dtypes of a fresh train state for `config`; nothing is allocated."""
-    import pixeldit_eqx as px
-
     return eqx.filter_eval_shape(lambda: _init(px.build(config), **optimizer))
 
 
 def test_train_state_round_trip_is_bit_exact_and_another_config_fails_clearly(c2i, tmp_path):
-    from pixeldit_eqx import train
-
     state = _state(c2i, warmup_steps=10)
     # non-trivial moments, EMA and step, so that a mix-up of leaves would show
     bump = lambda tree: jax.tree.map(lambda a: arr(np.asarray(a) + 0.25) if eqx.is_inexact_array(a) else a, tree)  # noqa: E731
@@ -471,8 +415,6 @@ def test_train_state_round_trip_is_bit_exact_and_another_config_fails_clearly(c2
 
 
 def test_model_file_of_another_config_or_damaged_fails_clearly(c2i, tmp_path):
-    from pixeldit_eqx import train
-
     path = tmp_path / "m.eqx"
     train.save_model(path, c2i)
     data = path.read_bytes()
@@ -505,14 +447,10 @@ class _Context:
 
     @cached_property
     def c2i(self):
-        import pixeldit_eqx as px
-
         return px.load_reference(FIXTURES / "model_c2i.safetensors", C2I, "c2i")
 
     @cached_property
     def t2i(self):
-        import pixeldit_eqx as px
-
         return px.load_reference(FIXTURES / "model_t2i.safetensors", T2I, "t2i")
 
     def file(self, name: str, data: bytes) -> str:
@@ -530,8 +468,6 @@ def _bad_state_dict() -> dict:
 
 
 def _model_file_of_another_config(ctx: _Context) -> str:
-    from pixeldit_eqx import train
-
     buffer = io.BytesIO()
     train.save_model(buffer, ctx.c2i)
     header, leaves = buffer.getvalue().split(b"\n", 1)
@@ -542,16 +478,12 @@ def _model_file_of_another_config(ctx: _Context) -> str:
 
 
 def _checkpoint_into_another_config(ctx: _Context):
-    from pixeldit_eqx import train
-
     train.save_checkpoint("state.eqx", _state(ctx.c2i))
     other = _state_like(C2I | {"num_classes": 12})
     train.load_checkpoint("state.eqx", other)
 
 
 def _damaged_model_file(ctx: _Context, how: str) -> str:
-    from pixeldit_eqx import train
-
     train.save_model("model.eqx", ctx.c2i)
     data = pathlib.Path(ctx.directory, "model.eqx").read_bytes()
     damaged = {
@@ -563,15 +495,13 @@ def _damaged_model_file(ctx: _Context, how: str) -> str:
 
 
 def _model_file_with_nan(ctx: _Context) -> str:
-    from pixeldit_eqx import train
-
     model = eqx.tree_at(lambda m: m.final_layer.linear.bias, ctx.c2i, replace_fn=lambda b: b.at[1].set(jnp.inf))
     train.save_model("nan.eqx", model)
     return "nan.eqx"
 
 
 def _safetensors_flipped(ctx: _Context) -> str:
-    _px().save_safetensors("model.safetensors", load_weights("model_c2i"))
+    px.save_safetensors("model.safetensors", load_weights("model_c2i"))
     data = pathlib.Path(ctx.directory, "model.safetensors").read_bytes()
     return ctx.file("model.safetensors", data[:-5] + bytes([data[-5] ^ 1]) + data[-4:])
 
@@ -580,25 +510,7 @@ def _fit_on_nan_batches():
     def step(state, batch):
         return state, {"loss": np.float32("nan"), "skipped": np.float32(1.0)}
 
-    return _train().fit(step, None, [None] * 4, num_steps=4, progress=False, max_consecutive_skips=3)
-
-
-def _px():
-    import pixeldit_eqx as px
-
-    return px
-
-
-def _flow():
-    from pixeldit_eqx import flow
-
-    return flow
-
-
-def _train():
-    from pixeldit_eqx import train
-
-    return train
+    return train.fit(step, None, [None] * 4, num_steps=4, progress=False, max_consecutive_skips=3)
 
 
 _X = lambda: jnp.zeros((3, 16, 16))  # noqa: E731
@@ -606,11 +518,11 @@ _TEXT = lambda: jnp.zeros((7, 24))  # noqa: E731
 
 #: name -> (what raises the error, how many lines of the message the doc shows or None for all)
 SCENARIOS: dict[str, tuple[Callable[[_Context], object], int | None]] = {
-    "config-type": (lambda c: _px().build(C2I | {"hidden_size": 64.0}), None),
-    "config-heads": (lambda c: _px().build(C2I | {"hidden_size": 30}), None),
-    "config-rope": (lambda c: _px().build(C2I | {"hidden_size": 24}), None),
-    "config-unknown": (lambda c: _px().build(C2I | {"txt_embed_dim": 24}), None),
-    "preset-variant": (lambda c: _px().build("pixeldit-xl-c2i-256", "t2i"), None),
+    "config-type": (lambda c: px.build(C2I | {"hidden_size": 64.0}), None),
+    "config-heads": (lambda c: px.build(C2I | {"hidden_size": 30}), None),
+    "config-rope": (lambda c: px.build(C2I | {"hidden_size": 24}), None),
+    "config-unknown": (lambda c: px.build(C2I | {"txt_embed_dim": 24}), None),
+    "preset-variant": (lambda c: px.build("pixeldit-xl-c2i-256", "t2i"), None),
     "image-size": (lambda c: c.c2i(jnp.zeros((3, 16, 10)), 0.5, 1), None),
     "image-channels": (lambda c: c.c2i(jnp.zeros((1, 16, 16)), 0.5, 1), None),
     "image-batched": (lambda c: c.c2i(jnp.zeros((2, 3, 16, 16)), 0.5, 1), None),
@@ -622,63 +534,61 @@ SCENARIOS: dict[str, tuple[Callable[[_Context], object], int | None]] = {
     "text-width": (lambda c: c.t2i(_X(), 0.5, jnp.zeros((7, 16))), None),
     "text-mask-shape": (lambda c: c.t2i(_X(), 0.5, _TEXT(), jnp.ones((5,), bool)), None),
     "text-mask-dtype": (lambda c: c.t2i(_X(), 0.5, _TEXT(), jnp.ones((7,))), None),
-    "state-dict-problems": (lambda c: _px().load_state_dict(c.c2i, _bad_state_dict()), None),
-    "state-dict-other-variant": (lambda c: _px().load_reference(load_weights("model_c2i"), T2I, "t2i"), 5),
-    "state-dict-not-a-mapping": (lambda c: _px().load_state_dict(c.c2i, "model.safetensors"), None),
-    "source-type": (lambda c: _px().load_reference(c.c2i, C2I), None),
-    "file-missing": (lambda c: _px().load_reference("missing.safetensors", C2I), None),
-    "pt-not-a-zip": (lambda c: _px().load_reference(c.file("model.pt", HTML_404), C2I), None),
+    "state-dict-problems": (lambda c: px.load_state_dict(c.c2i, _bad_state_dict()), None),
+    "state-dict-other-variant": (lambda c: px.load_reference(load_weights("model_c2i"), T2I, "t2i"), 5),
+    "state-dict-not-a-mapping": (lambda c: px.load_state_dict(c.c2i, "model.safetensors"), None),
+    "source-type": (lambda c: px.load_reference(c.c2i, C2I), None),
+    "file-missing": (lambda c: px.load_reference("missing.safetensors", C2I), None),
+    "pt-not-a-zip": (lambda c: px.load_reference(c.file("model.pt", HTML_404), C2I), None),
     "ckpt-truncated": (
-        lambda c: _px().load_reference(
+        lambda c: px.load_reference(
             c.file("model.ckpt", _damaged(CHECKPOINTS[".ckpt"].read_bytes(), "truncated")), C2I
         ),
         None,
     ),
     "safetensors-not-safetensors": (
-        lambda c: _px().load_reference(c.file("model.safetensors", HTML_404), C2I),
+        lambda c: px.load_reference(c.file("model.safetensors", HTML_404), C2I),
         None,
     ),
     "safetensors-truncated": (
-        lambda c: _px().load_reference(
+        lambda c: px.load_reference(
             c.file("model.safetensors", _damaged(CHECKPOINTS[".safetensors"].read_bytes(), "truncated")), C2I
         ),
         None,
     ),
-    "pt-unsafe-global": (lambda c: _px().load_reference(c.file("model.pt", _hostile.hostile_global()), C2I), None),
+    "pt-unsafe-global": (lambda c: px.load_reference(c.file("model.pt", _hostile.hostile_global()), C2I), None),
     "pt-structured-dtype": (
-        lambda c: _px().load_reference(c.file("model.pt", _hostile.structured_dtype()), C2I),
+        lambda c: px.load_reference(c.file("model.pt", _hostile.structured_dtype()), C2I),
         None,
     ),
-    "pt-over-budget": (lambda c: _px().load_reference(c.file("model.pt", _hostile.stride_zero_view()), C2I), None),
-    "pt-crc": (lambda c: _px().load_reference(c.file("model.pt", _hostile.bad_crc_storage()), C2I), None),
-    "safetensors-checksum": (lambda c: _px().load_reference(_safetensors_flipped(c), C2I), None),
-    "checkpoint-prefix": (lambda c: _px().load_reference(CHECKPOINTS[".ckpt"], C2I, prefix="ema."), None),
+    "pt-over-budget": (lambda c: px.load_reference(c.file("model.pt", _hostile.stride_zero_view()), C2I), None),
+    "pt-crc": (lambda c: px.load_reference(c.file("model.pt", _hostile.bad_crc_storage()), C2I), None),
+    "safetensors-checksum": (lambda c: px.load_reference(_safetensors_flipped(c), C2I), None),
+    "checkpoint-prefix": (lambda c: px.load_reference(CHECKPOINTS[".ckpt"], C2I, prefix="ema."), None),
     "checkpoint-no-model-keys": (
-        lambda c: _px().load_reference({"encoder.layers.0.weight": np.zeros((2, 2), np.float32)}, C2I),
+        lambda c: px.load_reference({"encoder.layers.0.weight": np.zeros((2, 2), np.float32)}, C2I),
         None,
     ),
     "train-checkpoint-other-config": (_checkpoint_into_another_config, None),
-    "model-file-not-a-model": (lambda c: _train().load_model(c.file("model.eqx", HTML_404)), None),
-    "model-file-other-config": (lambda c: _train().load_model(_model_file_of_another_config(c)), None),
-    "model-file-truncated": (lambda c: _train().load_model(_damaged_model_file(c, "truncated")), None),
-    "model-file-flipped": (lambda c: _train().load_model(_damaged_model_file(c, "flipped")), None),
-    "model-file-trailing": (lambda c: _train().load_model(_damaged_model_file(c, "trailing")), None),
-    "model-file-nonfinite": (lambda c: _train().load_model(_model_file_with_nan(c)), None),
-    "optimizer-not-finite": (lambda c: _train().default_optimizer(float("inf")), None),
+    "model-file-not-a-model": (lambda c: train.load_model(c.file("model.eqx", HTML_404)), None),
+    "model-file-other-config": (lambda c: train.load_model(_model_file_of_another_config(c)), None),
+    "model-file-truncated": (lambda c: train.load_model(_damaged_model_file(c, "truncated")), None),
+    "model-file-flipped": (lambda c: train.load_model(_damaged_model_file(c, "flipped")), None),
+    "model-file-trailing": (lambda c: train.load_model(_damaged_model_file(c, "trailing")), None),
+    "model-file-nonfinite": (lambda c: train.load_model(_model_file_with_nan(c)), None),
+    "optimizer-not-finite": (lambda c: train.default_optimizer(float("inf")), None),
     "fit-nonfinite": (lambda c: _fit_on_nan_batches(), None),
-    "flow-noise-dtype": (lambda c: _flow().sample(c.c2i, jnp.zeros((3, 16, 16), jnp.int32), 1, num_steps=4), None),
+    "flow-noise-dtype": (lambda c: flow.sample(c.c2i, jnp.zeros((3, 16, 16), jnp.int32), 1, num_steps=4), None),
     "flow-x-dtype": (
-        lambda c: _flow().flow_matching_loss(c.c2i, jnp.zeros((3, 16, 16), jnp.uint8), 1, key=jr.key(0)),
+        lambda c: flow.flow_matching_loss(c.c2i, jnp.zeros((3, 16, 16), jnp.uint8), 1, key=jr.key(0)),
         None,
     ),
     "flow-guidance-shape": (
-        lambda c: _flow().sample(c.c2i, _X(), 1, num_steps=4, guidance=jnp.array([2.0, 3.0]), null_cond=10),
+        lambda c: flow.sample(c.c2i, _X(), 1, num_steps=4, guidance=jnp.array([2.0, 3.0]), null_cond=10),
         None,
     ),
     "train-float-labels": (
-        lambda c: eqx.filter_jit(_train().c2i_loss)(
-            c.c2i, (jnp.zeros((2, 3, 16, 16)), jnp.array([1.0, 2.0])), jr.key(0)
-        ),
+        lambda c: eqx.filter_jit(train.c2i_loss)(c.c2i, (jnp.zeros((2, 3, 16, 16)), jnp.array([1.0, 2.0])), jr.key(0)),
         None,
     ),
 }

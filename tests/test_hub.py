@@ -8,8 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from ._pixeldit2_reference import FIXTURES as FIXTURES2, init as init2, load_weights as load_weights2
-from ._reference import FIXTURES, load_weights, MANIFEST
+import pixeldit_eqx as px
+from pixeldit_eqx._hub import hub_download
+
+from .helpers import FIXTURES, FIXTURES2, init, load_weights, MANIFEST
 
 
 C2I = MANIFEST["model_c2i"]["init"]
@@ -56,14 +58,10 @@ def hub(tmp_path, monkeypatch):
 
 
 def _arrays(model):
-    import pixeldit_eqx as px
-
     return {k: np.asarray(v) for k, v in px.state_dict(model).items()}
 
 
 def test_load_reference_by_hub_id(hub):
-    import pixeldit_eqx as px
-
     model = px.load_reference(f"hf://nvidia/PixelDiT-ImageNet/{CKPT}", C2I)
     want = load_weights("model_c2i")  # the fixture checkpoint's EMA weights
     got = _arrays(model)
@@ -71,9 +69,6 @@ def test_load_reference_by_hub_id(hub):
 
 
 def test_a_revision_picks_the_snapshot(hub):
-    import pixeldit_eqx as px
-    from pixeldit_eqx._hub import hub_download
-
     main = hub_download(f"hf://nvidia/PixelDiT-ImageNet/{CKPT}")
     by_commit = hub_download(f"hf://nvidia/PixelDiT-ImageNet@{MAIN}/{CKPT}")
     v1 = hub_download(f"hf://nvidia/PixelDiT-ImageNet@v1/{CKPT}")
@@ -85,12 +80,10 @@ def test_a_revision_picks_the_snapshot(hub):
 
 
 def test_pixeldit2_and_its_encoder_by_hub_id(hub):
-    import pixeldit_eqx as px
-
-    config = init2("model_pixeldit2")
+    config = init("model_pixeldit2")
     whole = px.load_reference("hf://nvidia/PixelDiT2-ImageNet/model.safetensors", config)
     assert isinstance(whole, px.PixelDiT2)  # the variant from the config's names
-    net = {k: v for k, v in load_weights2("model_pixeldit2").items() if not k.startswith("dino_conditioner.encoder.")}
+    net = {k: v for k, v in load_weights("model_pixeldit2").items() if not k.startswith("dino_conditioner.encoder.")}
     model = px.load_reference(net, config, encoder_weights="hf://timm/dinov3-tiny/model.safetensors")
     local = px.load_reference(net, config, encoder_weights=FIXTURES2 / "dinov3_encoder_tiny.safetensors")
     a, b = _arrays(model), _arrays(local)
@@ -110,8 +103,6 @@ def test_pixeldit2_and_its_encoder_by_hub_id(hub):
     ],
 )
 def test_what_cannot_be_had_offline_is_named(hub, spec, error, fragments):
-    import pixeldit_eqx as px
-
     with pytest.raises(error) as info:
         px.load_reference(spec, C2I)
     for fragment in fragments:
@@ -119,8 +110,6 @@ def test_what_cannot_be_had_offline_is_named(hub, spec, error, fragments):
 
 
 def test_without_huggingface_hub_the_extra_is_named(monkeypatch):
-    import pixeldit_eqx as px
-
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # what an install without it gives
     with pytest.raises(ImportError, match=r"needs the optional package `huggingface_hub`.*pixeldit-eqx\[hub\]"):
         px.load_reference(f"hf://nvidia/PixelDiT-ImageNet/{CKPT}", C2I)
@@ -130,7 +119,6 @@ def test_the_command_line_takes_hub_ids(hub, capsys, tmp_path):
     pytest.importorskip("typer", reason="the command line needs the `cli` extra (the `test` extra installs it)")
     import json
 
-    import pixeldit_eqx as px
     from pixeldit_eqx._cli import main
 
     assert main(["info", f"hf://nvidia/PixelDiT-ImageNet/{CKPT}", "--json"]) == 0

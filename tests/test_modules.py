@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ._reference import load_case, load_weights, MANIFEST, rel_err
+import pixeldit_eqx as px
+from pixeldit_eqx._ops import get_1d_sincos_pos_embed_from_grid, silu_gate, sincos_2d
+
+from .helpers import load_case, load_weights, MANIFEST, rel_err
 
 
 def _seed_modules(key):
-    import pixeldit_eqx as px
-
     k = jax.random.split(key, 5)
     return {
         "rmsnorm": (px.RMSNorm(32), 32),
@@ -33,8 +34,6 @@ def _seed_modules(key):
     ],
 )
 def test_seed_module_parity(case, getkey):
-    import pixeldit_eqx as px
-
     module, _ = _seed_modules(getkey())[case]
     module = px.load_state_dict(module, load_weights(case))
     data = load_case(case)
@@ -48,8 +47,6 @@ def test_seed_module_parity(case, getkey):
 
 @pytest.mark.parametrize("case", ["timestep_embedding_d256", "timestep_embedding_d33"])
 def test_timestep_embedding(case):
-    import pixeldit_eqx as px
-
     data = load_case(case)
     dim = MANIFEST[case]["call"]["dim"]
     out = jax.vmap(lambda t: px.timestep_embedding(t, dim))(jnp.asarray(data["in_t"]))
@@ -60,16 +57,11 @@ def test_timestep_embedding(case):
 
 
 def test_timestep_embedding_is_float32_from_python_and_bf16():
-    import pixeldit_eqx as px
-
     assert px.timestep_embedding(0.5, 8).dtype == jnp.float32
     assert px.timestep_embedding(jnp.bfloat16(0.5), 8).dtype == jnp.float32
 
 
 def test_sincos_square_and_nonsquare():
-    import pixeldit_eqx as px
-    from pixeldit_eqx._ops import sincos_2d
-
     square = load_case("sincos_2d_square")["out_table"]
     table = px.get_2d_sincos_pos_embed(16, 6)
     assert table.dtype == np.float32 and table.shape == (36, 16)
@@ -82,16 +74,12 @@ def test_sincos_square_and_nonsquare():
 
 
 def test_one_d_sincos_helper():
-    from pixeldit_eqx._ops import get_1d_sincos_pos_embed_from_grid
-
     emb = get_1d_sincos_pos_embed_from_grid(8, np.arange(3.0))
     omega = 1.0 / 10000 ** (np.arange(4) / 4.0)
     np.testing.assert_allclose(emb[2], np.concatenate([np.sin(2 * omega), np.cos(2 * omega)]))
 
 
 def test_init_as_reference(getkey):
-    import pixeldit_eqx as px
-
     final = px.FinalLayer(16, 3, key=getkey())
     assert not np.any(np.asarray(final.linear.weight)) and not np.any(np.asarray(final.linear.bias))
     out = final(jax.random.normal(getkey(), (16,)))
@@ -104,8 +92,6 @@ def test_init_as_reference(getkey):
 
 
 def test_dtype_argument(getkey):
-    import pixeldit_eqx as px
-
     norm = px.RMSNorm(8, dtype=jnp.bfloat16)
     assert norm.weight.dtype == jnp.bfloat16
     mlp = px.PixelMLP(8, dtype=jnp.bfloat16, key=getkey())
@@ -115,8 +101,6 @@ def test_dtype_argument(getkey):
 
 
 def test_rmsnorm_statistics_in_float32():
-    import pixeldit_eqx as px
-
     x = jnp.full((4,), 300.0, jnp.bfloat16)  # x^2 = 90000 overflows nothing in f32
     out = px.RMSNorm(4, dtype=jnp.bfloat16)(x)
     assert out.dtype == jnp.bfloat16
@@ -135,8 +119,6 @@ class _WithBuffer(eqx.Module):
 
 
 def test_buffer_gradient_is_zero_and_outside_trainable(getkey):
-    import pixeldit_eqx as px
-
     model = _WithBuffer(eqx.nn.Linear(3, 2, key=getkey()), px.Buffer(jnp.ones(2)))
     grads = jax.grad(lambda m: jnp.sum(m(jnp.ones(3)) ** 2))(model)
     assert np.all(np.asarray(grads.table.array) == 0)
@@ -149,8 +131,6 @@ def test_buffer_gradient_is_zero_and_outside_trainable(getkey):
 
 
 def test_cast_params_leaves_buffers_and_ints(getkey):
-    import pixeldit_eqx as px
-
     tree = {"w": jnp.ones(2), "b": px.Buffer(jnp.ones(2)), "i": jnp.arange(3)}
     cast = px.cast_params(tree, jnp.bfloat16)
     assert cast["w"].dtype == jnp.bfloat16
@@ -159,8 +139,6 @@ def test_cast_params_leaves_buffers_and_ints(getkey):
 
 
 def test_buffer_survives_serialisation(tmp_path, getkey):
-    import pixeldit_eqx as px
-
     model = _WithBuffer(eqx.nn.Linear(3, 2, key=getkey()), px.Buffer(jnp.arange(2.0)))
     eqx.tree_serialise_leaves(tmp_path / "m.eqx", model)
     like = _WithBuffer(eqx.nn.Linear(3, 2, key=getkey()), px.Buffer(jnp.zeros(2)))
@@ -170,8 +148,6 @@ def test_buffer_survives_serialisation(tmp_path, getkey):
 
 
 def test_buffer_is_never_exported():
-    import pixeldit_eqx as px
-
     class WithTable(eqx.Module):
         norm: px.RMSNorm
         table: px.Buffer
@@ -194,8 +170,6 @@ def test_buffer_is_never_exported():
     ],
 )
 def test_state_dict_round_trip_is_exact(case, getkey):
-    import pixeldit_eqx as px
-
     module, _ = _seed_modules(getkey())[case]
     sd = load_weights(case)
     out = px.state_dict(px.load_state_dict(module, sd))
@@ -206,8 +180,6 @@ def test_state_dict_round_trip_is_exact(case, getkey):
 
 
 def test_timestep_conditioner_keys(getkey):
-    import pixeldit_eqx as px
-
     sd = px.state_dict(px.TimestepConditioner(8, key=getkey()))
     assert {k: v.shape for k, v in sd.items()} == {
         "mlp.0.weight": (8, 256),
@@ -218,8 +190,6 @@ def test_timestep_conditioner_keys(getkey):
 
 
 def test_bad_state_dict_lists_every_problem_and_loads_nothing(getkey):
-    import pixeldit_eqx as px
-
     module = px.SwiGLU(48, key=getkey())
     sd = dict(load_weights("feedforward_swiglu"))
     del sd["w3.weight"]
@@ -235,8 +205,6 @@ def test_bad_state_dict_lists_every_problem_and_loads_nothing(getkey):
 
 
 def test_non_finite_tensor_is_refused(getkey):
-    import pixeldit_eqx as px
-
     sd = dict(load_weights("rmsnorm"))
     sd["weight"] = sd["weight"].copy()
     sd["weight"][3] = np.nan
@@ -246,8 +214,6 @@ def test_non_finite_tensor_is_refused(getkey):
 
 def test_load_casts_to_module_dtype():
     import ml_dtypes
-
-    import pixeldit_eqx as px
 
     sd = {"weight": np.arange(4, dtype=np.float32).astype(ml_dtypes.bfloat16)}
     norm = px.load_state_dict(px.RMSNorm(4), sd)
@@ -259,8 +225,6 @@ def test_load_casts_to_module_dtype():
 
 
 def test_wrong_shape_raises_under_the_hook(getkey):
-    import pixeldit_eqx as px
-
     norm = px.RMSNorm(8)
     with pytest.raises(Exception, match="Type-check error"):
         norm(jnp.ones((2, 8)))  # a batch, not one example
@@ -289,8 +253,6 @@ def test_jit_and_vmap_equal_eager(case, getkey):
 
 
 def test_constructor_errors_name_the_argument(getkey):
-    import pixeldit_eqx as px
-
     with pytest.raises(ValueError, match="`dim` must be >= 1, got 0"):
         px.RMSNorm(0)
     with pytest.raises(ValueError, match="`embed_dim` must be divisible by 4, got 6"):
@@ -303,8 +265,6 @@ def test_silu_gate_equals_autodiff_of_silu_product():
     """`silu_gate` only rewrites the derivative: values are bit-identical to
     `jax.nn.silu(g) * v`; first and second derivatives agree to float rounding; the
     extremes stay finite."""
-    from pixeldit_eqx._ops import silu_gate
-
     g = jnp.array([-1e4, -100.0, -50.0, -10.0, -1.278, -1.0, 0.0, 1e-3, 1.0, 10.0, 100.0, 1e4], jnp.float32)
     v = jnp.linspace(-3.0, 3.0, g.size, dtype=jnp.float32)
 

@@ -13,7 +13,7 @@ import pytest
 
 import pixeldit_eqx as px
 
-from ._pixeldit2_reference import init
+from .helpers import init
 
 
 F32 = jnp.float32

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ._pixeldit2_reference import init, load_case, load_weights, rel_err, RELEASED
+import pixeldit_eqx as px
+
+from .helpers import fast_jit, FIXTURES2, init, load_case, load_weights, rel_err, RELEASED2
 
 
 ENCODER = "dino_conditioner.encoder."
@@ -19,8 +21,6 @@ ENCODER = "dino_conditioner.encoder."
 @functools.cache
 def _model(**overrides):
     """The fixture network (its manifest `init` as it is, plus `overrides`) with the reference weights."""
-    import pixeldit_eqx as px
-
     weights = load_weights("model_pixeldit2")
     if overrides.get("in_context_len", 1) == 0:
         weights = {k: v for k, v in weights.items() if k != "in_context_posemb"}
@@ -120,8 +120,6 @@ def _reference_forward(model, x, t, y, feature_depth):
     """`PixelDiT2.forward` for one example, written out with the model's own parts and a
     Python loop over the blocks (context inserted before block `in_context_start`); also
     the trainer's REPA features after block `feature_depth` (context stripped)."""
-    import pixeldit_eqx as px
-
     cfg = model.config
     p = cfg.patch_size
     hs, ws = x.shape[1] // p, x.shape[2] // p
@@ -147,12 +145,10 @@ def _reference_forward(model, x, t, y, feature_depth):
     return px.unpatchify(out, p, x.shape[1], x.shape[2]), features
 
 
-@eqx.filter_jit
+@fast_jit
 def _randomised_model(config, key):
     """A small PixelDiT2 with every parameter random (the zero-initialised ones too, so
     that every path shows in the output), built as one program."""
-    import pixeldit_eqx as px
-
     k_model, k_noise = jax.random.split(key)
     model = px.PixelDiT2(**config, key=k_model)
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -162,7 +158,7 @@ def _randomised_model(config, key):
     return eqx.combine(jax.tree.unflatten(treedef, leaves), static)
 
 
-@eqx.filter_jit
+@fast_jit
 def _general_outputs(model, x, t, y):
     """The model's output and its features after the first block with context tokens, and
     the block-by-block statement of both, as one program."""
@@ -209,8 +205,6 @@ def test_dropout_only_with_a_key(getkey):
 
 
 def test_encoder_is_frozen_inside_the_model():
-    import pixeldit_eqx as px
-
     model = _model()
     spec = px.trainable(model)
     assert not any(jax.tree.leaves(spec.dino_conditioner.encoder))
@@ -227,8 +221,6 @@ def test_encoder_is_frozen_inside_the_model():
 
 
 def _same_arrays(a, b) -> bool:
-    import pixeldit_eqx as px
-
     sa, sb = px.state_dict(a), px.state_dict(b)
     return sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
 
@@ -236,13 +228,9 @@ def _same_arrays(a, b) -> bool:
 def test_load_reference_from_files_and_lightning_checkpoints(tmp_path):
     from safetensors.numpy import save_file
 
-    import pixeldit_eqx as px
-
-    from ._pixeldit2_reference import FIXTURES
-
     model = _model()
     config = init("model_pixeldit2")  # as the manifest records it, encoder mapping included
-    from_file = px.load_reference(FIXTURES / "model_pixeldit2.safetensors", config, "pixeldit2")
+    from_file = px.load_reference(FIXTURES2 / "model_pixeldit2.safetensors", config, "pixeldit2")
     assert _same_arrays(from_file, model)
     # a Lightning checkpoint without the encoder: EMA weights by default, the encoder from its own file
     weights = load_weights("model_pixeldit2")
@@ -270,8 +258,6 @@ def test_load_reference_from_files_and_lightning_checkpoints(tmp_path):
 
 
 def test_state_dict_round_trip(getkey):
-    import pixeldit_eqx as px
-
     model = _model()
     exported = px.state_dict(model)
     assert exported.keys() == load_weights("model_pixeldit2").keys()
@@ -285,9 +271,7 @@ def test_state_dict_round_trip(getkey):
     "name", ["pixeldit2_h16_in256", "pixeldit2_h16_in512", "pixeldit2_b16_preset", "pixeldit2_h32_preset"]
 )
 def test_released_configs_build_with_the_released_keys_and_shapes(name):
-    import pixeldit_eqx as px
-
-    released = RELEASED[name]
+    released = RELEASED2[name]
     skeleton = eqx.filter_eval_shape(lambda: px.build(released["init"], "pixeldit2"))
     shapes = {k: list(v.shape) for k, v in px.state_dict(skeleton).items()}
     assert shapes == {**released["state_dict_shapes_without_encoder"], **released["state_dict_shapes_encoder"]}
@@ -303,11 +287,9 @@ def test_released_configs_build_with_the_released_keys_and_shapes(name):
 
 
 def test_presets_carry_the_released_configs_and_sampling():
-    import pixeldit_eqx as px
-
     for preset, name in (("pixeldit2-h16-256", "pixeldit2_h16_in256"), ("pixeldit2-h16-512", "pixeldit2_h16_in512")):
         skeleton = eqx.filter_eval_shape(lambda: px.build(preset))
-        released = {k: v for k, v in RELEASED[name]["init"].items() if k != "pretrained_encoder"}
+        released = {k: v for k, v in RELEASED2[name]["init"].items() if k != "pretrained_encoder"}
         assert skeleton.config.to_dict() == released
         assert px.PRESETS[preset]["variant"] == "pixeldit2"
     assert px.PRESETS["pixeldit2-h16-256"]["sampling"] == dict(
@@ -324,8 +306,6 @@ def test_presets_carry_the_released_configs_and_sampling():
 
 
 def test_config_is_static_validated_and_rebuilds():
-    import pixeldit_eqx as px
-
     model = _model()
     config = model.config
     assert isinstance(config, px.PixelDiT2Config) and hash(config) == hash(dataclasses.replace(config))

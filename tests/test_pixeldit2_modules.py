@@ -9,7 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ._pixeldit2_reference import init, load_case, load_weights, MANIFEST, rel_err, vmapped
+import pixeldit_eqx as px
+from pixeldit_eqx._dinov3 import encoder_config
+from pixeldit_eqx._pixeldit2 import FeedForward, ModulatedDiTBlock, PatchFinalLayer, TimestepProjection
+
+from .helpers import init, load_case, load_weights, MANIFEST2, rel_err, vmapped
 
 
 # ---------------------------------------------------------------------------------------
@@ -45,8 +49,6 @@ def _torch_bicubic_matrix(in_size: int, out_size: int, scale: float | None) -> n
     ],
 )
 def test_resize_bicubic_matches_torch_algorithm(shape, size, getkey):
-    import pixeldit_eqx as px
-
     x = jax.random.normal(getkey(), shape)
     out = px.resize_bicubic(x, size)
     wh = _torch_bicubic_matrix(shape[1], size[0], None)
@@ -57,8 +59,6 @@ def test_resize_bicubic_matches_torch_algorithm(shape, size, getkey):
 
 
 def test_resize_bicubic_scale_factor_maps_by_the_factor(getkey):
-    import pixeldit_eqx as px
-
     x = jax.random.normal(getkey(), (2, 4, 4))
     sh, sw = 5.1 / 4, 7.1 / 4  # the REPA teacher's `(n + 0.1) / g` factors
     out = px.resize_bicubic(x, scale_factor=(sh, sw))
@@ -75,8 +75,6 @@ def test_resize_bicubic_scale_factor_maps_by_the_factor(getkey):
 
 
 def test_resize_bicubic_same_size_is_identity_and_bad_arguments_raise(getkey):
-    import pixeldit_eqx as px
-
     x = jax.random.normal(getkey(), (3, 6, 5))
     assert px.resize_bicubic(x, (6, 5)) is x
     with pytest.raises(ValueError, match="exactly one"):
@@ -94,9 +92,6 @@ def test_resize_bicubic_same_size_is_identity_and_bad_arguments_raise(getkey):
 
 @pytest.mark.parametrize("case", ["feedforward_multiple", "feedforward_multiple0"])
 def test_feedforward_parity(case, getkey):
-    import pixeldit_eqx as px
-    from pixeldit_eqx._pixeldit2 import FeedForward
-
     ff = px.load_state_dict(FeedForward(**init(case), key=getkey()), load_weights(case))
     expected_hidden = {"feedforward_multiple": 128, "feedforward_multiple0": 106}[case]
     assert ff.w1.weight.shape == (expected_hidden, 40)
@@ -105,9 +100,6 @@ def test_feedforward_parity(case, getkey):
 
 
 def _block(getkey):
-    import pixeldit_eqx as px
-    from pixeldit_eqx._pixeldit2 import ModulatedDiTBlock
-
     block = ModulatedDiTBlock(**init("modulated_dit_block"), key=getkey())
     return px.load_state_dict(block, load_weights("modulated_dit_block"))
 
@@ -122,8 +114,6 @@ def _swap(block, angles, x, c):
 
 
 def test_modulated_dit_block_parity(getkey):
-    import pixeldit_eqx as px
-
     block = _block(getkey)
     data = load_case("modulated_dit_block")
     angles = px.rope_2d(16, 4, 4)
@@ -135,8 +125,6 @@ def test_modulated_dit_block_parity(getkey):
 
 
 def test_modulated_dit_block_context_parity(getkey):
-    import pixeldit_eqx as px
-
     block = _block(getkey)
     data = load_case("modulated_dit_block_context")
     # the context tokens' rope rows are 1+0j (angle 0), their condition the mean patch condition
@@ -151,9 +139,6 @@ def test_modulated_dit_block_context_parity(getkey):
 
 
 def test_patch_final_layer_parity(getkey):
-    import pixeldit_eqx as px
-    from pixeldit_eqx._pixeldit2 import PatchFinalLayer
-
     layer = px.load_state_dict(
         PatchFinalLayer(**init("patch_final_layer"), key=getkey()), load_weights("patch_final_layer")
     )
@@ -164,9 +149,6 @@ def test_patch_final_layer_parity(getkey):
 
 
 def test_timestep_projection_parity(getkey):
-    import pixeldit_eqx as px
-    from pixeldit_eqx._pixeldit2 import TimestepProjection
-
     proj = TimestepProjection(**init("timestep_projection"), key=getkey())
     proj = px.load_state_dict(proj, load_weights("timestep_projection"))
     data = load_case("timestep_projection")
@@ -180,8 +162,6 @@ def test_timestep_projection_parity(getkey):
 
 
 def _tiny_encoder(getkey):
-    import pixeldit_eqx as px
-
     encoder = px.DINOv3(init("dinov3_encoder_tiny")["encoder"], key=getkey())
     return px.load_state_dict(encoder, load_weights("dinov3_encoder_tiny"))
 
@@ -199,8 +179,6 @@ def test_dinov3_encoder_parity_and_rope_table(getkey):
 
 @pytest.mark.parametrize("case", ["grounding_conditioner_same_grid", "grounding_conditioner_resize"])
 def test_grounding_conditioner_parity(case, getkey):
-    import pixeldit_eqx as px
-
     # the manifest's constructor arguments as they are (name + the encoder mapping)
     cond = px.GroundingConditioner(**init(case), key=getkey())
     cond = px.load_state_dict(cond, load_weights(case))
@@ -219,8 +197,6 @@ def test_grounding_conditioner_parity(case, getkey):
 
 def test_grounding_conditioner_resizes_down_too(getkey):
     """A target patch larger than the encoder's: the encoder input is bicubic-downsampled."""
-    import pixeldit_eqx as px
-
     args = init("grounding_conditioner_same_grid")
     args["target_patch_size"] = 32
     cond = px.load_state_dict(
@@ -243,8 +219,6 @@ def test_grounding_conditioner_resizes_down_too(getkey):
 
 
 def test_dinov3_is_frozen_by_construction(getkey):
-    import pixeldit_eqx as px
-
     encoder = _tiny_encoder(getkey)
     spec = px.trainable(encoder)
     assert not any(jax.tree.leaves(spec))
@@ -265,13 +239,11 @@ def test_dinov3_is_frozen_by_construction(getkey):
 
 
 def test_dinov3_presets_and_mapping_parsing():
-    from pixeldit_eqx._dinov3 import encoder_config
-
     assert dataclasses.astuple(encoder_config("dinov3_vits16"))[:3] == (384, 12, 6)
     assert dataclasses.astuple(encoder_config("dinov3_vitb16"))[:3] == (768, 12, 12)
     assert dataclasses.astuple(encoder_config("dinov3_vitl16"))[:3] == (1024, 24, 16)
     assert encoder_config("vit_base_patch16_dinov3_qkvb.lvd1689m") == encoder_config("dinov3_vitb16")
-    tiny = encoder_config(MANIFEST["dinov3_encoder_tiny"]["init"]["encoder"])
+    tiny = encoder_config(MANIFEST2["dinov3_encoder_tiny"]["init"]["encoder"])
     assert (tiny.embed_dim, tiny.depth, tiny.num_heads, tiny.patch_size) == (32, 2, 2, 16)
     assert encoder_config(dataclasses.asdict(tiny)) == tiny  # plain fields round-trip
     with pytest.raises(ValueError, match="unknown grounding encoder"):
@@ -285,9 +257,6 @@ def test_dinov3_presets_and_mapping_parsing():
 
 
 def test_bad_inputs_raise(getkey):
-    import pixeldit_eqx as px
-    from pixeldit_eqx._pixeldit2 import FeedForward
-
     encoder = _tiny_encoder(getkey)
     with pytest.raises(ValueError, match="multiples of the patch size"):
         encoder(jnp.zeros((3, 24, 32)))

@@ -2,7 +2,6 @@
 trajectories) and the delegation to `flow.sample` for PixelDiT."""
 
 import json
-import pathlib
 
 import equinox as eqx
 import jax
@@ -13,19 +12,15 @@ import pytest
 import pixeldit_eqx as px
 from pixeldit_eqx import _grounded, _sample, flow
 
+from .helpers import FIXTURES2, rel_err, SMALL_C2I, SMALL_T2I
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pixeldit2"
-SAMPLERS = json.loads((FIXTURES / "samplers.json").read_text())
+
+SAMPLERS = json.loads((FIXTURES2 / "samplers.json").read_text())
 CASES = {
     "sampler_grounded_euler": "euler",
     "sampler_grounded_heun": "heun",
     "sampler_grounded_heun_clamp": "heun",
 }
-
-
-def _rel_err(port, ref) -> float:
-    port, ref = np.asarray(port, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    return float(np.max(np.abs(port - ref)) / np.max(np.abs(ref)))
 
 
 def _settings(case: str) -> dict:
@@ -46,7 +41,7 @@ def _settings(case: str) -> dict:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_schedule_matches_the_reference(case):
     """Grid, the time of every velocity evaluation and its guidance weight, in order."""
-    ref = np.load(FIXTURES / f"{case}.npz")
+    ref = np.load(FIXTURES2 / f"{case}.npz")
     s = _settings(case)
     times = _grounded.sampling_times(s["num_steps"])
     assert np.array_equal(np.asarray(times), ref["out_timesteps"])
@@ -134,7 +129,7 @@ def test_loop_matches_a_transcription_of_the_reference(settings):
     assert trajectory.shape == (settings["num_steps"] + 1, *noise.shape)
     assert np.array_equal(np.asarray(trajectory[0]), noise * np.float32(settings["noise_scale"]))
     assert np.array_equal(np.asarray(trajectory[-1]), np.asarray(x))
-    assert _rel_err(trajectory, expected) < 1e-5
+    assert rel_err(trajectory, expected) < 1e-5
 
 
 def test_guidance_one_skips_the_unconditional_branch():
@@ -176,15 +171,15 @@ def test_invalid_arguments(kwargs, match):
 def pixeldit2():
     from safetensors.numpy import load_file
 
-    init = json.loads((FIXTURES / "manifest.json").read_text())["model_pixeldit2"]["init"]
+    init = json.loads((FIXTURES2 / "manifest.json").read_text())["model_pixeldit2"]["init"]
     skeleton = eqx.filter_eval_shape(px.PixelDiT2, **init, key=jax.random.key(0))
-    return px.load_state_dict(skeleton, load_file(FIXTURES / "model_pixeldit2.safetensors"))
+    return px.load_state_dict(skeleton, load_file(FIXTURES2 / "model_pixeldit2.safetensors"))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_sample_matches_the_reference_sampler(pixeldit2, case):
     """Every state of the reference's trajectory (batch 2, 16x24), to 1e-4."""
-    ref = np.load(FIXTURES / f"{case}.npz")
+    ref = np.load(FIXTURES2 / f"{case}.npz")
 
     def run(noise, y):
         return px.sample(pixeldit2, noise, y, return_trajectory=True, **_settings(case))
@@ -193,8 +188,8 @@ def test_sample_matches_the_reference_sampler(pixeldit2, case):
     trajectory = np.moveaxis(np.asarray(trajectory), 1, 0)
     assert trajectory.shape == ref["out_trajectory"].shape
     assert np.array_equal(trajectory[0], ref["in_noise"] * np.float32(_settings(case)["noise_scale"]))
-    assert _rel_err(trajectory, ref["out_trajectory"]) < 1e-4
-    assert _rel_err(x, ref["out_x"]) < 1e-4
+    assert rel_err(trajectory, ref["out_trajectory"]) < 1e-4
+    assert rel_err(x, ref["out_x"]) < 1e-4
 
 
 # ----------------------------------------------------------------- px.sample on PixelDiT
@@ -202,17 +197,7 @@ def test_sample_matches_the_reference_sampler(pixeldit2, case):
 
 @pytest.fixture(scope="module")
 def tiny_pixeldit():
-    return px.PixelDiT(
-        in_channels=1,
-        num_groups=2,
-        hidden_size=16,
-        pixel_hidden_size=4,
-        patch_depth=1,
-        pixel_depth=1,
-        patch_size=4,
-        num_classes=10,
-        key=jax.random.key(0),
-    )
+    return px.PixelDiT(**SMALL_C2I | dict(patch_size=4, num_classes=10), key=jax.random.key(0))
 
 
 def test_pixeldit_delegates_to_flow_sample(tiny_pixeldit):
@@ -233,18 +218,7 @@ def test_unknown_model_is_refused():
 
 
 def test_pixeldit_t2i_samples_with_the_empty_text_as_null():
-    model = px.PixelDiTT2I(
-        in_channels=1,
-        num_groups=2,
-        hidden_size=16,
-        pixel_hidden_size=4,
-        patch_depth=1,
-        pixel_depth=1,
-        patch_size=4,
-        txt_embed_dim=8,
-        txt_max_length=6,
-        key=jax.random.key(3),
-    )
+    model = px.PixelDiTT2I(**SMALL_T2I | dict(patch_size=4, txt_max_length=6), key=jax.random.key(3))
     rng = np.random.default_rng(2)
     noise = jnp.asarray(rng.standard_normal((1, 8, 8), dtype=np.float32))
     text = jnp.asarray(rng.standard_normal((6, 8), dtype=np.float32))

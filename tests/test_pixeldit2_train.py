@@ -2,8 +2,6 @@
 loss at given draws, REPA with the DINOv2 teacher, all against the reference trainer."""
 
 import functools
-import json
-import pathlib
 
 import equinox as eqx
 import jax
@@ -15,26 +13,19 @@ from safetensors.numpy import load_file
 import pixeldit_eqx as px
 from pixeldit_eqx import train
 
+from .helpers import fast_jit, FIXTURES2, MANIFEST2, rel_err
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pixeldit2"
-MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
+
 TEACHER_PREFIX = "repa_encoder.encoder."
 
 
-def _rel_err(port, ref) -> float:
-    port, ref = np.asarray(port, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    return float(np.max(np.abs(port - ref)) / np.max(np.abs(ref)))
-
-
 @pytest.fixture(scope="module")
-def net():
-    init = MANIFEST["model_pixeldit2"]["init"]
-    skeleton = eqx.filter_eval_shape(px.PixelDiT2, **init, key=jax.random.key(0))
-    return px.load_state_dict(skeleton, load_file(FIXTURES / "model_pixeldit2.safetensors"))
+def net(pixeldit2_reference):
+    return pixeldit2_reference
 
 
 def _teacher() -> px.DINOv2:
-    sizes = MANIFEST["trainer_grounded_repa"]["init"]["repa_encoder"]["timm.create_model"]
+    sizes = MANIFEST2["trainer_grounded_repa"]["init"]["repa_encoder"]["timm.create_model"]
     teacher = eqx.filter_eval_shape(
         px.DINOv2,
         "dinov2_vitb14",
@@ -44,7 +35,7 @@ def _teacher() -> px.DINOv2:
         img_size=sizes["img_size"],
         key=jax.random.key(1),
     )
-    weights = load_file(FIXTURES / "trainer_grounded_repa.safetensors")
+    weights = load_file(FIXTURES2 / "trainer_grounded_repa.safetensors")
     return px.load_state_dict(
         teacher, {k[len(TEACHER_PREFIX) :]: v for k, v in weights.items() if k.startswith(TEACHER_PREFIX)}
     )
@@ -52,7 +43,7 @@ def _teacher() -> px.DINOv2:
 
 @pytest.fixture(scope="module")
 def repa(net):
-    init = MANIFEST["trainer_grounded_repa"]["init"]
+    init = MANIFEST2["trainer_grounded_repa"]["init"]
     model = train.PixelDiT2REPA(
         net,
         _teacher(),
@@ -61,15 +52,15 @@ def repa(net):
         proj_hidden_dim=init["proj_hidden_dim"],
         key=jax.random.key(2),
     )
-    weights = load_file(FIXTURES / "trainer_grounded_repa.safetensors")
+    weights = load_file(FIXTURES2 / "trainer_grounded_repa.safetensors")
     proj = px.load_state_dict(model.proj, {k[5:]: v for k, v in weights.items() if k.startswith("proj.")})
     return eqx.tree_at(lambda m: m.proj, model, proj)
 
 
 def _draws(case: str):
     """The reference trainer's draws turned into this package's explicit arguments."""
-    ref = np.load(FIXTURES / f"{case}.npz")
-    init = MANIFEST[case]["init"]
+    ref = np.load(FIXTURES2 / f"{case}.npz")
+    init = MANIFEST2[case]["init"]
     u_joint = ref["draw_joint_uniform"] if "draw_joint_uniform" in ref.files else None
     class_drop, grounding_drop = train.pixeldit2_dropout(
         jnp.asarray(ref["draw_class_uniform"]),
@@ -93,7 +84,7 @@ def test_dropout_masks_match_the_reference(case):
     ref, _, class_drop, grounding_drop, t, _ = _draws(case)
     assert np.array_equal(np.asarray(class_drop), ref["mid_class_drop"])
     assert np.array_equal(np.asarray(grounding_drop), ref["mid_grounding_drop"])
-    assert _rel_err(t, ref["mid_t"]) < 1e-6
+    assert rel_err(t, ref["mid_t"]) < 1e-6
 
 
 def test_dropout_modes():
@@ -137,8 +128,8 @@ def test_example_loss_matches_the_reference_trainer(net):
     per_example = losses(jnp.asarray(ref["in_x"]), jnp.asarray(ref["in_y"]), t, noise, class_drop, grounding_drop)
     assert ref["mid_clamped"].any()  # one sample sits in the t_eps clamp
     assert per_example.shape == (3,)
-    assert _rel_err(jnp.mean(per_example), ref["out_fm_loss"]) < 1e-4
-    assert _rel_err(jnp.mean(per_example), ref["out_loss"]) < 1e-4
+    assert rel_err(jnp.mean(per_example), ref["out_fm_loss"]) < 1e-4
+    assert rel_err(jnp.mean(per_example), ref["out_loss"]) < 1e-4
 
 
 def test_repa_matches_the_reference_trainer(repa):
@@ -147,7 +138,7 @@ def test_repa_matches_the_reference_trainer(repa):
     y = jnp.where(class_drop, 10, jnp.asarray(ref["in_y"]))
     assert np.array_equal(np.asarray(y), ref["mid_y"])
     x_t = t[:, None, None, None] * x + (1 - t[:, None, None, None]) * noise
-    assert _rel_err(x_t, ref["mid_x_t"]) < 1e-6
+    assert rel_err(x_t, ref["mid_x_t"]) < 1e-6
 
     # One program: the block features (context tokens stripped), their projection, the
     # teacher's view and features (its own test checks it on the reference input), and the
@@ -174,26 +165,26 @@ def test_repa_matches_the_reference_trainer(repa):
 
     out = run(x, jnp.asarray(ref["in_y"]), x_t, t, noise, class_drop, grounding_drop)
     context = repa.model.in_context_len
-    assert _rel_err(out["x_pred"], ref["out_x_pred"]) < 1e-4
-    assert _rel_err(out["tokens"], ref["mid_src_feature"][:, context:]) < 1e-4
-    assert _rel_err(out["src"], ref["mid_src"]) < 1e-4
-    assert _rel_err(out["teacher_input"], ref["mid_teacher_input"]) < 1e-5
+    assert rel_err(out["x_pred"], ref["out_x_pred"]) < 1e-4
+    assert rel_err(out["tokens"], ref["mid_src_feature"][:, context:]) < 1e-4
+    assert rel_err(out["src"], ref["mid_src"]) < 1e-4
+    assert rel_err(out["teacher_input"], ref["mid_teacher_input"]) < 1e-5
     assert out["dst"].dtype == jnp.bfloat16
-    assert _rel_err(out["dst"].astype(jnp.float32), ref["out_teacher_features"]) < 1e-2  # one bf16 ulp at most
+    assert rel_err(out["dst"].astype(jnp.float32), ref["out_teacher_features"]) < 1e-2  # one bf16 ulp at most
     losses = out["losses"]
-    assert _rel_err(jnp.mean(losses["fm_loss"]), ref["out_fm_loss"]) < 1e-4
-    assert _rel_err(jnp.mean(losses["cos_loss"]), ref["out_cos_loss"]) < 1e-4
-    assert _rel_err(jnp.mean(losses["loss"]), ref["out_loss"]) < 1e-4
+    assert rel_err(jnp.mean(losses["fm_loss"]), ref["out_fm_loss"]) < 1e-4
+    assert rel_err(jnp.mean(losses["cos_loss"]), ref["out_cos_loss"]) < 1e-4
+    assert rel_err(jnp.mean(losses["loss"]), ref["out_loss"]) < 1e-4
 
 
 def test_dinov2_teacher_matches_timm():
     """Resampled position embedding (3x3 -> 4x4, scale factor (4 + 0.1) / 3) and features."""
-    ref = np.load(FIXTURES / "trainer_grounded_repa.npz")
+    ref = np.load(FIXTURES2 / "trainer_grounded_repa.npz")
     teacher = _teacher()
     pos = teacher.position_embedding((4, 4)).at[0].add(teacher.cls_token[0, 0])
-    assert _rel_err(pos, ref["mid_teacher_pos_zeros"][0]) < 1e-5
+    assert rel_err(pos, ref["mid_teacher_pos_zeros"][0]) < 1e-5
     tokens = jax.vmap(teacher)(jnp.asarray(ref["mid_teacher_input"]))
-    assert _rel_err(tokens, ref["mid_teacher_features_fp32"]) < 1e-5
+    assert rel_err(tokens, ref["mid_teacher_features_fp32"]) < 1e-5
     # At the training grid the table is used as it is.
     assert np.array_equal(np.asarray(teacher.position_embedding((3, 3))), np.asarray(teacher.pos_embed[0]))
     # Deviation: non-square grids resample each axis with its own factor (the reference
@@ -205,7 +196,7 @@ def test_dinov2_teacher_matches_timm():
 
 
 def test_cosine_loss_rounds_the_teacher_side_as_torch_does():
-    ref = np.load(FIXTURES / "trainer_grounded_repa.npz")
+    ref = np.load(FIXTURES2 / "trainer_grounded_repa.npz")
     src = jnp.asarray(ref["mid_src"])
     dst = jnp.asarray(ref["out_teacher_features"]).astype(jnp.bfloat16)
     bf16 = jnp.mean(jax.vmap(train.cosine_loss)(src, dst))
@@ -231,12 +222,12 @@ def test_teacher_is_frozen_and_proj_trains(repa):
 def test_batch_loss_trains_with_make_train_step(getkey):
     """One REPA step: the head and the network move, the teacher and the encoder do not."""
     options = dict(grounding_drop_mode="coupled", null_condition_p=0.5, p_mean=1.0, p_std=1.5, noise_scale=2.0)
-    init = dict(MANIFEST["model_pixeldit2"]["init"], depth=2, in_context_start=1)
+    init = dict(MANIFEST2["model_pixeldit2"]["init"], depth=2, in_context_start=1)
     model = px.PixelDiT2(**init, key=getkey())
     model = train.PixelDiT2REPA(model, _teacher(), align_layer=2, weight=0.5, key=getkey())
     optimizer = train.default_optimizer(1e-3)
     state = train.init_train_state(model, optimizer, key=getkey())
-    step = eqx.filter_jit(train.make_train_step(functools.partial(train.pixeldit2_loss, **options), optimizer))
+    step = fast_jit(train.make_train_step(functools.partial(train.pixeldit2_loss, **options), optimizer))
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32))
     y = jnp.asarray([1, 7], dtype=jnp.int32)
     new, metrics = step(state, (x, y))
@@ -249,16 +240,20 @@ def test_batch_loss_trains_with_make_train_step(getkey):
     assert all(np.array_equal(a, b) for a, b in zip(encoder(new.model), encoder(model)))
 
 
-def test_batch_loss_validates(net):
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(null_condition_p=1.5), "null_condition_p"), (dict(grounding_drop_mode="joint"), "grounding_drop_mode")],
+)
+def test_batch_loss_validates(net, kwargs, message):
     x = jnp.zeros((2, 3, 16, 16))
-    with pytest.raises(ValueError, match="null_condition_p"):
-        train.pixeldit2_loss(net, (x, jnp.zeros((2,), jnp.int32)), jax.random.key(0), null_condition_p=1.5)
-    with pytest.raises(ValueError, match="grounding_drop_mode"):
-        train.pixeldit2_loss(net, (x, jnp.zeros((2,), jnp.int32)), jax.random.key(0), grounding_drop_mode="joint")
+    with pytest.raises(ValueError, match=message):
+        train.pixeldit2_loss(net, (x, jnp.zeros((2,), jnp.int32)), jax.random.key(0), **kwargs)
 
 
-def test_dinov2_validates():
-    with pytest.raises(ValueError, match="model_name"):
-        px.DINOv2("dinov2_vitg14", key=jax.random.key(0))
-    with pytest.raises(ValueError, match="embed_dim"):
-        px.DINOv2(embed_dim=30, num_heads=4, depth=1, key=jax.random.key(0))
+@pytest.mark.parametrize(
+    "args, kwargs, message",
+    [(("dinov2_vitg14",), {}, "model_name"), ((), dict(embed_dim=30, num_heads=4, depth=1), "embed_dim")],
+)
+def test_dinov2_validates(args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        px.DINOv2(*args, **kwargs, key=jax.random.key(0))

@@ -15,7 +15,7 @@ from jax.extend import core as jex_core
 
 from pixeldit_eqx._compat import compile_lowered
 
-from ._reference import FIXTURES, load_case, MANIFEST, rel_err
+from .helpers import FIXTURES, load_case, MANIFEST, rel_err
 
 
 CASES = {"model_c2i": "c2i", "model_t2i": "t2i"}

@@ -18,8 +18,7 @@ from hypothesis import given, HealthCheck, settings, strategies as st
 
 import pixeldit_eqx as px
 
-from ._reference import FIXTURES, load_weights, MANIFEST, rel_err
-from .test_hardening import arr, compiled, normal
+from .helpers import arr, compiled, load_weights, normal, rel_err
 
 
 def _settings(n: int):
@@ -256,9 +255,9 @@ def test_modulated_blocks_are_not_the_identity(blocks):
 
 
 @pytest.fixture(scope="module")
-def c2i_runs():
+def c2i_runs(c2i_reference):
     """The c2i fixture model with a batched (`vmap`) and a one-example compiled call."""
-    model = px.load_reference(FIXTURES / "model_c2i.safetensors", MANIFEST["model_c2i"]["init"], "c2i")
+    model = c2i_reference
     xs, ts, ys = arr(normal(0, (3, 3, 16, 16))), arr(np.zeros(3, np.float32)), arr(np.zeros(3, np.int32))
     batched = compiled(lambda m, x, t, y: jax.vmap(m)(x, t, y), model, xs, ts, ys)
     single = compiled(lambda m, x, t, y: m(x, t, y), model, xs[0], ts[0], ys[0])
@@ -283,10 +282,10 @@ T_REAL, T_PAD = 5, 4
 
 
 @pytest.fixture(scope="module")
-def t2i_run():
+def t2i_run(t2i_reference):
     """The t2i fixture model, compiled once for 5 real and 4 padding text tokens, and
     its output with all-zero padding."""
-    model = px.load_reference(FIXTURES / "model_t2i.safetensors", MANIFEST["model_t2i"]["init"], "t2i")
+    model = t2i_reference
     x, t, real = arr(normal(0, (3, 16, 16))), arr(0.3, np.float32), normal(1, (T_REAL, 24))
     mask = arr(np.arange(T_REAL + T_PAD) < T_REAL)
     text = np.concatenate([real, np.zeros((T_PAD, 24), np.float32)])

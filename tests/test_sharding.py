@@ -26,21 +26,18 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import pixeldit_eqx as px
+from pixeldit_eqx import flow, sharding, train
+from pixeldit_eqx.sharding import fsdp_spec
+
+from .helpers import SMALL_RGB_C2I
+
 
 NUM_DEVICES = 8
 BATCH = 16
 CHILD_ENV = "PIXELDIT_SHARDING_CHILD"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CONFIG = dict(
-    in_channels=3,
-    num_groups=2,
-    hidden_size=32,
-    pixel_hidden_size=8,
-    patch_depth=1,
-    pixel_depth=1,
-    patch_size=4,
-    num_classes=10,
-)
+CONFIG = SMALL_RGB_C2I
 RTOL, ATOL = 1e-5, 1e-6
 
 
@@ -71,8 +68,6 @@ def test_on_8_simulated_devices():
 @pytest.fixture(scope="module")
 def mesh():
     """The 8-device mesh; skips (fails, in the subprocess) with fewer devices."""
-    from pixeldit_eqx import sharding
-
     if jax.device_count() < NUM_DEVICES:
         message = f"needs {NUM_DEVICES} devices, has {jax.device_count()}; run by test_on_8_simulated_devices"
         if os.environ.get(CHILD_ENV):
@@ -87,8 +82,6 @@ def mesh():
 def _model(seed: int = 0):
     """A tiny PixelDiT with every parameter random (no zero-initialised layer, so every
     gradient is non-zero), filled from numpy: nothing is compiled to build it."""
-    import pixeldit_eqx as px
-
     skeleton = eqx.filter_eval_shape(lambda k: px.PixelDiT(**CONFIG, key=k), jr.key(0))
     rng = np.random.default_rng(seed)
 
@@ -103,8 +96,6 @@ def _model(seed: int = 0):
 @pytest.fixture(scope="module")
 def setup():
     """A fresh state builder, the optimizer and a batch, as numpy-backed arrays."""
-    from pixeldit_eqx import train
-
     # Adam's first update is lr * g / (|g| + eps): for a gradient entry near eps it turns
     # float32 rounding in g (which the order of the sharded sums changes) into differences
     # of up to lr / 4 in the parameter. eps = 1e-3 keeps the update a smooth function of
@@ -128,8 +119,6 @@ def setup():
 @pytest.fixture(scope="module")
 def single_device(setup):
     """Two steps of the plain single-device step: the states after each, and metrics."""
-    from pixeldit_eqx import train
-
     fresh_state, optimizer, batch = setup
     step = eqx.filter_jit(train.make_train_step(train.c2i_loss, optimizer))
     state = fresh_state()
@@ -159,8 +148,6 @@ def _with_paths(tree):
 
 
 def test_fsdp_spec_rule():
-    from pixeldit_eqx.sharding import fsdp_spec
-
     assert fsdp_spec((128, 32), 8) == P("data")
     assert fsdp_spec((32, 128), 8) == P(None, "data")
     assert fsdp_spec((1, 128, 32), 8, "batch") == P(None, "batch")
@@ -179,8 +166,6 @@ def test_fsdp_spec_rule():
 
 
 def test_make_mesh_validates():
-    from pixeldit_eqx import sharding
-
     with pytest.raises(ValueError, match=r"`num_devices` must be an integer in \[1, \d+\]"):
         sharding.make_mesh(jax.device_count() + 1)
     with pytest.raises(ValueError, match="`num_devices`"):
@@ -194,8 +179,6 @@ def test_make_mesh_validates():
 
 
 def test_shard_batch_splits_over_the_data_axis(mesh, setup):
-    from pixeldit_eqx import sharding
-
     images, labels = sharding.shard_batch(setup[2], mesh)
     for x, shape in ((images, (2, 3, 8, 8)), (labels, (2,))):
         assert x.sharding.spec == P("data")
@@ -208,8 +191,6 @@ def test_shard_batch_splits_over_the_data_axis(mesh, setup):
 
 
 def test_replicated_state_layout(mesh, setup):
-    from pixeldit_eqx import sharding
-
     state = sharding.shard_state(setup[0](), mesh, strategy="replicated")
     leaves = jax.tree.leaves(eqx.filter(state, eqx.is_array))
     assert leaves
@@ -220,8 +201,6 @@ def test_replicated_state_layout(mesh, setup):
 
 
 def test_fsdp_state_layout(mesh, setup):
-    from pixeldit_eqx import sharding
-
     state = sharding.shard_state(setup[0](), mesh, strategy="fsdp")
     split = 0
     for path, x in _with_paths(state):
@@ -251,8 +230,6 @@ def test_fsdp_state_layout(mesh, setup):
 
 @pytest.mark.parametrize("strategy", ["replicated", "fsdp"])
 def test_sharded_step_equals_single_device_step(mesh, setup, single_device, strategy):
-    from pixeldit_eqx import sharding, train
-
     fresh_state, optimizer, batch = setup
     expected_states, expected_metrics = single_device
     step = sharding.make_sharded_train_step(train.c2i_loss, optimizer, mesh, strategy=strategy)
@@ -285,7 +262,6 @@ def test_sharded_step_equals_single_device_step(mesh, setup, single_device, stra
 
 def test_sharded_step_takes_any_model_and_numpy_batches(mesh):
     """The step is model-agnostic; a numpy batch is split inside the call."""
-    from pixeldit_eqx import sharding, train
 
     def loss_fn(model, batch, key):
         x, y = batch
@@ -318,8 +294,6 @@ def test_sharded_step_takes_any_model_and_numpy_batches(mesh):
 
 
 def test_sharded_step_validates(mesh, setup):
-    from pixeldit_eqx import sharding, train
-
     fresh_state, optimizer, (images, labels) = setup
     step = sharding.make_sharded_train_step(train.c2i_loss, optimizer, mesh, donate=False)
     with pytest.raises(
@@ -343,9 +317,6 @@ def test_sharded_step_validates(mesh, setup):
 
 
 def test_sharded_sample_equals_unsharded(mesh):
-    import pixeldit_eqx as px
-    from pixeldit_eqx import flow, sharding
-
     model = _model(seed=2)
     rng = np.random.default_rng(3)
     noise = jnp.asarray(rng.standard_normal((BATCH, 3, 8, 8)), dtype=jnp.float32)

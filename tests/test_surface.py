@@ -10,7 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ._reference import load_case, load_weights, MANIFEST, rel_err
+import pixeldit_eqx as px
+from pixeldit_eqx import _digits, flow
+from pixeldit_eqx._model import PixelDiTT2I
+
+from .helpers import load_case, rel_err
 
 
 def test_submodules_are_attributes():
@@ -45,8 +49,6 @@ def test_submodules_are_attributes():
 )
 def test_missing_extra_names_it(monkeypatch, tmp_path, blocked, action, extra):
     """A missing optional package gives one ImportError that names the extra to install."""
-    import pixeldit_eqx as px
-
     monkeypatch.chdir(tmp_path)
     for name in [m for m in sys.modules if m == blocked or m.startswith(blocked + ".")]:
         monkeypatch.delitem(sys.modules, name)
@@ -63,23 +65,15 @@ def test_missing_extra_names_it(monkeypatch, tmp_path, blocked, action, extra):
 
 
 def _fixture(name):
-    from ._reference import FIXTURES
+    from .helpers import FIXTURES
 
     return FIXTURES / name
 
 
-def _t2i():
-    import pixeldit_eqx as px
-
-    return px.load_reference(load_weights("model_t2i"), MANIFEST["model_t2i"]["init"], "t2i")
-
-
-def test_t2i_takes_the_text_and_mask_pair_that_flow_sample_hands_over(getkey):
+def test_t2i_takes_the_text_and_mask_pair_that_flow_sample_hands_over(getkey, t2i_reference):
     import equinox as eqx
 
-    from pixeldit_eqx import flow
-
-    model = _t2i()
+    model = t2i_reference
     data = load_case("model_t2i")
     x, t, text = (jnp.asarray(data[k][0]) for k in ("in_x", "in_t", "in_y"))
     mask = jnp.arange(text.shape[0]) < text.shape[0] - 1
@@ -101,8 +95,8 @@ def test_t2i_takes_the_text_and_mask_pair_that_flow_sample_hands_over(getkey):
     assert rel_err(sampled, unguided) > 1e-3  # guidance did apply
 
 
-def test_t2i_refuses_a_condition_it_cannot_read_with_the_recipe():
-    model = _t2i()
+def test_t2i_refuses_a_condition_it_cannot_read_with_the_recipe(t2i_reference):
+    model = t2i_reference
     data = load_case("model_t2i")
     x, t, text = (jnp.asarray(data[k][0]) for k in ("in_x", "in_t", "in_y"))
     mask = jnp.ones(text.shape[0], bool)
@@ -110,11 +104,9 @@ def test_t2i_refuses_a_condition_it_cannot_read_with_the_recipe():
         model(x, t, (text, mask, mask))
 
 
-def test_t2i_refuses_a_pair_and_a_mask_with_the_recipe():
+def test_t2i_refuses_a_pair_and_a_mask_with_the_recipe(t2i_reference):
     """Outside the shape checks (a plain call), the message shows the recipe."""
-    from pixeldit_eqx._model import PixelDiTT2I
-
-    model = _t2i()
+    model = t2i_reference
     data = load_case("model_t2i")
     x, t, text = (jnp.asarray(data[k][0]) for k in ("in_x", "in_t", "in_y"))
     mask = jnp.ones(text.shape[0], bool)
@@ -138,8 +130,6 @@ def _read_png(path):
 
 
 def test_image_grid_layout_and_values(tmp_path):
-    import pixeldit_eqx as px
-
     # 5 RGB images of 3x4 pixels; image i is constant -1 + i / 2 on channel 0 and its
     # pixel (r, c) carries the position on channel 1, so the layout can be read back.
     n, h, w = 5, 3, 4
@@ -167,8 +157,6 @@ def test_image_grid_layout_and_values(tmp_path):
 
 
 def test_image_grid_greyscale_clipping_and_scale(tmp_path):
-    import pixeldit_eqx as px
-
     images = np.array([[[[-3.0, 0.0], [0.5, 7.0]]]], np.float32)  # (1, 1, 2, 2), out of range clipped
     px.save_image_grid(images, tmp_path / "g.png", nrow=4, padding=0, scale=3)
     mode, got = _read_png(tmp_path / "g.png")
@@ -190,8 +178,6 @@ def test_image_grid_greyscale_clipping_and_scale(tmp_path):
     ],
 )
 def test_image_grid_refuses_bad_input_and_writes_nothing(tmp_path, images, kwargs, match):
-    import pixeldit_eqx as px
-
     save = getattr(px.save_image_grid, "__wrapped__", px.save_image_grid)  # past the suite's shape checks
     with pytest.raises(ValueError, match=match):
         save(images, tmp_path / "x.png", **kwargs)
@@ -200,8 +186,6 @@ def test_image_grid_refuses_bad_input_and_writes_nothing(tmp_path, images, kwarg
 
 def test_digits_grid_is_a_save_image_grid(tmp_path):
     """The digits job's 10x10 grid: one row per class, dark ink on white, 48-pixel cells."""
-    from pixeldit_eqx import _digits
-
     labels = np.repeat(np.arange(10), 12)
     samples = np.zeros((120, 1, 16, 16), np.float32)
     samples[labels == 3, :, :8] = 16.0  # class 3: the top half inked

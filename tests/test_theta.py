@@ -11,6 +11,8 @@ import pytest
 import pixeldit_eqx
 from pixeldit_eqx import flow
 
+from .helpers import fast_jit, SMALL_T2I
+
 
 LOW = np.array([0.5, 1.0], dtype=np.float32)
 HIGH = np.array([1.5, 3.0], dtype=np.float32)
@@ -19,18 +21,8 @@ HIGH = np.array([1.5, 3.0], dtype=np.float32)
 def _tiny_model(txt_embed_dim=12, txt_max_length=2):
     """A tiny t2i model, its zero-initialised leaves (the final layer) made random so that
     its velocity depends on its condition."""
-    model = pixeldit_eqx.PixelDiTT2I(
-        in_channels=1,
-        patch_size=2,
-        num_groups=2,
-        hidden_size=16,
-        pixel_hidden_size=4,
-        patch_depth=1,
-        pixel_depth=1,
-        txt_embed_dim=txt_embed_dim,
-        txt_max_length=txt_max_length,
-        key=jr.key(0),
-    )
+    config = SMALL_T2I | dict(txt_embed_dim=txt_embed_dim, txt_max_length=txt_max_length)
+    model = pixeldit_eqx.PixelDiTT2I(**config, key=jr.key(0))
     leaves, treedef = jax.tree.flatten(model)
     keys = iter(jr.split(jr.key(99), len(leaves)))
     leaves = [
@@ -85,12 +77,14 @@ def test_conditioned_model_is_a_velocity_for_training_and_likelihood():
     loss = lambda m: flow.flow_matching_loss(  # noqa: E731
         m, x, theta, key=jr.key(5), null_cond=m.tokens.null_theta(), drop_prob=0.0
     )
-    grads = eqx.filter_grad(loss)(model)
+    grads = fast_jit(eqx.filter_grad(loss))(model)
     assert float(jnp.abs(grads.tokens.projection).sum()) > 0
     # A likelihood differentiable in θ.
-    g = jax.grad(
-        lambda th: flow.log_likelihood(
-            model, x, th, solver=diffrax.Euler(), num_steps=1, divergence="hutchinson", key=jr.key(6)
+    g = fast_jit(
+        jax.grad(
+            lambda th: flow.log_likelihood(
+                model, x, th, solver=diffrax.Euler(), num_steps=1, divergence="hutchinson", key=jr.key(6)
+            )
         )
     )(theta)
     assert g.shape == (2,) and bool(jnp.all(jnp.isfinite(g)))
@@ -111,11 +105,16 @@ def test_tokens_bad_arguments(kwargs, match):
         pixeldit_eqx.ParameterTokens(**args, key=jr.key(0))
 
 
-def test_conditioned_bad_arguments():
+@pytest.mark.parametrize(
+    "model_kwargs, match", [(dict(txt_embed_dim=8), "txt_embed_dim"), (dict(txt_max_length=1), "txt_max_length")]
+)
+def test_conditioned_bad_arguments(model_kwargs, match):
     tokens = pixeldit_eqx.ParameterTokens(LOW, HIGH, 12, key=jr.key(0))
-    with pytest.raises(ValueError, match="txt_embed_dim"):
-        pixeldit_eqx.ParameterConditioned(_tiny_model(txt_embed_dim=8), tokens)
-    with pytest.raises(ValueError, match="txt_max_length"):
-        pixeldit_eqx.ParameterConditioned(_tiny_model(txt_max_length=1), tokens)
+    with pytest.raises(ValueError, match=match):
+        pixeldit_eqx.ParameterConditioned(_tiny_model(**model_kwargs), tokens)
+
+
+def test_tokens_refuse_a_theta_of_another_size():
+    tokens = pixeldit_eqx.ParameterTokens(LOW, HIGH, 12, key=jr.key(0))
     with pytest.raises(ValueError, match="theta"):
         tokens(jnp.zeros(3, dtype=jnp.float32))

@@ -23,9 +23,10 @@ from pixeldit_eqx._torch_pickle import (
     UnsafeCheckpointError,
 )
 
+from .helpers import FIXTURES
 
-REFERENCE = Path(__file__).parent / "fixtures" / "reference"
-CHECKPOINTS = REFERENCE / "checkpoints"
+
+CHECKPOINTS = FIXTURES / "checkpoints"
 LIGHTNING = CHECKPOINTS / "model_c2i_lightning.ckpt"
 BF16 = CHECKPOINTS / "model_c2i_bf16.pt"
 VIEWS = CHECKPOINTS / "model_c2i_views.pt"
@@ -33,7 +34,7 @@ VIEWS = CHECKPOINTS / "model_c2i_views.pt"
 
 @pytest.fixture(scope="module")
 def weights() -> dict[str, np.ndarray]:
-    return safetensors.numpy.load_file(REFERENCE / "model_c2i.safetensors")
+    return safetensors.numpy.load_file(FIXTURES / "model_c2i.safetensors")
 
 
 def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray], dtype: Any) -> None:

@@ -13,38 +13,18 @@ import optax
 import pytest
 from jaxtyping import Array, TypeCheckError
 
+import pixeldit_eqx
+from pixeldit_eqx import train
+
+from .helpers import SMALL_C2I, SMALL_T2I
+
 
 def _tiny_c2i(key, **kwargs):
-    import pixeldit_eqx
-
-    config = dict(
-        in_channels=1,
-        num_groups=2,
-        hidden_size=16,
-        pixel_hidden_size=4,
-        patch_depth=1,
-        pixel_depth=1,
-        patch_size=2,
-        num_classes=2,
-    )
-    return pixeldit_eqx.PixelDiT(**config, key=key, **kwargs)
+    return pixeldit_eqx.PixelDiT(**SMALL_C2I, key=key, **kwargs)
 
 
 def _tiny_t2i(key, **kwargs):
-    import pixeldit_eqx
-
-    config = dict(
-        in_channels=1,
-        num_groups=2,
-        hidden_size=16,
-        pixel_hidden_size=4,
-        patch_depth=1,
-        pixel_depth=1,
-        patch_size=2,
-        txt_embed_dim=8,
-        txt_max_length=4,
-    )
-    return pixeldit_eqx.PixelDiTT2I(**config, key=key, **kwargs)
+    return pixeldit_eqx.PixelDiTT2I(**SMALL_T2I, key=key, **kwargs)
 
 
 def _digit_batch(batch: int = 8) -> tuple[Array, Array]:
@@ -75,8 +55,6 @@ class _Toy(eqx.Module):
     count: Array
 
     def __init__(self, key):
-        import pixeldit_eqx
-
         self.linear = eqx.nn.Linear(3, 2, key=key)
         self.scale = pixeldit_eqx.Buffer(jnp.array([2.0, 3.0]))
         self.count = jnp.array(7, dtype=jnp.int32)
@@ -105,16 +83,12 @@ def _toy_batch():
 @pytest.fixture(scope="module")
 def c2i_step():
     """One optimizer and one jitted c2i step, shared so that they compile once."""
-    from pixeldit_eqx import train
-
     optimizer = train.default_optimizer(1e-2, warmup_steps=2)
     step = eqx.filter_jit(train.make_train_step(train.c2i_loss, optimizer, ema_decay=0.9))
     return optimizer, step
 
 
 def test_steps_lower_the_loss(getkey, c2i_step):
-    from pixeldit_eqx import train
-
     optimizer, step = c2i_step
     start = train.init_train_state(_tiny_c2i(getkey()), optimizer, key=getkey())
     batch = _digit_batch()
@@ -130,8 +104,6 @@ def test_steps_lower_the_loss(getkey, c2i_step):
 
 
 def test_only_trainable_leaves_change(getkey):
-    from pixeldit_eqx import train
-
     model = _Toy(getkey())
     optimizer = train.default_optimizer(1e-1, weight_decay=0.5)
     state = train.init_train_state(model, optimizer, key=getkey())
@@ -150,8 +122,6 @@ def test_only_trainable_leaves_change(getkey):
 
 
 def test_ema_math(getkey):
-    from pixeldit_eqx import train
-
     model = _Toy(getkey())
     optimizer = optax.sgd(0.1)
     state = train.init_train_state(model, optimizer, key=getkey())
@@ -183,8 +153,6 @@ def test_ema_math(getkey):
 
 
 def test_gradient_clipping_is_applied():
-    from pixeldit_eqx import train
-
     params = {"w": jnp.zeros((4,), dtype=jnp.float32)}
     g1 = {"w": jnp.array([60.0, 80.0, 0.0, 0.0])}  # norm 100
     g2 = {"w": jnp.array([0.1, -0.2, 0.3, 0.0])}  # norm < 1: not clipped
@@ -214,8 +182,6 @@ def test_gradient_clipping_is_applied():
 
 
 def test_default_optimizer_errors():
-    from pixeldit_eqx import train
-
     with pytest.raises(ValueError, match="lr"):
         train.default_optimizer(0.0)
     with pytest.raises(ValueError, match="clip"):
@@ -227,8 +193,6 @@ def test_default_optimizer_errors():
 
 
 def test_fit_errors_and_history():
-    from pixeldit_eqx import train
-
     model = _Toy(jr.key(0))
     optimizer = optax.sgd(1e-2)
     state = train.init_train_state(model, optimizer, key=jr.PRNGKey(1))  # a raw key
@@ -247,8 +211,6 @@ def test_fit_errors_and_history():
 
 
 def test_label_and_caption_dropout_use_the_null_condition(getkey):
-    from pixeldit_eqx import train
-
     key = getkey()
     model = _tiny_c2i(getkey())
     # Make the class embedding matter: the zero-initialised model ignores its labels.
@@ -291,8 +253,6 @@ def test_label_and_caption_dropout_use_the_null_condition(getkey):
 
 
 def test_checkpoint_resume_is_bit_exact(tmp_path, getkey, c2i_step):
-    from pixeldit_eqx import train
-
     model = _tiny_c2i(getkey())
     optimizer, step = c2i_step
     batches = [_digit_batch()] * 6
@@ -322,9 +282,6 @@ def test_checkpoint_resume_is_bit_exact(tmp_path, getkey, c2i_step):
 
 
 def test_model_file_round_trip(tmp_path, getkey):
-    import pixeldit_eqx
-    from pixeldit_eqx import train
-
     model = _tiny_c2i(getkey())
     model = jax.tree.map(lambda x: x + 0.01 if eqx.is_inexact_array(x) else x, model)
     path = tmp_path / "model.eqx"
@@ -352,8 +309,6 @@ def test_model_file_round_trip(tmp_path, getkey):
 
 
 def test_model_file_errors(tmp_path, getkey):
-    from pixeldit_eqx import train
-
     model = _tiny_c2i(getkey())
     path = tmp_path / "model.eqx"
     train.save_model(path, model)
