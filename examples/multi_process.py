@@ -49,6 +49,13 @@ import tempfile
 import time
 
 
+def _line(text: str) -> None:
+    """One write of a whole line: the processes share the launcher's stdout, and a separate
+    write of the newline (unbuffered output) lets two processes' lines run together."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--processes", type=int, default=2, help="launcher: processes to start on this machine")
@@ -110,20 +117,20 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
             command += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(args.processes)]
             command += ["--process-id", str(i)]
             procs.append(subprocess.Popen(command))
-            print(f"[launcher] process {i} pid {procs[-1].pid}: {' '.join(command[1:])}", flush=True)
+            _line(f"[launcher] process {i} pid {procs[-1].pid}: {' '.join(command[1:])}")
         start = time.monotonic()
         while True:
             codes = [p.poll() for p in procs]
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
                 i, code = failed[0]
-                print(f"[launcher] FAILED: process {i} exited with code {code}; stopping the others", flush=True)
+                _line(f"[launcher] FAILED: process {i} exited with code {code}; stopping the others")
                 return 1
             if all(c == 0 for c in codes):
-                print(f"[launcher] all {len(procs)} processes finished in {time.monotonic() - start:.1f} s", flush=True)
+                _line(f"[launcher] all {len(procs)} processes finished in {time.monotonic() - start:.1f} s")
                 return 0
             if time.monotonic() - start > args.timeout:
-                print(f"[launcher] FAILED: timed out after {args.timeout:.0f} s; stopping every process", flush=True)
+                _line(f"[launcher] FAILED: timed out after {args.timeout:.0f} s; stopping every process")
                 return 1
             time.sleep(0.1)
     finally:
@@ -182,7 +189,7 @@ def train_all(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
 
     def say(message: str) -> None:
-        print(f"[process {me}] {time.perf_counter() - t0:6.1f} s  {message}", flush=True)
+        _line(f"[process {me}] {time.perf_counter() - t0:6.1f} s  {message}")
 
     mesh = sharding.make_mesh()  # every device of every process
     say(

@@ -175,7 +175,7 @@ def test_a_dead_process_fails_the_run_at_once(tmp_path):
     output, pids = [], {}
     try:
         deadline = time.monotonic() + 120
-        while not any(line.startswith("[process 1]") and " ready: " in line for line in output):
+        while not any(re.search(r"\[process 1\] +[0-9.]+ s  ready: ", line) for line in output):
             assert proc.poll() is None, "\n".join(output)
             try:
                 output.append(lines.get(timeout=max(0.1, deadline - time.monotonic())).rstrip())
