@@ -9,6 +9,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+
 
 _UNKNOWN_OPTION = re.compile(r"No such compile option: '([^']+)'")
 # Option names this process's XLA refused; found once, then never sent again.
@@ -28,3 +30,10 @@ def compile_lowered(lowered: Any, options: Mapping[str, Any]) -> Any:
                 raise
             _unknown_options.add(match.group(1))
             del options[match.group(1)]
+
+
+def single_device_sharding(device: Any) -> Any:
+    """`jax.sharding.make_single_device_sharding(device)` where jax has it (the class's
+    constructor is deprecated from jax 0.12), else `jax.sharding.SingleDeviceSharding(device)`."""
+    make = getattr(jax.sharding, "make_single_device_sharding", None)
+    return make(device) if make is not None else jax.sharding.SingleDeviceSharding(device)

@@ -39,6 +39,7 @@ import numpy as np
 from jaxtyping import PyTree
 
 from ._checks import check_int, is_array_like, is_key
+from ._compat import single_device_sharding
 from ._optional import require
 
 
@@ -203,7 +204,7 @@ class Checkpointer:
                 shardings = jax.tree.map(lambda _, s: s, like, shardings)
             except ValueError as e:
                 raise ValueError(f"`shardings`: expected the structure of `like_state`: {e}") from e
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        device = single_device_sharding(jax.local_devices()[0])
 
         def abstract(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
             sharding = device if sharding is None else sharding
