@@ -94,7 +94,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """pyright on the package, with every optional dependency installed: zero errors."""
-    session.install("-e", ".[test]", PYRIGHT)
+    session.install("-e", ".[test,examples]", PYRIGHT)
     session.run("pyright", "pixeldit_eqx", *session.posargs)
 
 
