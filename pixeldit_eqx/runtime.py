@@ -7,7 +7,10 @@ benchmark's counts and times).
 `tune_cpu_allocator` keeps large blocks in the heap, so steps reuse their pages.
 
 Compiling a large program leaves a few hundred MiB of freed memory scattered in the
-heap (XLA's fusion emitters); `release_free_memory` hands it back to the system.
+heap (XLA's fusion emitters); `release_free_memory` hands it back to the system. Importing
+`pixeldit_eqx` turns on `release_after_compile`, which does that after every long compile,
+so a process's peak memory is not the compiler's scratch plus the first steps' buffers
+(`release_after_compile(False)` turns it off).
 
 ```python
 from pixeldit_eqx import runtime, train
@@ -15,9 +18,6 @@ from pixeldit_eqx import runtime, train
 runtime.tune_cpu_allocator()  # once, at the start of the process
 model = ...  # build or load; then hand back the host copies loading left behind
 runtime.release_free_memory()
-step = eqx.filter_jit(train.make_train_step(train.c2i_loss, optimizer))
-state, loss = step(state, batch, key)  # compiles
-runtime.release_free_memory()  # after the compiles
 ```
 
 Both change only how this process's C allocator hands memory to the system, never
@@ -29,8 +29,10 @@ import ctypes.util
 import functools
 import sys
 
+import jax.monitoring
 
-__all__ = ["release_free_memory", "tune_cpu_allocator"]
+
+__all__ = ["release_after_compile", "release_free_memory", "tune_cpu_allocator"]
 
 # glibc's `mallopt` parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -83,3 +85,37 @@ def release_free_memory() -> bool:
         return False
     libc.malloc_trim(0)
     return True
+
+
+# jax records this event (in seconds) after each XLA compile, in every supported version.
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+# Compiles shorter than this (eager ops, small programs) leave little scratch behind.
+_LONG_COMPILE_S = 0.2
+_release = {"on": False, "registered": False}
+
+
+def _after_compile(event: str, duration: float, **kwargs: object) -> None:
+    if event == _COMPILE_EVENT and duration >= _LONG_COMPILE_S and _release["on"]:
+        release_free_memory()
+
+
+def release_after_compile(enabled: bool = True) -> bool:
+    """Return the process's free heap memory to the system after every XLA compile that
+    takes longer than 0.2 s (on from importing `pixeldit_eqx`; `False` turns it off).
+
+    The compiler's scratch is freed in scattered pieces that glibc keeps; without this,
+    the first calls of a freshly compiled program put their buffers on top of it.
+    Results never change.
+
+    **Returns:** True when it acts (Linux with glibc), False otherwise.
+    """
+    if not isinstance(enabled, bool):
+        raise ValueError(f"release_after_compile: `enabled` must be a bool, got enabled={enabled!r}.")
+    _release["on"] = enabled
+    if not _release["registered"]:
+        jax.monitoring.register_event_duration_secs_listener(_after_compile)
+        _release["registered"] = True
+    return enabled and _glibc() is not None
+
+
+release_after_compile()

@@ -3,8 +3,10 @@
 Run with `nox -s bench`, or directly:
 
     python tests/benchmarks/bench.py [--out out/bench] [--quick] [--xl auto|skip|forward|full]
+        [--torch-python PYTHON --torch-reference DIR]
 
-What it measures, on whatever device JAX uses (CPU or one accelerator):
+What it measures, on whatever device JAX uses (CPU or one accelerator), after printing the
+CPU's model and the flags that decide XLA:CPU's matmul paths (AVX-512, bf16, AMX):
 
 - **the machine's matmul rate**: a jitted 2048x2048 matmul in the benchmark's dtype,
   sampled once before every timed model call, so that rate and model share the same
@@ -18,12 +20,22 @@ What it measures, on whatever device JAX uses (CPU or one accelerator):
   counts them); and that as a fraction of the matmul rate. At 128x128 also with
   `checkpoint=True` (rematerialised blocks). On CPU the 64x64 and 128x128 cases run
   twice: in this (default) process, and in a subprocess that first calls
-  `pixeldit_eqx.runtime.tune_cpu_allocator()` (no per-call page faults).
+  `pixeldit_eqx.runtime.tune_cpu_allocator()` (no per-call page faults), and in one
+  with XLA's dots routed through XNNPACK one at a time (`XNN_DOTS`, when this XLA knows
+  the flags), for comparison.
+- **bf16 compute**: forward and forward+backward with `compute_dtype=jnp.bfloat16`
+  against float32, same weights, timed alternately; the target on a CPU with bf16 dot
+  instructions is 1.5x at 128x128.
+- **the eager PyTorch reference** (with `--torch-python`, a Python that has torch, and
+  `--torch-reference`, a directory holding the reference's `pixdit_core`): the same
+  passes and the peak memory of 10 steps, by `torch_reference.py`, in the side-by-side
+  table with this package's rows.
 - **where the time goes**: at 64x64 and 128x128, forward and forward+backward of the
   whole model and of `model.patch_level` alone (its output's mean square as the loss),
   timed alternately in one process; the difference is the pixel path (pixel embedder,
   PiT blocks, final layer, unpatchify), reported as a share of the whole, next to its
-  share of the analytic FLOPs (about half: the per-pixel adaLN matmuls).
+  share of the analytic FLOPs (about half: the per-pixel adaLN matmuls), and the time of
+  those adaLN matmuls alone at the model's shapes (a floor under the pixel path).
 - **compile time** of `jit(forward+backward)` at patch depth 2, 6 and 24 (same widths);
   with the block stacks run by `lax.scan` it should not grow with depth.
 - **peak memory** of a fresh process that builds the model and runs 10
@@ -31,7 +43,9 @@ What it measures, on whatever device JAX uses (CPU or one accelerator):
   `peak_bytes_in_use`), with the resident set after each phase; at 128x128 with
   `checkpoint` off and on. Also XLA's own temp-buffer size for each program. On CPU
   also with the allocator tuned and `runtime.release_free_memory()` after loading (or
-  building) and after compiling, for both ways of building the model.
+  building) and after compiling, for both ways of building the model; without
+  `runtime.release_after_compile` (on from import); and the whole training recipe
+  (constructor, AdamW and an EMA, `train.fit`).
 - **attention-shaped batched matmul**: the rate of the attention scores' matmul at the
   128x128 shape (32 heads-times-examples of 256x64 @ 64x256), against the matmul rate.
   XLA:CPU runs a matmul with batch dimensions on one thread; this line shows what that
@@ -90,6 +104,11 @@ MID = dict(
 )
 BATCH = 8
 MATMUL_N = 2048
+# XLA:CPU's dots through XNNPACK one by one instead of YNNPACK fusions: an XLA setting of
+# the process (experimental flags, renamed between versions), shown for comparison.
+XNN_DOTS = (
+    "--xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT --xla_cpu_experimental_ynn_fusion_type="
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -120,9 +139,38 @@ def _device_peak_mib() -> float | None:
     return stats["peak_bytes_in_use"] / 2**20
 
 
-def random_model(config: dict, variant: str, *, checkpoint: bool = False, seed: int = 0) -> Any:
+# The /proc/cpuinfo flags that decide XLA:CPU's matmul paths.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name and which of `CPU_FLAGS` it has (Linux), else `platform`'s."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return {"model": model, "flags": [flag for flag in CPU_FLAGS if flag in flags]}
+
+
+def has_bf16_dots(cpu: dict[str, Any]) -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu["flags"]))
+
+
+def random_model(
+    config: dict, variant: str, *, checkpoint: bool = False, seed: int = 0, compute_dtype: Any = None
+) -> Any:
     """A model with random parameters, without running (or compiling) initialisers."""
-    skeleton = eqx.filter_eval_shape(lambda: px.build(config, variant, key=jax.random.key(0), checkpoint=checkpoint))
+    skeleton = eqx.filter_eval_shape(
+        lambda: px.build(config, variant, key=jax.random.key(0), checkpoint=checkpoint, compute_dtype=compute_dtype)
+    )
     rng = np.random.default_rng(seed)
     weights = {}
     for key, spec in px.state_dict(skeleton).items():
@@ -242,8 +290,12 @@ def compile_timed(fn: Any, *args: Any) -> tuple[Any, dict[str, float]]:
 def memory_child(spec: dict) -> dict:
     if spec.get("tuned"):
         px.runtime.tune_cpu_allocator()
+    if spec.get("keep_compile_scratch"):
+        px.runtime.release_after_compile(False)
     phases = {"import": _rss_mib()}
     config, variant = spec["config"], spec["variant"]
+    if spec.get("recipe"):
+        return recipe_memory(spec, phases)
     if spec["init"] == "constructor":
         model = px.build(config, variant, key=jax.random.key(0), checkpoint=spec["checkpoint"])
     else:
@@ -272,13 +324,40 @@ def memory_child(spec: dict) -> dict:
     }
 
 
+def recipe_memory(spec: dict, phases: dict) -> dict:
+    """Peak memory of the training recipe: the constructor, `train.init_train_state`
+    (AdamW and an EMA), a jitted `make_train_step`, `train.fit` for `steps` steps."""
+    from pixeldit_eqx import train
+
+    config, variant = spec["config"], spec["variant"]
+    model = px.build(config, variant, key=jax.random.key(0), checkpoint=spec["checkpoint"])
+    optimizer = train.default_optimizer(1e-4)
+    state = train.init_train_state(model, optimizer, key=jax.random.key(1))
+    del model
+    jax.block_until_ready(state)
+    phases["build"] = _rss_mib()
+    x, _, y = inputs(config, variant, spec["hw"], spec["batch"])
+    step = eqx.filter_jit(train.make_train_step(train.c2i_loss, optimizer))
+    state, losses = train.fit(step, state, lambda i: (x, y), num_steps=spec["steps"], progress=False)
+    phases["steps"] = _rss_mib()
+    return {
+        "peak_rss_mib": phases["steps"]["VmHWM"],
+        "device_peak_mib": _device_peak_mib(),
+        "phases": phases,
+        "temp_mib": None,
+        "loss_finite": bool(np.isfinite(losses).all()),
+    }
+
+
 def speed_child(spec: dict) -> list[dict]:
-    """The mid-config speed cases in a process with `runtime.tune_cpu_allocator()`."""
-    px.runtime.tune_cpu_allocator()
+    """Mid-config speed cases in a fresh process: with `runtime.tune_cpu_allocator()`,
+    or with the XLA flags `run_child` set."""
+    if spec.get("tuned", True):
+        px.runtime.tune_cpu_allocator()
     mm = MatmulRate(MATMUL_N)
     cases = [speed_case("mid", MID, "c2i", hw, BATCH, reps, mm) for hw, reps in spec["cases"]]
     for case in cases:
-        case["allocator"] = "tuned"
+        case["allocator"] = spec.get("label", "tuned")
     return cases
 
 
@@ -365,14 +444,29 @@ def split_case(config: dict, variant: str, hw: int, batch: int, repeats: int) ->
         ("forward_backward", "model"): fwd_bwd,
         ("forward_backward", "patch_level"): jax.value_and_grad(patch_loss),
     }
-    compiled = {k: jax.jit(fn).lower(*args).compile() for k, fn in fns.items()}
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in compiled}
-    for fn in compiled.values():
-        jax.block_until_ready(fn(*args))
+    calls = {k: (jax.jit(fn).lower(*args).compile(), args) for k, fn in fns.items()}
+    # The floor under the pixel path: its per-pixel adaLN matmuls alone, at the model's
+    # shapes (one block's; times `pixel_depth`). Forward: (B*L, D) @ (D, n_mod*p*p*D_pix);
+    # backward: the input gradient and the weight gradient, each the same size.
+    p2 = config["patch_size"] ** 2
+    rows, width = batch * (hw // config["patch_size"]) ** 2, 6 * p2 * config["pixel_hidden_size"]
+    k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
+    s_cond = jax.random.normal(k1, (rows, config["hidden_size"]))
+    weight = jax.random.normal(k2, (width, config["hidden_size"]))
+    g = jax.random.normal(k3, (rows, width))
+    adaln = (s_cond, weight, g)
+    calls[("forward", "adaln")] = (jax.jit(lambda s, w, g: s @ w.T).lower(*adaln).compile(), adaln)
+    calls[("forward_backward", "adaln")] = (
+        jax.jit(lambda s, w, g: (s @ w.T, g @ w, g.T @ s)).lower(*adaln).compile(),
+        adaln,
+    )
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in calls}
+    for fn, fn_args in calls.values():
+        jax.block_until_ready(fn(*fn_args))
     for _ in range(repeats):
-        for k, fn in compiled.items():
+        for k, (fn, fn_args) in calls.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
+            jax.block_until_ready(fn(*fn_args))
             times[k].append(time.perf_counter() - t0)
     out: dict[str, Any] = {"hw": hw, "batch": batch}
     # The pixel path's share of the analytic FLOPs: the model without its PiT blocks
@@ -382,13 +476,51 @@ def split_case(config: dict, variant: str, hw: int, batch: int, repeats: int) ->
     for pass_name in ("forward", "forward_backward"):
         whole = statistics.median(times[(pass_name, "model")])
         patch = statistics.median(times[(pass_name, "patch_level")])
+        adaln_s = config["pixel_depth"] * statistics.median(times[(pass_name, "adaln")])
         out[pass_name] = {
             "model_s": whole,
             "patch_level_s": patch,
             "pixel_path_share": (whole - patch) / whole,
             "pixel_path_flop_share": 1 - patch_flops[pass_name] / flops[pass_name],
+            "adaln_matmuls_s": adaln_s,
+            "adaln_share": adaln_s / whole,
         }
     return out
+
+
+def dtype_case(config: dict, variant: str, hw: int, batch: int, repeats: int) -> dict:
+    """Forward and forward+backward with float32 and with bfloat16 compute
+    (`compute_dtype=jnp.bfloat16`, same weights), timed alternately: bf16's speedup."""
+    args = inputs(config, variant, hw, batch)
+    calls = {}
+    for dtype_name, dtype in (("float32", None), ("bfloat16", jnp.bfloat16)):
+        params, static = eqx.partition(random_model(config, variant, compute_dtype=dtype), eqx.is_inexact_array)
+        forward, fwd_bwd = programs(static)
+        for pass_name, fn in (("forward", forward), ("forward_backward", fwd_bwd)):
+            calls[(pass_name, dtype_name)] = (jax.jit(fn).lower(params, *args).compile(), (params, *args))
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in calls}
+    for fn, fn_args in calls.values():
+        jax.block_until_ready(fn(*fn_args))
+    for _ in range(repeats):
+        for k, (fn, fn_args) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*fn_args))
+            times[k].append(time.perf_counter() - t0)
+    out: dict[str, Any] = {"hw": hw, "batch": batch}
+    for pass_name in ("forward", "forward_backward"):
+        f32 = statistics.median(times[(pass_name, "float32")])
+        bf16 = statistics.median(times[(pass_name, "bfloat16")])
+        out[pass_name] = {"float32_s": f32, "bfloat16_s": bf16, "speedup": f32 / bf16}
+    return out
+
+
+def torch_case(python: str, reference: str, repeats: int) -> dict:
+    """The eager PyTorch reference, timed by `torch_reference.py` under `python`."""
+    cmd = [python, os.path.join(HERE, "torch_reference.py"), "--reference", reference, "--repeats", str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode:
+        raise RuntimeError(f"torch_reference.py failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 class _GatedMLPBlock(eqx.Module):
@@ -463,6 +595,38 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:,.1f}"
 
 
+def comparison(results: dict) -> list[str]:
+    """The side-by-side table: ms per batch of 8 for each implementation and setting."""
+    speed = {(c["hw"], c.get("allocator")): c for c in results["speed"] if c["case"] == "mid" and not c["checkpoint"]}
+    memory = {r["label"]: r["peak_rss_mib"] for r in results["memory"]}
+    cells = ("64px fwd", "64px fwd+bwd", "128px fwd", "128px fwd+bwd")
+    rows = []
+    for label, allocator, mem in (
+        ("pixeldit_eqx", None, "mid 64px b8 (constructor init)"),
+        ("pixeldit_eqx, `tune_cpu_allocator()`", "tuned", "mid 64px b8 (constructor init, tuned allocator)"),
+    ):
+        if (64, allocator) in speed and (128, allocator) in speed:
+            times = [speed[(hw, allocator)][p]["median_s"] for hw in (64, 128) for p in ("forward", "forward_backward")]
+            rows.append((label, times, memory.get(mem)))
+    dtype = {r["hw"]: r for r in results.get("dtype", [])}
+    if 64 in dtype and 128 in dtype:
+        times = [dtype[hw][p]["bfloat16_s"] for hw in (64, 128) for p in ("forward", "forward_backward")]
+        rows.append(("pixeldit_eqx, `compute_dtype=jnp.bfloat16`", times, None))
+    torch = results.get("torch")
+    if torch:
+        times = [torch["speed"][str(hw)][p]["median_s"] for hw in (64, 128) for p in ("forward", "forward_backward")]
+        rows.append((f"PyTorch reference, eager (torch {torch['torch']})", times, torch["peak_rss_mib"]))
+    if not rows:
+        return []
+    lines = ["\n## Side by side: mid config, batch 8, median ms per batch\n"]
+    lines.append("| implementation | " + " | ".join(cells) + " | peak RSS, 10 steps at 64px |")
+    lines.append("|---|" + "---:|" * (len(cells) + 1))
+    for label, times, mem in rows:
+        peak = f"{mem:.0f} MiB" if mem is not None else ""
+        lines.append(f"| {label} | " + " | ".join(f"{1e3 * t:,.0f}" for t in times) + f" | {peak} |")
+    return lines
+
+
 def render(results: dict) -> str:
     lines = []
     m = results["machine"]
@@ -470,6 +634,8 @@ def render(results: dict) -> str:
     lines.append(
         f"- device: {m['device']} ({m['platform']}), {m['cpu_count']} CPUs, jax {m['jax']}, python {m['python']}"
     )
+    cpu = m["cpu"]
+    lines.append(f"- CPU: {cpu['model']}; flags: {' '.join(cpu['flags']) or 'none of ' + ' '.join(CPU_FLAGS)}")
     lines.append(
         f"- fp32 matmul {m['matmul_n']}x{m['matmul_n']}: median {m['matmul_gflops']:.1f} GFLOP/s "
         f"over {m['matmul_samples']} samples (min {m['matmul_gflops_min']:.1f}, "
@@ -499,6 +665,8 @@ def render(results: dict) -> str:
                 label += " (checkpoint)"
             if case.get("allocator") == "tuned":
                 label += " (tuned allocator)"
+            elif case.get("allocator"):
+                label += f" (XLA_FLAGS={case['allocator']})"
             lines.append(
                 f"| {label} | {pass_name.replace('_', '+')} | {r['flops'] / 1e9:.2f} "
                 f"| {_ms(r['median_s'])} | {_ms(r['per_example_s'])} "
@@ -509,17 +677,37 @@ def render(results: dict) -> str:
     if results.get("split"):
         lines.append("\n## Where the time goes: whole model against `patch_level` alone (same process)\n")
         lines.append(
-            "| case | pass | model ms | patch_level ms | pixel path ms | pixel path share of time | of FLOPs |"
+            "| case | pass | model ms | patch_level ms | pixel path ms | pixel path share of time | of FLOPs "
+            "| its adaLN matmuls alone ms | their share of the model's time |"
         )
-        lines.append("|---|---|---:|---:|---:|---:|---:|")
+        lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in results["split"]:
             for pass_name in ("forward", "forward_backward"):
                 q = r[pass_name]
                 lines.append(
                     f"| mid {r['hw']}px b{r['batch']} | {pass_name.replace('_', '+')} | {_ms(q['model_s'])} "
                     f"| {_ms(q['patch_level_s'])} | {_ms(q['model_s'] - q['patch_level_s'])} "
-                    f"| {100 * q['pixel_path_share']:.0f}% | {100 * q['pixel_path_flop_share']:.0f}% |"
+                    f"| {100 * q['pixel_path_share']:.0f}% | {100 * q['pixel_path_flop_share']:.0f}% "
+                    f"| {_ms(q['adaln_matmuls_s'])} | {100 * q['adaln_share']:.0f}% |"
                 )
+        lines.append(
+            "\nThe last two columns time the PiT blocks' per-pixel adaLN matmuls by themselves (forward: "
+            "`(B*L, D) @ (D, 6*p*p*D_pix)`; forward+backward adds its input and weight gradients), at the "
+            "model's shapes, times `pixel_depth`: a floor under the pixel path's time that no layout of the "
+            "rest can remove."
+        )
+    if results.get("dtype"):
+        lines.append("\n## bfloat16 compute against float32 (same weights, timed alternately)\n")
+        lines.append("| case | pass | float32 ms | bfloat16 ms | speedup |")
+        lines.append("|---|---|---:|---:|---:|")
+        for r in results["dtype"]:
+            for pass_name in ("forward", "forward_backward"):
+                q = r[pass_name]
+                lines.append(
+                    f"| mid {r['hw']}px b{r['batch']} | {pass_name.replace('_', '+')} | {_ms(q['float32_s'])} "
+                    f"| {_ms(q['bfloat16_s'])} | {q['speedup']:.2f}x |"
+                )
+    lines.extend(comparison(results))
     if results.get("compile"):
         lines.append("\n## Compile time of jit(forward+backward), mid widths, 64x64 b8\n")
         lines.append("| patch depth | lower s | compile s | total s | vs depth 2 |")
@@ -547,13 +735,14 @@ def render(results: dict) -> str:
         for r in results["memory"]:
             ph = r["phases"]
             phases = " / ".join(
-                f"{ph[k]['VmRSS']:.0f}" if "VmRSS" in ph[k] else "-" for k in ("import", "build", "compile", "steps")
+                f"{ph[k]['VmRSS']:.0f}" if "VmRSS" in ph.get(k, {}) else "-"
+                for k in ("import", "build", "compile", "steps")
             )
-            dev = r["device_peak_mib"]
+            dev, temp = r["device_peak_mib"], r["temp_mib"]
             lines.append(
                 f"| {r['label']} | {r['steps']} | {r['peak_rss_mib']:.0f} "
                 f"| {'-' if dev is None else f'{dev:.0f}'} | {phases} "
-                f"| {r['temp_mib']:.0f} |"
+                f"| {'-' if temp is None else f'{temp:.0f}'} |"
             )
     if results.get("program_size"):
         lines.append("\n## Program size: StableHLO text of jit(forward), mid config\n")
@@ -573,6 +762,8 @@ def checks(results: dict) -> dict[str, tuple[bool, str]]:
     for case in results["speed"]:
         if case["case"] != "mid" or case["checkpoint"]:
             continue
+        if case.get("allocator") not in (None, "tuned"):
+            continue  # the XLA-flags rows are for comparison
         setting = " (tuned allocator)" if case.get("allocator") == "tuned" else " (default process)"
         for pass_name in ("forward", "forward_backward"):
             f = case[pass_name]["fraction_of_matmul"]
@@ -585,11 +776,15 @@ def checks(results: dict) -> dict[str, tuple[bool, str]]:
             share = r["forward_backward"]["pixel_path_share"]
             out["mid 128px forward+backward: pixel path <= 25% of the time"] = (share <= 0.25, f"{100 * share:.0f}%")
     for r in results.get("memory", []):
-        if r["label"].startswith("mid 64px") and not r.get("xla_flags"):
+        if r["label"].startswith("mid 64px") and not r.get("xla_flags") and "(False)" not in r["label"]:
             out[f"{r['label']}: peak RSS <= 700 MiB"] = (
                 r["peak_rss_mib"] <= 700,
                 f"{r['peak_rss_mib']:.0f} MiB",
             )
+    for r in results.get("dtype", []):
+        if r["hw"] == 128 and has_bf16_dots(results["machine"]["cpu"]):
+            speedup = r["forward_backward"]["speedup"]
+            out["mid 128px forward+backward: bfloat16 compute >= 1.5x float32"] = (speedup >= 1.5, f"{speedup:.2f}x")
     mem128 = {r["label"]: r for r in results.get("memory", []) if "128px" in r["label"]}
     if len(mem128) == 2:
         off = next(r for r in mem128.values() if "off" in r["label"])
@@ -630,8 +825,16 @@ def main() -> None:
         help="PixelDiT-XL 256px b1: auto = forward on CPU, forward+backward elsewhere",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per pass")
+    parser.add_argument(
+        "--torch-python",
+        default=None,
+        help="a Python with torch: adds the eager PyTorch reference to the comparison (needs --torch-reference)",
+    )
+    parser.add_argument("--torch-reference", default=None, help="directory holding the reference's pixdit_core")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if (args.torch_python is None) != (args.torch_reference is None):
+        parser.error("--torch-python and --torch-reference go together")
     if args.child is not None:
         spec = json.loads(args.child)
         print(json.dumps(speed_child(spec) if spec.get("speed") else memory_child(spec)))
@@ -665,6 +868,10 @@ def main() -> None:
         log("speed: mid config 64x64 and 128x128 with runtime.tune_cpu_allocator() (subprocess)")
         spec = {"speed": True, "cases": [[64, repeats], [128, max(3, repeats - 2)]]}
         results["speed"].extend(run_child(spec))
+        if xla_knows_flags(XNN_DOTS):
+            log(f"speed: mid config 64x64 and 128x128 with XLA_FLAGS={XNN_DOTS} (subprocess)")
+            spec = {**spec, "tuned": False, "label": XNN_DOTS}
+            results["speed"].extend(run_child(spec, xla_flags=XNN_DOTS))
     log("speed: mid config 128x128 with checkpoint=True (forward+backward)")
     case = speed_case("mid", MID, "c2i", 128, BATCH, max(3, repeats - 2), mm, checkpoint=True)
     results["speed"].append(case)
@@ -673,6 +880,15 @@ def main() -> None:
     for hw in (64, 128):
         log(f"split: whole model and patch_level alone, {hw}x{hw}")
         results["split"].append(split_case(MID, "c2i", hw, BATCH, max(3, repeats - 2)))
+
+    results["dtype"] = []
+    for hw in (64, 128):
+        log(f"bfloat16 against float32 compute, {hw}x{hw}")
+        results["dtype"].append(dtype_case(MID, "c2i", hw, BATCH, max(3, repeats - 2)))
+
+    if args.torch_python:
+        log("the eager PyTorch reference (torch_reference.py)")
+        results["torch"] = torch_case(args.torch_python, args.torch_reference, repeats)
 
     log("batched matmul of the attention scores (128x128 shape)")
     results["batched_matmul"] = batched_matmul_case(mm)
@@ -683,6 +899,8 @@ def main() -> None:
     mem_specs = [
         ("mid 64px b8 (weights loaded)", 64, False, "state_dict", 10, None, False),
         ("mid 64px b8 (constructor init)", 64, False, "constructor", 10, None, False),
+        ("mid 64px b8 (constructor init, release_after_compile(False))", 64, False, "constructor", 10, None, False),
+        ("train.fit recipe: constructor, AdamW + EMA, mid 64px b8", 64, False, "constructor", 10, None, False),
     ]
     if on_cpu:
         mem_specs.append(("mid 64px b8 (weights loaded, tuned allocator)", 64, False, "state_dict", 10, None, True))
@@ -703,6 +921,7 @@ def main() -> None:
         spec = dict(
             config=MID, variant="c2i", hw=hw, batch=BATCH, checkpoint=ckpt,
             init=init, steps=steps, tuned=tuned,
+            keep_compile_scratch="release_after_compile(False)" in label, recipe=label.startswith("train.fit"),
         )  # fmt: skip
         child = run_child(spec, xla_flags=flags)
         results["memory"].append({"label": label, "steps": steps, "xla_flags": flags, "tuned": tuned, **child})
@@ -715,6 +934,7 @@ def main() -> None:
     rates = mm.samples
     results["machine"] = {
         "device": str(jax.devices()[0].device_kind),
+        "cpu": cpu_info(),
         "platform": platform_name,
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
