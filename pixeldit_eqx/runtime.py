@@ -94,8 +94,8 @@ _LONG_COMPILE_S = 0.2
 _release = {"on": False, "registered": False}
 
 
-def _after_compile(event: str, duration: float, **kwargs: object) -> None:
-    if event == _COMPILE_EVENT and duration >= _LONG_COMPILE_S and _release["on"]:
+def _after_compile(event: str, duration_secs: float, **kwargs: object) -> None:
+    if event == _COMPILE_EVENT and duration_secs >= _LONG_COMPILE_S and _release["on"]:
         release_free_memory()
 
 
