@@ -100,8 +100,9 @@ def _after_compile(event: str, duration_secs: float, **kwargs: object) -> None:
 
 
 def release_after_compile(enabled: bool = True) -> bool:
-    """Return the process's free heap memory to the system after every XLA compile that
-    takes longer than 0.2 s (on from importing `pixeldit_eqx`; `False` turns it off).
+    """Return the process's free heap memory to the system after every long XLA compile
+    (not after the small ones of eager operations); on from importing `pixeldit_eqx`,
+    `False` turns it off.
 
     The compiler's scratch is freed in scattered pieces that glibc keeps; without this,
     the first calls of a freshly compiled program put their buffers on top of it.
