@@ -90,19 +90,9 @@ import numpy as np  # noqa: E402
 import pixeldit_eqx as px  # noqa: E402
 from pixeldit_eqx import _ops  # noqa: E402
 from tests.benchmarks.flops import pixeldit_flops  # noqa: E402
+from tests.benchmarks.mid import BATCH, MID  # noqa: E402
 
 
-MID = dict(
-    in_channels=3,
-    patch_size=8,
-    hidden_size=256,
-    num_groups=4,
-    patch_depth=6,
-    pixel_depth=2,
-    pixel_hidden_size=16,
-    num_classes=1000,
-)
-BATCH = 8
 MATMUL_N = 2048
 # XLA:CPU's dots through XNNPACK one by one instead of YNNPACK fusions: an XLA setting of
 # the process (experimental flags, renamed between versions), shown for comparison.
@@ -424,6 +414,20 @@ def speed_case(
     return out
 
 
+def time_alternately(calls: dict[Any, tuple[Any, tuple]], repeats: int) -> dict[Any, list[float]]:
+    """Wall times of each compiled `fn(*args)` in `calls`, one call of each in turn
+    (`repeats` rounds after one warm-up call each): the programs share the conditions."""
+    times: dict[Any, list[float]] = {k: [] for k in calls}
+    for fn, fn_args in calls.values():
+        jax.block_until_ready(fn(*fn_args))
+    for _ in range(repeats):
+        for k, (fn, fn_args) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*fn_args))
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def split_case(config: dict, variant: str, hw: int, batch: int, repeats: int) -> dict:
     """Forward and forward+backward of the whole model and of `patch_level` alone,
     timed alternately (one call of each in turn, medians): the pixel path's share."""
@@ -460,14 +464,7 @@ def split_case(config: dict, variant: str, hw: int, batch: int, repeats: int) ->
         jax.jit(lambda s, w, g: (s @ w.T, g @ w, g.T @ s)).lower(*adaln).compile(),
         adaln,
     )
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in calls}
-    for fn, fn_args in calls.values():
-        jax.block_until_ready(fn(*fn_args))
-    for _ in range(repeats):
-        for k, (fn, fn_args) in calls.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*fn_args))
-            times[k].append(time.perf_counter() - t0)
+    times = time_alternately(calls, repeats)
     out: dict[str, Any] = {"hw": hw, "batch": batch}
     # The pixel path's share of the analytic FLOPs: the model without its PiT blocks
     # (pixel embedder and final layer are a few MFLOP) against the whole.
@@ -498,14 +495,7 @@ def dtype_case(config: dict, variant: str, hw: int, batch: int, repeats: int) ->
         forward, fwd_bwd = programs(static)
         for pass_name, fn in (("forward", forward), ("forward_backward", fwd_bwd)):
             calls[(pass_name, dtype_name)] = (jax.jit(fn).lower(params, *args).compile(), (params, *args))
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in calls}
-    for fn, fn_args in calls.values():
-        jax.block_until_ready(fn(*fn_args))
-    for _ in range(repeats):
-        for k, (fn, fn_args) in calls.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*fn_args))
-            times[k].append(time.perf_counter() - t0)
+    times = time_alternately(calls, repeats)
     out: dict[str, Any] = {"hw": hw, "batch": batch}
     for pass_name in ("forward", "forward_backward"):
         f32 = statistics.median(times[(pass_name, "float32")])

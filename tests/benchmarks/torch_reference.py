@@ -21,17 +21,8 @@ import sys
 import time
 
 
-MID = dict(
-    in_channels=3,
-    patch_size=8,
-    hidden_size=256,
-    num_groups=4,
-    patch_depth=6,
-    pixel_depth=2,
-    pixel_hidden_size=16,
-    num_classes=1000,
-)
-BATCH = 8
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mid import BATCH, MID  # noqa: E402
 
 
 def _peak_rss_mib() -> float:
