@@ -13,7 +13,7 @@ so a process's peak memory is not the compiler's scratch plus the first steps' b
 (`release_after_compile(False)` turns it off).
 
 ```python
-from pixeldit_eqx import runtime, train
+from pixeldit_eqx import runtime
 
 runtime.tune_cpu_allocator()  # once, at the start of the process
 model = ...  # build or load; then hand back the host copies loading left behind
