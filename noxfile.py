@@ -34,6 +34,29 @@ XDIST = "pytest-xdist>=3.8"
 RUFF = "ruff==0.17.6"
 PYRIGHT = "pyright[nodejs]==1.1.414"
 SUITE = ("pytest", "-n", str(min(4, os.cpu_count() or 1)), "-m", "not slow and not docs")
+# The dependency-version runs compile at XLA's lowest backend optimisation level: compiling
+# is most of the suite's time, and what they check (APIs, parity within tolerance) does not
+# depend on LLVM's optimisations. `nox -s tests` keeps the default level users run.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+_PROBE = (
+    "import os, subprocess, sys; "
+    "env = dict(os.environ, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' ' + sys.argv[1]).strip()); "
+    "code = 'import jax.numpy as jnp; jnp.zeros(1).block_until_ready()'; "
+    "print(subprocess.run([sys.executable, '-c', code], env=env, capture_output=True).returncode == 0)"
+)
+
+
+def _fast_compile_env(session: nox.Session) -> dict[str, str]:
+    """`XLA_FLAGS` with `FAST_COMPILE` added where this jaxlib knows the flag (XLA aborts
+    a process on an unknown one), else unchanged."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    known = session.run("python", "-c", _PROBE, FAST_COMPILE, silent=True)
+    if isinstance(known, str) and known.strip().endswith("True"):
+        flags = f"{flags} {FAST_COMPILE}".strip()
+        session.log(f"XLA_FLAGS={flags!r}")
+    else:
+        session.log(f"this jaxlib does not know {FAST_COMPILE}: the default optimisation level")
+    return {"XLA_FLAGS": flags}
 
 
 @nox.session
@@ -45,20 +68,21 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(name="tests-newest", python=SUPPORTED)
 def tests_newest(session: nox.Session) -> None:
-    """The suite with the newest jax, equinox and optax the registry offers for this Python."""
+    """The suite with the newest jax, equinox and optax the registry offers for this Python
+    (compiled at XLA's lowest optimisation level, `FAST_COMPILE`)."""
     session.install("--upgrade", "--upgrade-strategy", "eager", "-e", ".[test]", XDIST)
     session.run("python", "-c", _VERSIONS)
-    session.run(*SUITE, *session.posargs)
+    session.run(*SUITE, *session.posargs, env=_fast_compile_env(session))
 
 
 @nox.session(name="tests-oldest", python=SUPPORTED[0])
 def tests_oldest(session: nox.Session) -> None:
     """The suite with the lowest versions pyproject.toml declares (`tests/constraints-oldest.txt`),
-    on the oldest supported Python."""
+    on the oldest supported Python (compiled at XLA's lowest optimisation level, `FAST_COMPILE`)."""
     session.install("-c", str(OLDEST), "-e", ".[test]", XDIST)
     session.run("python", "-c", _VERSIONS)
     session.run("python", "tests/check_pins.py", str(OLDEST))
-    session.run(*SUITE, *session.posargs)
+    session.run(*SUITE, *session.posargs, env=_fast_compile_env(session))
 
 
 @nox.session(python=SUPPORTED, reuse_venv=False)
@@ -121,11 +145,13 @@ def notebooks(session: nox.Session) -> None:
     plugin is switched off, and with it the `--jaxtyping-packages` of the shared addopts.
     `PIXELDIT_NOTEBOOK_SMALL=0 nox -s notebooks` runs them with their full settings.
     """
-    session.install("-e", ".[test,examples,notebooks]")
+    session.install("-e", ".[test,examples,notebooks]", XDIST)
     env = {"PIXELDIT_NOTEBOOK_SMALL": "1"}
     session.run(
         "pytest",
         "--nbmake",
+        "-n",
+        str(min(4, os.cpu_count() or 1)),
         "-p",
         "no:jaxtyping",
         "-o",

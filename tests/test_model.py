@@ -55,7 +55,7 @@ def test_text_longer_than_max_length_is_truncated(getkey, t2i_reference):
     np.testing.assert_array_equal(long, truncated)
 
 
-@pytest.mark.parametrize("case", ["model_c2i", "model_t2i"])
+@pytest.mark.parametrize("case", ["model_c2i", pytest.param("model_t2i", marks=pytest.mark.default_only)])
 def test_second_resolution_is_computed_not_stale(case, getkey, request):
     model = _model(request, case)
     data = load_case(case)
@@ -87,7 +87,7 @@ def test_init_as_reference(getkey):
     assert not np.any(np.asarray(t2i.final_layer.linear.weight))
 
 
-@pytest.mark.parametrize("variant", ["c2i", "t2i"])
+@pytest.mark.parametrize("variant", ["c2i", pytest.param("t2i", marks=pytest.mark.default_only)])
 def test_construction_as_one_program_equals_traced_construction(variant):
     """With a concrete key the constructor draws every parameter in one compiled program;
     traced (under `jit`, `vmap`, `eval_shape`) it runs inline. Both give the same model:
@@ -162,6 +162,7 @@ def test_config_errors(kwargs, message):
         px.build(config, "c2i")
 
 
+@pytest.mark.default_only
 @pytest.mark.parametrize("variant", ["c2i", "t2i"])
 def test_no_patch_blocks_is_the_identity_stack(variant, getkey):
     """`patch_depth=0` (the reference runs it) equals one patch block made the identity
@@ -197,6 +198,7 @@ def test_no_patch_blocks_is_the_identity_stack(variant, getkey):
     np.testing.assert_array_equal(fast_jit(call)(again), fast_jit(call)(trained))
 
 
+@pytest.mark.default_only
 def test_no_classes_is_an_unconditional_model(getkey):
     """`num_classes=0` (the reference runs it): one embedding row, the null class 0."""
     model = px.build(dict(MANIFEST["model_c2i"]["init"]) | {"num_classes": 0}, "c2i", key=getkey())
@@ -207,6 +209,7 @@ def test_no_classes_is_an_unconditional_model(getkey):
         model(x, 0.5, 1)
 
 
+@pytest.mark.default_only
 def test_build_accepts_the_t2i_reference_arguments_that_change_nothing(getkey):
     config = dict(MANIFEST["model_t2i"]["init"])
     key = getkey()

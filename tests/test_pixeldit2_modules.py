@@ -195,6 +195,7 @@ def test_grounding_conditioner_parity(case, getkey):
     np.testing.assert_array_equal(vmapped(same, x, t), out)
 
 
+@pytest.mark.default_only
 def test_grounding_conditioner_resizes_down_too(getkey):
     """A target patch larger than the encoder's: the encoder input is bicubic-downsampled."""
     args = init("grounding_conditioner_same_grid")

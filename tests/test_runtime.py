@@ -43,6 +43,7 @@ print(json.dumps({"applied": applied, "faults": min(faults)}))
 """
 
 
+@pytest.mark.default_only
 @linux_glibc
 def test_tuned_allocator_reuses_pages_across_calls():
     pages = 3072 * 3072 * 4 // 4096

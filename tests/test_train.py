@@ -210,6 +210,7 @@ def test_fit_errors_and_history():
 # ----------------------------------------------------------------- losses
 
 
+@pytest.mark.default_only
 def test_label_and_caption_dropout_use_the_null_condition(getkey):
     key = getkey()
     model = _tiny_c2i(getkey())
