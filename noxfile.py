@@ -145,13 +145,11 @@ def notebooks(session: nox.Session) -> None:
     plugin is switched off, and with it the `--jaxtyping-packages` of the shared addopts.
     `PIXELDIT_NOTEBOOK_SMALL=0 nox -s notebooks` runs them with their full settings.
     """
-    session.install("-e", ".[test,examples,notebooks]", XDIST)
+    session.install("-e", ".[test,examples,notebooks]")
     env = {"PIXELDIT_NOTEBOOK_SMALL": "1"}
     session.run(
         "pytest",
         "--nbmake",
-        "-n",
-        str(min(4, os.cpu_count() or 1)),
         "-p",
         "no:jaxtyping",
         "-o",
