@@ -51,6 +51,8 @@ def _fast_compile_env(session: nox.Session) -> dict[str, str]:
     a process on an unknown one), else unchanged."""
     flags = os.environ.get("XLA_FLAGS", "")
     known = session.run("python", "-c", _PROBE, FAST_COMPILE, silent=True)
+    if known is None:  # `nox --install-only`: nothing runs
+        return {}
     if isinstance(known, str) and known.strip().endswith("True"):
         flags = f"{flags} {FAST_COMPILE}".strip()
         session.log(f"XLA_FLAGS={flags!r}")
