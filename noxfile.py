@@ -49,11 +49,11 @@ _PROBE = (
 def _fast_compile_env(session: nox.Session) -> dict[str, str]:
     """`XLA_FLAGS` with `FAST_COMPILE` added where this jaxlib knows the flag (XLA aborts
     a process on an unknown one), else unchanged."""
-    flags = os.environ.get("XLA_FLAGS", "")
     known = session.run("python", "-c", _PROBE, FAST_COMPILE, silent=True)
     if known is None:  # `nox --install-only`: nothing runs
         return {}
-    if isinstance(known, str) and known.strip().endswith("True"):
+    flags = os.environ.get("XLA_FLAGS", "")
+    if str(known).strip().endswith("True"):
         flags = f"{flags} {FAST_COMPILE}".strip()
         session.log(f"XLA_FLAGS={flags!r}")
     else:
