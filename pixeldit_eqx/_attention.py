@@ -1,6 +1,7 @@
 """Rotary self-attention (reference `modules.RotaryAttention`) and the MMDiT joint
 text-image attention (`pixeldit_t2i.MMDiTJointAttention`), on
-`jax.nn.dot_product_attention` so that a GPU gets its fused kernel."""
+`jax.nn.dot_product_attention` so that a GPU gets its fused kernel, and on the same
+computation laid out heads-major on the CPU."""
 
 from typing import Any
 
@@ -8,6 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ._ops import keep, linear
@@ -48,6 +50,33 @@ def _sdpa_bwd(res, g):
 _sdpa_float32_backward.defvjp(_sdpa_fwd, _sdpa_bwd)
 
 
+def _large_negative(dtype: Any) -> Array:
+    """The masked logit of `jax.nn.dot_product_attention`: -0.7 x the dtype's maximum,
+    capped at float32's so that it stays finite in the float32 softmax."""
+    return jnp.asarray(-0.7 * min(float(jnp.finfo(dtype).max), float(jnp.finfo(jnp.float32).max)), dtype)
+
+
+def _heads_major(q: Array, k: Array, v: Array, key_mask: Array | None) -> Array:
+    """The computation of `jax.nn.dot_product_attention`'s XLA implementation, with the
+    heads moved in front of the tokens: `(heads, S, hd)` operands make XLA:CPU's batched
+    dots and the softmax's reductions run over contiguous rows (heads-minor operands
+    make it transpose around every dot, forward and backward)."""
+    logits_dtype = q.dtype if jnp.finfo(q.dtype).bits > 32 else jnp.float32
+    qh, kh, vh = (jnp.swapaxes(a, 0, 1) for a in (q, k, v))
+    logits = jnp.einsum("hqd,hkd->hqk", qh, kh, preferred_element_type=logits_dtype)
+    logits = logits * jnp.asarray(1.0 / np.sqrt(q.shape[-1]), logits_dtype)
+    if key_mask is not None:
+        logits = jnp.where(key_mask[None, None, :], logits, _large_negative(logits_dtype))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+    return jnp.swapaxes(jnp.einsum("hqk,hkd->hqd", probs, vh), 0, 1)
+
+
+def _fused_kernel_backend() -> bool:
+    """Whether attention goes to `jax.nn.dot_product_attention` (every backend but the
+    CPU, where the heads-major einsums are faster and compute the same)."""
+    return jax.default_backend() != "cpu"
+
+
 def attend(
     q: Float[Array, "S heads hd"],
     k: Float[Array, "S heads hd"],
@@ -56,10 +85,13 @@ def attend(
 ) -> Float[Array, "S heads hd"]:
     """Softmax attention scaled by `1/sqrt(hd)`; `key_mask` False removes a key.
 
-    The mask goes to `jax.nn.dot_product_attention` as a `(1, 1, S)` array that
-    broadcasts over heads and queries: no `(S, S)` mask is built, and none at all when
-    `key_mask` is None. The logits and the softmax are float32 for any input dtype.
+    The logits and the softmax are float32 for any input dtype, and the mask broadcasts
+    over heads and queries: no `(S, S)` mask is built, and none at all when `key_mask`
+    is None. On GPUs and TPUs this is `jax.nn.dot_product_attention`; on the CPU the same
+    computation in a heads-major layout (`_heads_major`).
     """
+    if not _fused_kernel_backend():
+        return keep(_heads_major(q, k, v, key_mask))
     mask = None if key_mask is None else key_mask[None, None, :]
     if q.dtype != jnp.float32 and getattr(jax.config, "jax_numpy_dtype_promotion") == "strict":
         # jax 0.10 cannot lower the backward pass of `dot_product_attention` on bf16

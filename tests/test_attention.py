@@ -1,10 +1,13 @@
-"""`RotaryAttention` against the reference fixture."""
+"""`RotaryAttention` against the reference fixture, and the CPU attention layout against
+`jax.nn.dot_product_attention`."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import pixeldit_eqx as px
+from pixeldit_eqx import _attention
 
 from .helpers import load_case, load_weights, rel_err
 
@@ -15,3 +18,59 @@ def test_rotary_attention(getkey):
     angles = np.arctan2(data["in_pos"][..., 1], data["in_pos"][..., 0])
     out = jax.vmap(attn, in_axes=(0, None))(jnp.asarray(data["in_0"]), jnp.asarray(angles))
     assert rel_err(out, data["out"]) <= 1e-5
+
+
+def _attention_inputs(dtype, masked, batch=3, s=40, heads=4, hd=16):
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(key, (batch, s, heads, hd)).astype(dtype) for key in keys[:3])
+    mask = jax.random.bernoulli(keys[3], 0.6, (batch, s)).at[:, 0].set(True) if masked else None
+    return q, k, v, mask
+
+
+def _batched(attention, mask):
+    if mask is None:
+        return lambda q, k, v: jax.vmap(lambda q, k, v: attention(q, k, v, None))(q, k, v)
+    return lambda q, k, v: jax.vmap(attention)(q, k, v, mask)
+
+
+def _fused(q, k, v, key_mask):
+    return _attention._sdpa(q, k, v, None if key_mask is None else key_mask[None, None, :])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_heads_major_layout_computes_dot_product_attention(masked):
+    """The CPU layout is `jax.nn.dot_product_attention`'s computation: float32 outputs
+    and gradients to round-off, with and without masked keys."""
+    q, k, v, mask = _attention_inputs(jnp.float32, masked)
+    ours, fused = _batched(_attention._heads_major, mask), _batched(_fused, mask)
+    assert rel_err(jax.jit(ours)(q, k, v), jax.jit(fused)(q, k, v)) <= 1e-6
+    cotangent = jax.random.normal(jax.random.key(5), q.shape)
+    grads = [jax.jit(jax.vjp(f, q, k, v)[1])(cotangent) for f in (ours, fused)]
+    for ours_g, fused_g in zip(*grads):
+        assert rel_err(ours_g, fused_g) <= 1e-6
+    if masked:  # a masked key gets no weight: changing its value changes nothing
+        v2 = jnp.where(mask[:, :, None, None], v, 1e3)
+        assert rel_err(jax.jit(ours)(q, k, v2), jax.jit(ours)(q, k, v)) <= 1e-6
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_heads_major_layout_in_bfloat16(masked):
+    """bf16 operands: float32 logits and softmax, the output rounded to bf16 like
+    `dot_product_attention`'s, and a backward pass that compiles under strict promotion."""
+    q, k, v, mask = _attention_inputs(jnp.bfloat16, masked)
+    ours = jax.jit(_batched(_attention._heads_major, mask))
+    out = ours(q, k, v)
+    exact = jax.jit(_batched(_fused, mask))(*(a.astype(jnp.float32) for a in (q, k, v)))
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out, exact) <= 1e-2
+    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(ours(q, k, v).astype(jnp.float32) ** 2), (0, 1, 2)))(q, k, v)
+    assert all(g.dtype == jnp.bfloat16 and bool(jnp.isfinite(g).all()) for g in grads)
+
+
+def test_attend_takes_the_heads_major_layout_on_the_cpu(monkeypatch):
+    q, k, v, mask = _attention_inputs(jnp.float32, True, batch=1)
+    args = (q[0], k[0], v[0], mask[0])
+    assert jax.default_backend() == "cpu"
+    assert np.array_equal(_attention.attend(*args), _attention._heads_major(*args))
+    monkeypatch.setattr(_attention, "_fused_kernel_backend", lambda: True)
+    assert np.array_equal(_attention.attend(*args), _fused(*args))
