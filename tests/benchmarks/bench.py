@@ -50,6 +50,9 @@ CPU's model and the flags that decide XLA:CPU's matmul paths (AVX-512, bf16, AMX
   128x128 shape (32 heads-times-examples of 256x64 @ 64x256), against the matmul rate.
   XLA:CPU runs a matmul with batch dimensions on one thread; this line shows what that
   leaves of the machine.
+- **attention**: forward and forward+backward of one attention at the 128x128 shape,
+  `jax.nn.dot_product_attention` against the heads-major layout that `attend` takes on
+  the CPU, timed alternately.
 - **SwiGLU gating**: forward+backward of a scanned stack of 6 SwiGLU blocks with
   `_ops.silu_gate` and with autodiff of `jax.nn.silu(gate) * value`.
 - **program size**: bytes of the StableHLO text of `jax.jit(forward).lower(...)` at
@@ -88,7 +91,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import pixeldit_eqx as px  # noqa: E402
-from pixeldit_eqx import _ops  # noqa: E402
+from pixeldit_eqx import _attention, _ops  # noqa: E402
 from tests.benchmarks.flops import pixeldit_flops  # noqa: E402
 from tests.benchmarks.mid import BATCH, MID  # noqa: E402
 
@@ -548,6 +551,33 @@ def gating_case(repeats: int, mm: MatmulRate) -> dict:
     return out
 
 
+def attention_case(repeats: int) -> dict:
+    """Forward and forward+backward of one attention at the 128x128 shape (8 examples of
+    256 tokens, 4 heads of 64), per-example and vmapped as the model runs it:
+    `jax.nn.dot_product_attention` against the heads-major layout `attend` takes on the
+    CPU, float32, timed alternately."""
+    heads = MID["num_groups"]
+    shape = (BATCH, 256, heads, MID["hidden_size"] // heads)
+    q, k, v = (jax.random.normal(key, shape) for key in jax.random.split(jax.random.key(5), 3))
+    paths = {
+        "dot_product_attention": lambda q, k, v: _attention._sdpa(q, k, v, None),
+        "heads_major": lambda q, k, v: _attention._heads_major(q, k, v, None),
+    }
+    calls = {}
+    for name, path in paths.items():
+        batched = jax.vmap(path)
+        calls[("forward", name)] = (jax.jit(batched), (q, k, v))
+        loss = lambda q, k, v, batched=batched: jnp.sum(batched(q, k, v) ** 2)  # noqa: E731
+        calls[("forward_backward", name)] = (jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), (q, k, v))
+    times = time_alternately(calls, repeats)
+    out: dict[str, Any] = {"shape": list(shape)}
+    for pass_name in ("forward", "forward_backward"):
+        fused = statistics.median(times[(pass_name, "dot_product_attention")])
+        ours = statistics.median(times[(pass_name, "heads_major")])
+        out[pass_name] = {"dot_product_attention_s": fused, "heads_major_s": ours, "speedup": fused / ours}
+    return out
+
+
 def compile_depths(depths: tuple[int, ...], hw: int) -> dict:
     """Lower+compile time of jit(forward+backward) by patch depth, at the mid widths."""
     # Warm the compiler (first-use initialisation) so that no depth pays for it.
@@ -715,6 +745,17 @@ def render(results: dict) -> str:
             f"`_ops.silu_gate` {_ms(g['silu_gate'])} ms, autodiff of `jax.nn.silu(gate) * value` "
             f"{_ms(g['jax.nn.silu'])} ms: {g['speedup']:.2f}x"
         )
+    if results.get("attention"):
+        a = results["attention"]
+        lines.append("\n## Attention: 8 x 256 tokens, 4 heads of 64, float32 (timed alternately)\n")
+        lines.append("| pass | `jax.nn.dot_product_attention` ms | heads-major (`attend` on CPU) ms | speedup |")
+        lines.append("|---|---:|---:|---:|")
+        for pass_name in ("forward", "forward_backward"):
+            r = a[pass_name]
+            lines.append(
+                f"| {pass_name} | {_ms(r['dot_product_attention_s'])} | {_ms(r['heads_major_s'])} "
+                f"| {r['speedup']:.2f}x |"
+            )
     if results.get("memory"):
         lines.append("\n## Peak memory of a process doing forward+backward steps\n")
         lines.append(
@@ -885,6 +926,9 @@ def main() -> None:
 
     log("gating: scanned SwiGLU stack with silu_gate and with jax.nn.silu")
     results["gating"] = gating_case(repeats, mm)
+
+    log("attention: jax.nn.dot_product_attention and the heads-major layout (128x128 shape)")
+    results["attention"] = attention_case(max(5, repeats))
 
     mem_specs = [
         ("mid 64px b8 (weights loaded)", 64, False, "state_dict", 10, None, False),
