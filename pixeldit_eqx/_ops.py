@@ -143,17 +143,30 @@ def keep(x: Array) -> Array:
     return checkpoint_name(x, RESIDUAL)
 
 
+def _low_precision(*xs: Array) -> bool:
+    """All of `xs` share one floating dtype narrower than float32 (bf16, f16)."""
+    dtype = xs[0].dtype
+    return all(x.dtype == dtype for x in xs) and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+
+
 def gelu(x: Array) -> Array:
     """Exact (erf) GELU, `x/2 * (1 + erf(x/sqrt 2))`, the reference's `nn.GELU()`.
 
     Equal to `jax.nn.gelu(x, approximate=False)` (which goes through `erfc`, a
     two-branch approximation that costs several times more on CPU) to float rounding.
+    A bf16 (or f16) `x` is evaluated in float32 and rounded once, as PyTorch's
+    kernels do; XLA:CPU would otherwise round every intermediate, and take longer.
     """
+    if _low_precision(x):
+        return _gelu(x.astype(jnp.float32)).astype(x.dtype)
+    return _gelu(x)
+
+
+def _gelu(x: Array) -> Array:
     half = jnp.asarray(0.5, x.dtype)
     return half * x * (1 + jax.lax.erf(x * jnp.asarray(math.sqrt(0.5), x.dtype)))
 
 
-@jax.custom_jvp
 def silu_gate(gate: Float[Array, "*shape"], value: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
     """`silu(gate) * value`, SwiGLU's gating (reference `modules.FeedForward`:
     `F.silu(w1(x)) * w3(x)`), equal to `jax.nn.silu(gate) * value`.
@@ -166,12 +179,21 @@ def silu_gate(gate: Float[Array, "*shape"], value: Float[Array, "*shape"]) -> Fl
     a slow loop on CPU (`nox -s bench` measures a scanned SwiGLU stack's
     forward+backward both ways; `docs/performance.md` records the result).
     The same values up to float rounding; forward, reverse and higher-order autodiff
-    all go through it.
+    all go through it. bf16 (or f16) operands are evaluated in float32 and the product
+    rounded once, like `gelu` (deliberate deviation: under autocast PyTorch rounds the
+    SiLU and then the product, twice; `test_modules.py::test_low_precision_activations_round_once`).
     """
+    if _low_precision(gate, value):
+        return _silu_gate(gate.astype(jnp.float32), value.astype(jnp.float32)).astype(gate.dtype)
+    return _silu_gate(gate, value)
+
+
+@jax.custom_jvp
+def _silu_gate(gate: Array, value: Array) -> Array:
     return jax.nn.silu(gate) * value
 
 
-@silu_gate.defjvp
+@_silu_gate.defjvp
 def _silu_gate_jvp(primals, tangents):
     gate, value = primals
     d_gate, d_value = tangents
@@ -179,7 +201,7 @@ def _silu_gate_jvp(primals, tangents):
     s = 1 / one_e
     # Divide first, so that the transposes (the cotangents) end with the division.
     tangent = (d_gate / one_e) * (value * (1 + gate * (1 - s))) + (d_value / one_e) * gate
-    return silu_gate(gate, value), tangent
+    return _silu_gate(gate, value), tangent
 
 
 def token_wise(layer: Callable[..., Array], x: Array) -> Array:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import pixeldit_eqx as px
-from pixeldit_eqx._ops import get_1d_sincos_pos_embed_from_grid, silu_gate, sincos_2d
+from pixeldit_eqx._ops import gelu, get_1d_sincos_pos_embed_from_grid, silu_gate, sincos_2d
 
 from .helpers import load_case, load_weights, MANIFEST, rel_err
 
@@ -259,6 +259,32 @@ def test_constructor_errors_name_the_argument(getkey):
         px.get_2d_sincos_pos_embed(6, 3)
     with pytest.raises(ValueError, match="`dim` must be >= 1"):
         px.timestep_embedding(0.1, 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_activations_round_once(dtype):
+    """bf16/f16 GELU and SwiGLU gating are computed in float32 and rounded once: equal,
+    bit for bit, to the float32 functions of the same inputs rounded to the dtype (a
+    chain of bf16 operations rounds each step), and so are their cotangents' inputs."""
+    x = jnp.linspace(-6.0, 6.0, 4001, dtype=jnp.float32).astype(dtype)
+    v = jnp.cos(jnp.linspace(0.0, 40.0, 4001, dtype=jnp.float32)).astype(dtype)
+    f32 = jnp.float32
+    out = gelu(x)
+    assert out.dtype == dtype
+    assert jnp.array_equal(out, gelu(x.astype(f32)).astype(dtype))
+    chained = jnp.asarray(0.5, dtype) * x * (1 + jax.lax.erf(x * jnp.asarray(0.5**0.5, dtype)))
+    assert not jnp.array_equal(out, chained)  # what rounding every step would give
+    gated = silu_gate(x, v)
+    assert gated.dtype == dtype
+    assert jnp.array_equal(gated, (jax.nn.silu(x.astype(f32)) * v.astype(f32)).astype(dtype))
+    ct = jnp.ones_like(gated)
+    d_x, d_v = jax.vjp(silu_gate, x, v)[1](ct)
+    want = jax.vjp(silu_gate, x.astype(f32), v.astype(f32))[1](ct.astype(f32))
+    assert d_x.dtype == d_v.dtype == dtype
+    assert jnp.array_equal(d_x, want[0].astype(dtype)) and jnp.array_equal(d_v, want[1].astype(dtype))
+    (d_gelu,) = jax.vjp(gelu, x)[1](jnp.ones_like(out))
+    assert d_gelu.dtype == dtype
+    assert jnp.array_equal(d_gelu, jax.grad(lambda y: jnp.sum(gelu(y)))(x.astype(f32)).astype(dtype))
 
 
 def test_silu_gate_equals_autodiff_of_silu_product():
