@@ -265,7 +265,7 @@ def test_constructor_errors_name_the_argument(getkey):
 def test_low_precision_activations_round_once(dtype):
     """bf16/f16 GELU and SwiGLU gating are computed in float32 and rounded once: equal,
     bit for bit, to the float32 functions of the same inputs rounded to the dtype (a
-    chain of bf16 operations rounds each step), and so are their cotangents' inputs."""
+    chain of bf16 operations rounds each step); so are their input cotangents."""
     x = jnp.linspace(-6.0, 6.0, 4001, dtype=jnp.float32).astype(dtype)
     v = jnp.cos(jnp.linspace(0.0, 40.0, 4001, dtype=jnp.float32)).astype(dtype)
     f32 = jnp.float32
