@@ -76,3 +76,26 @@ def test_attend_takes_the_heads_major_layout_on_the_cpu(monkeypatch):
     assert np.array_equal(_attention.attend(*args), _attention._heads_major(*args))
     monkeypatch.setattr(_attention, "_fused_kernel_backend", lambda: True)
     assert np.array_equal(_attention.attend(*args), _fused(*args))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_split_qkv_is_indexing_with_a_concatenating_backward(dtype):
+    """`split_qkv` gives the three indexings' values, and its backward pass assembles the
+    projection's cotangent with one concatenation, no zero-padded sum."""
+    qkv = jax.random.normal(jax.random.key(0), (7, 3, 2, 4)).astype(dtype)
+    for got, i in zip(_attention.split_qkv(qkv), range(3)):
+        assert got.shape == (7, 2, 4) and got.dtype == dtype
+        assert jnp.array_equal(got, qkv[:, i])
+
+    def loss(split, qkv):
+        q, k, v = split(qkv)
+        return jnp.sum((q * k + v).astype(jnp.float32) ** 2)
+
+    def by_index(qkv):
+        return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+
+    grad = jax.grad(lambda a: loss(_attention.split_qkv, a))(qkv)
+    assert jnp.array_equal(grad, jax.grad(lambda a: loss(by_index, a))(qkv))
+    backward = str(jax.make_jaxpr(jax.grad(lambda a: loss(_attention.split_qkv, a)))(qkv))
+    assert "concatenate" in backward and "pad" not in backward
+    assert "pad" in str(jax.make_jaxpr(jax.grad(lambda a: loss(by_index, a)))(qkv))  # what indexing does
