@@ -101,8 +101,11 @@ def attend(
     return keep(_sdpa(q, k, v, mask))
 
 
-def split_qkv(qkv: Float[Array, "N 3 heads hd"]) -> tuple[Array, Array, Array]:
-    """`q, k, v`, each `(N, heads, hd)`, from a fused projection laid out `(N, 3, heads, hd)`.
+def split_qkv(
+    qkv: Float[Array, "N 3 heads hd"],
+) -> tuple[Float[Array, "N heads hd"], Float[Array, "N heads hd"], Float[Array, "N heads hd"]]:
+    """`q, k, v`, each `(N, heads, hd)`, from a fused projection laid out `(N, 3, heads, hd)`
+    (reference: `modules.RotaryAttention`'s `qkv[0], qkv[1], qkv[2]` after its permute).
 
     One `split` rather than three indexings: its transpose in the backward pass is one
     concatenation of the three cotangents, where indexing's is a sum of zero-padded

@@ -93,6 +93,12 @@ def zero_linear(linear: eqx.nn.Linear) -> eqx.nn.Linear:
     return linear
 
 
+def _low_precision(*xs: Array) -> bool:
+    """All of `xs` share one floating dtype narrower than float32 (bf16, f16)."""
+    dtype = xs[0].dtype
+    return all(x.dtype == dtype for x in xs) and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+
+
 def linear(layer: eqx.nn.Linear, x: Float[Array, "*batch d_in"], dtype: Any = None) -> Float[Array, "*batch d_out"]:
     """`layer` applied to the last axis of `x`, any leading axes, as one matmul, with
     its output in `dtype` (default: the inputs'; a wider one costs nothing, the matmul
@@ -119,7 +125,7 @@ def dense(
     # (`tests/benchmarks/bf16_dots.py`), and `lowp_dot` keeps the backward matmuls bf16
     # too. Deliberate deviation from rounding the product and then the sum with the
     # bias: one rounding instead of two (`test_precision.py::test_low_precision_dense_rounds_once`).
-    low = dtype is None and x.dtype == weight.dtype and jnp.finfo(x.dtype).bits < 32
+    low = dtype is None and _low_precision(x, weight)
     if low:
         out = lowp_dot(x, weight, ((x.ndim - 1,), (1,)))
     else:
@@ -141,12 +147,6 @@ def keep(x: Array) -> Array:
     tiny per-pixel matmuls, which cost more memory to store than time to redo.
     """
     return checkpoint_name(x, RESIDUAL)
-
-
-def _low_precision(*xs: Array) -> bool:
-    """All of `xs` share one floating dtype narrower than float32 (bf16, f16)."""
-    dtype = xs[0].dtype
-    return all(x.dtype == dtype for x in xs) and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
 
 
 def gelu(x: Array) -> Array:

@@ -83,7 +83,7 @@ def test_split_qkv_is_indexing_with_a_concatenating_backward(dtype):
     """`split_qkv` gives the three indexings' values, and its backward pass assembles the
     projection's cotangent with one concatenation, no zero-padded sum."""
     qkv = jax.random.normal(jax.random.key(0), (7, 3, 2, 4)).astype(dtype)
-    for got, i in zip(_attention.split_qkv(qkv), range(3)):
+    for i, got in enumerate(_attention.split_qkv(qkv)):
         assert got.shape == (7, 2, 4) and got.dtype == dtype
         assert jnp.array_equal(got, qkv[:, i])
 
