@@ -13,7 +13,7 @@ import jax.random as jr
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._custom_types import Image
-from ._ops import linear, sincos_axes, token_wise
+from ._ops import _low_precision, linear, sincos_axes, token_wise
 from .modules import RMSNorm
 
 
@@ -78,15 +78,23 @@ class PatchEmbedder(eqx.Module):
 def _few_channel_linear(layer: eqx.nn.Linear, x: Array) -> Array:
     """`linear(layer, x)` for a handful of input features, as elementwise
     multiply-adds: a matmul with K = 3 runs at a few percent of the matmul rate, while
-    this fuses into one pass over the output."""
-    weight = layer.weight
+    this fuses into one pass over the output.
+
+    bf16 (or f16) inputs are summed in float32 and rounded once after the bias, as
+    `dense` does: a chain of bf16 multiply-adds would round after each, and its
+    weight gradients would be sums of bf16-rounded products."""
+    weight, bias, dtype = layer.weight, layer.bias, x.dtype
+    low = _low_precision(x, weight) and (bias is None or bias.dtype == dtype)
+    if low:
+        x, weight = x.astype(jnp.float32), weight.astype(jnp.float32)
+        bias = None if bias is None else bias.astype(jnp.float32)
     shape = (1,) * (x.ndim - 1) + (weight.shape[0],)
     out = x[..., 0:1] * weight[:, 0].reshape(shape)
     for i in range(1, x.shape[-1]):
         out = out + x[..., i : i + 1] * weight[:, i].reshape(shape)
-    if layer.bias is not None:
-        out = out + layer.bias.reshape(shape)
-    return out
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out.astype(dtype) if low else out
 
 
 class PixelEmbedder(eqx.Module):

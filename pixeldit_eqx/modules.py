@@ -173,7 +173,15 @@ def _rms_normalise(x: Array, weight: Array, eps: float) -> Array:
     x32 = x.astype(jnp.float32)
     ms = jnp.mean(x32 * x32, axis=-1, keepdims=True)
     normed = (x32 * jax.lax.rsqrt(ms + eps)).astype(x.dtype)
-    return weight.astype(x.dtype).reshape((1,) * (x.ndim - 1) + weight.shape) * normed
+    weight = weight.reshape((1,) * (x.ndim - 1) + weight.shape)
+    if _ops._low_precision(x):
+        # bf16 (f16): the product in float32 (as the reference's promotion to a float32
+        # weight has it), rounded once to x's dtype. For a weight of x's dtype the values
+        # are those of the bf16 product; the weight's gradient then sums float32
+        # products, where bf16 autodiff would round each product first (and XLA:CPU
+        # sums those in a slow tree of reduce-windows).
+        return (normed.astype(jnp.float32) * weight.astype(jnp.float32)).astype(x.dtype)
+    return weight.astype(x.dtype) * normed
 
 
 class RMSNorm(eqx.Module):

@@ -287,6 +287,43 @@ def test_low_precision_activations_round_once(dtype):
     assert jnp.array_equal(d_gelu, jax.grad(lambda y: jnp.sum(gelu(y)))(x.astype(f32)).astype(dtype))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_norm_scale_and_pixel_embedding_round_once(dtype):
+    """bf16/f16 RMSNorm multiplies by its weight in float32 and rounds once: the values
+    of the low-precision product (bit for bit), while the weight's gradient sums
+    float32 products. The few-channel pixel embedding sums in float32 and rounds once
+    after the bias, as `dense` does, where a chain of bf16 multiply-adds rounds each."""
+    k = jax.random.split(jax.random.key(3), 5)
+    f32 = jnp.float32
+    x = jax.random.normal(k[0], (4001, 16), f32).astype(dtype)
+    norm = eqx.tree_at(lambda n: n.weight, px.RMSNorm(16), jax.random.normal(k[1], (16,), f32).astype(dtype))
+    out = norm.apply(x)
+    x32 = x.astype(f32)
+    normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + norm.eps)).astype(dtype)
+    assert out.dtype == dtype
+    assert jnp.array_equal(out, norm.weight[None] * normed)  # the low-precision product's values
+    ct = jax.random.normal(k[2], out.shape, f32).astype(dtype)
+    d_weight = jax.vjp(lambda n: n.apply(x), norm)[1](ct)[0].weight
+    assert d_weight.dtype == dtype
+    want = jnp.sum(ct.astype(f32) * normed.astype(f32), axis=0)
+    rounded_products = jnp.sum((ct * normed).astype(f32), axis=0)  # what bf16 autodiff sums
+    assert jnp.array_equal(d_weight, want.astype(dtype))
+    assert not jnp.array_equal(want.astype(dtype), rounded_products.astype(dtype))
+
+    from pixeldit_eqx._tokens import _few_channel_linear
+
+    layer = eqx.nn.Linear(3, 16, key=k[3])
+    pixels = jax.random.normal(k[4], (4001, 3), f32)
+    low_layer = jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, layer)
+    got = _few_channel_linear(low_layer, pixels.astype(dtype))
+    assert got.dtype == dtype
+    layer32 = jax.tree.map(lambda a: a.astype(f32) if eqx.is_inexact_array(a) else a, low_layer)
+    assert jnp.array_equal(got, _few_channel_linear(layer32, pixels.astype(dtype).astype(f32)).astype(dtype))
+    w, b, p = low_layer.weight, low_layer.bias, pixels.astype(dtype)
+    chained = p[:, 0:1] * w[None, :, 0] + p[:, 1:2] * w[None, :, 1] + p[:, 2:3] * w[None, :, 2] + b[None]
+    assert not jnp.array_equal(got, chained)  # what rounding every step would give
+
+
 def test_silu_gate_equals_autodiff_of_silu_product():
     """`silu_gate` only rewrites the derivative: values are bit-identical to
     `jax.nn.silu(g) * v`; first and second derivatives agree to float rounding; the

@@ -9,6 +9,11 @@ float32 x bfloat16 pair (what autodiff's transposes of the latter multiply: a fl
 cotangent with a bf16 operand). Shapes: a 2048 square, the patch blocks' Linears
 (2048 tokens, width 256 -> 768), the pixel adaLN (2048 x 256 -> 6144) and its two
 backward matmuls, the per-pixel MLP (131072 pixels, 16 -> 64).
+
+Then the adaLN weight gradient in bf16 three ways: as autodiff writes it (`g^T @ s`,
+both operands contracted on their major, token axis), as `s^T @ g` with `s^T` given
+already transposed, and as `s^T @ g` with the transpose taken inside the program; with
+whether XLA converted the bf16 operands to float32 before the dot.
 """
 
 import argparse
@@ -63,6 +68,41 @@ def main() -> None:
         for name, (*_, times) in cases.items():
             t = statistics.median(times)
             print(f"  {name:22s} {t * 1e3:8.2f} ms {flops / t / 1e9:7.1f} GFLOP/s  {base / t:5.2f}x f32")
+    weight_gradient_forms(args.repeats)
+
+
+def weight_gradient_forms(repeats: int) -> None:
+    """The bf16 adaLN weight gradient (2048 tokens, 6144 x 256) in three layouts."""
+    k1, k2 = jax.random.split(jax.random.key(1))
+    g = jax.random.normal(k1, (2048, 6144), jnp.bfloat16)
+    s = jax.random.normal(k2, (2048, 256), jnp.bfloat16)
+    s_t = jnp.asarray(s.T)
+
+    def dot(a, b, ca, cb):
+        return jax.lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), preferred_element_type=jnp.float32)
+
+    forms = {
+        "g^T @ s (autodiff's form)": (lambda g, s: dot(g, s, 0, 0), (g, s)),
+        "s^T @ g, s^T given": (lambda s_t, g: dot(s_t, g, 1, 0), (s_t, g)),
+        "s^T @ g, s^T in-program": (lambda g, s: dot(s.T, g, 1, 0), (g, s)),
+    }
+    cases = {}
+    for name, (fn, operands) in forms.items():
+        compiled = jax.jit(fn).lower(*operands).compile()
+        upcast = "f32[2048,256]" in compiled.as_text() or "f32[256,2048]" in compiled.as_text()
+        jax.block_until_ready(compiled(*operands))
+        cases[name] = (compiled, operands, upcast, [])
+    for _ in range(repeats):
+        for compiled, operands, _, times in cases.values():
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(*operands))
+            times.append(time.perf_counter() - t0)
+    flops = 2 * 2048 * 6144 * 256
+    print(f"\nbf16 adaLN weight gradient, 2048 tokens, 6144 x 256 ({flops / 1e9:.2f} GFLOP), bf16 x bf16 -> f32")
+    for name, (*_, upcast, times) in cases.items():
+        t = statistics.median(times)
+        note = "operands converted to f32" if upcast else "bf16 operands"
+        print(f"  {name:26s} {t * 1e3:8.2f} ms {flops / t / 1e9:7.1f} GFLOP/s  ({note})")
 
 
 if __name__ == "__main__":
