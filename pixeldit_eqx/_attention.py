@@ -12,9 +12,9 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from ._ops import keep, linear
+from ._ops import _low_precision, keep, linear
 from ._rope import apply_rope
-from .modules import RMSNorm
+from .modules import _rms_normalise, RMSNorm
 
 
 def _check_heads(dim: int, heads: int, what: str) -> int:
@@ -117,6 +117,18 @@ def split_qkv(
     return q.reshape(n, heads, hd), k.reshape(n, heads, hd), v.reshape(n, heads, hd)
 
 
+def normed_rope(
+    norm: RMSNorm, x: Float[Array, "N heads hd"], angles: Float[Array, "N hd2"]
+) -> Float[Array, "N heads hd"]:
+    """`apply_rope(norm.apply(x), angles)`, rounded once: under bf16 (f16) compute the
+    norm's float32 product goes into rope's float32 rotation unrounded, as in the
+    reference (whose RMSNorm returns float32 there, times its float32 weight); the
+    backward pass then has no bf16 round trip in between. float32 is unchanged."""
+    if not _low_precision(x):
+        return apply_rope(norm.apply(x), angles)
+    return apply_rope(_rms_normalise(x, norm.weight, norm.eps, jnp.float32), angles).astype(x.dtype)
+
+
 class RotaryAttention(eqx.Module):
     """Multi-head self-attention with per-head q/k RMSNorm and rope on q and k.
 
@@ -151,7 +163,7 @@ class RotaryAttention(eqx.Module):
         """Project, split, normalise and rotate: `q, k, v` of shape `(N, heads, hd)`."""
         n, dim = x.shape
         q, k, v = split_qkv(keep(linear(self.qkv, x)).reshape(n, 3, self.heads, dim // self.heads))
-        return apply_rope(self.q_norm.apply(q), angles), apply_rope(self.k_norm.apply(k), angles), v
+        return normed_rope(self.q_norm, q, angles), normed_rope(self.k_norm, k, angles), v
 
     @jax.named_scope("RotaryAttention")
     def __call__(
@@ -220,12 +232,12 @@ class JointAttention(eqx.Module):
         hd = dim // self.heads
         qx, kx, vx = split_qkv(keep(linear(self.qkv_x, x)).reshape(n_x, 3, self.heads, hd))
         qy, ky, vy = split_qkv(keep(linear(self.qkv_y, y)).reshape(n_y, 3, self.heads, hd))
-        qx = apply_rope(self.q_norm_x.apply(qx), image_angles)
-        kx = apply_rope(self.k_norm_x.apply(kx), image_angles)
-        qy = self.q_norm_y.apply(qy)
-        ky = self.k_norm_y.apply(ky)
+        qx = normed_rope(self.q_norm_x, qx, image_angles)
+        kx = normed_rope(self.k_norm_x, kx, image_angles)
         if text_angles is not None:
-            qy, ky = apply_rope(qy, text_angles), apply_rope(ky, text_angles)
+            qy, ky = normed_rope(self.q_norm_y, qy, text_angles), normed_rope(self.k_norm_y, ky, text_angles)
+        else:
+            qy, ky = self.q_norm_y.apply(qy), self.k_norm_y.apply(ky)
         key_mask = None
         if text_mask is not None:
             key_mask = jnp.concatenate([text_mask, jnp.ones((n_x,), bool)])

@@ -168,8 +168,10 @@ def _normal_weight(linear: eqx.nn.Linear, std: float, key: PRNGKeyArray) -> eqx.
     return eqx.tree_at(lambda m: m.weight, linear, w)
 
 
-def _rms_normalise(x: Array, weight: Array, eps: float) -> Array:
-    """RMSNorm over the last axis of `x` (any leading axes), statistics in float32."""
+def _rms_normalise(x: Array, weight: Array, eps: float, low_precision_out: Any = None) -> Array:
+    """RMSNorm over the last axis of `x` (any leading axes), statistics in float32; for a
+    bf16 (f16) `x`, `low_precision_out=jnp.float32` returns the weight's float32 product
+    unrounded (for a float32 op that follows, e.g. rope)."""
     x32 = x.astype(jnp.float32)
     ms = jnp.mean(x32 * x32, axis=-1, keepdims=True)
     normed = (x32 * jax.lax.rsqrt(ms + eps)).astype(x.dtype)
@@ -180,7 +182,7 @@ def _rms_normalise(x: Array, weight: Array, eps: float) -> Array:
         # are those of the bf16 product; the weight's gradient then sums float32
         # products, where bf16 autodiff would round each product first (and XLA:CPU
         # sums those in a slow tree of reduce-windows).
-        return (normed.astype(jnp.float32) * weight.astype(jnp.float32)).astype(x.dtype)
+        return (normed.astype(jnp.float32) * weight.astype(jnp.float32)).astype(low_precision_out or x.dtype)
     return weight.astype(x.dtype) * normed
 
 

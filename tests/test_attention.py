@@ -1,6 +1,7 @@
 """`RotaryAttention` against the reference fixture, and the CPU attention layout against
 `jax.nn.dot_product_attention`."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,3 +100,32 @@ def test_split_qkv_is_indexing_with_a_concatenating_backward(dtype):
     backward = str(jax.make_jaxpr(jax.grad(lambda a: loss(_attention.split_qkv, a)))(qkv))
     assert "concatenate" in backward and "pad" not in backward
     assert "pad" in str(jax.make_jaxpr(jax.grad(lambda a: loss(by_index, a)))(qkv))  # what indexing does
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_normed_rope_rounds_once(dtype):
+    """q/k RMSNorm then rope: float32 is `apply_rope(norm.apply(x))` bit for bit; bf16/f16
+    take the norm's float32 product into rope unrounded and round once at the end (the
+    reference's RMSNorm returns float32 there), where the two calls would round twice."""
+    from pixeldit_eqx._rope import apply_rope
+
+    k = jax.random.split(jax.random.key(5), 3)
+    x = jax.random.normal(k[0], (64, 4, 32), jnp.float32).astype(dtype)
+    angles = jax.random.uniform(k[1], (64, 16), jnp.float32, 0.0, 6.0)
+    norm = px.RMSNorm(32)
+    norm = eqx.tree_at(lambda n: n.weight, norm, jax.random.normal(k[2], (32,), jnp.float32).astype(dtype))
+    out = _attention.normed_rope(norm, x, angles)
+    assert out.dtype == dtype
+    twice = apply_rope(norm.apply(x), angles)
+    if dtype == jnp.float32:
+        assert jnp.array_equal(out, twice)
+        return
+    f32 = jnp.float32
+    x32 = x.astype(f32)
+    normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + norm.eps)).astype(dtype)
+    once = apply_rope(normed.astype(f32) * norm.weight.astype(f32)[None, None], angles).astype(dtype)
+    assert jnp.array_equal(out, once)
+    assert not jnp.array_equal(out, twice)
+    d_x, d_w = jax.grad(lambda x, n: jnp.sum(_attention.normed_rope(n, x, angles).astype(f32)), argnums=(0, 1))(x, norm)
+    assert d_x.dtype == dtype and d_w.weight.dtype == dtype
+    assert bool(jnp.all(jnp.isfinite(d_x.astype(f32))))
