@@ -120,10 +120,11 @@ def split_qkv(
 def normed_rope(
     norm: RMSNorm, x: Float[Array, "N heads hd"], angles: Float[Array, "N hd2"]
 ) -> Float[Array, "N heads hd"]:
-    """`apply_rope(norm.apply(x), angles)`, rounded once: under bf16 (f16) compute the
-    norm's float32 product goes into rope's float32 rotation unrounded, as in the
-    reference (whose RMSNorm returns float32 there, times its float32 weight); the
-    backward pass then has no bf16 round trip in between. float32 is unchanged."""
+    """`apply_rope(norm.apply(x), angles)` (reference: `modules.RMSNorm` then
+    `apply_rotary_emb`), rounded once: under bf16 (f16) compute the norm's float32
+    product goes into rope's float32 rotation unrounded, as in the reference, whose
+    RMSNorm returns float32 there (times its float32 weight); the backward pass then
+    has no bf16 round trip in between. float32 is unchanged."""
     if not _low_precision(x):
         return apply_rope(norm.apply(x), angles)
     return apply_rope(_rms_normalise(x, norm.weight, norm.eps, jnp.float32), angles).astype(x.dtype)

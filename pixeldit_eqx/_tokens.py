@@ -84,7 +84,7 @@ def _few_channel_linear(layer: eqx.nn.Linear, x: Array) -> Array:
     `dense` does: a chain of bf16 multiply-adds would round after each, and its
     weight gradients would be sums of bf16-rounded products."""
     weight, bias, dtype = layer.weight, layer.bias, x.dtype
-    low = _low_precision(x, weight) and (bias is None or bias.dtype == dtype)
+    low = _low_precision(*(a for a in (x, weight, bias) if a is not None))
     if low:
         x, weight = x.astype(jnp.float32), weight.astype(jnp.float32)
         bias = None if bias is None else bias.astype(jnp.float32)

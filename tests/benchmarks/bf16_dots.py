@@ -41,6 +41,20 @@ DTYPES = {
 }
 
 
+def _interleaved_medians(calls: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each `fn(*operands)` in `calls`, after one warm-up call, timed
+    interleaved so that every call shares the same machine conditions."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for fn, operands in calls.values():
+        jax.block_until_ready(fn(*operands))
+    for _ in range(repeats):
+        for name, (fn, operands) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*operands))
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -50,23 +64,17 @@ def main() -> None:
     for shape_name, (sa, sb, ca, cb) in SHAPES.items():
         m = sa[1 - ca]
         flops = 2 * m * sa[ca] * sb[1 - cb]
-        cases = {}
+        calls = {}
         for name, (da, db, pet) in DTYPES.items():
             a, b = jax.random.normal(k1, sa, da), jax.random.normal(k2, sb, db)
             fn = jax.jit(
                 lambda a, b, pet=pet: jax.lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), preferred_element_type=pet)
             )
-            jax.block_until_ready(fn(a, b))
-            cases[name] = (fn, a, b, [])
-        for _ in range(args.repeats):  # interleaved: the dtypes share the same conditions
-            for fn, a, b, times in cases.values():
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(a, b))
-                times.append(time.perf_counter() - t0)
-        base = statistics.median(cases["f32 x f32 -> f32"][3])
+            calls[name] = (fn, (a, b))
+        medians = _interleaved_medians(calls, args.repeats)
+        base = medians["f32 x f32 -> f32"]
         print(f"\n{shape_name} ({flops / 1e9:.2f} GFLOP)")
-        for name, (*_, times) in cases.items():
-            t = statistics.median(times)
+        for name, t in medians.items():
             print(f"  {name:22s} {t * 1e3:8.2f} ms {flops / t / 1e9:7.1f} GFLOP/s  {base / t:5.2f}x f32")
     weight_gradient_forms(args.repeats)
 
@@ -86,22 +94,17 @@ def weight_gradient_forms(repeats: int) -> None:
         "s^T @ g, s^T given": (lambda s_t, g: dot(s_t, g, 1, 0), (s_t, g)),
         "s^T @ g, s^T in-program": (lambda g, s: dot(s.T, g, 1, 0), (g, s)),
     }
-    cases = {}
+    calls, upcast = {}, {}
     for name, (fn, operands) in forms.items():
         compiled = jax.jit(fn).lower(*operands).compile()
-        upcast = "f32[2048,256]" in compiled.as_text() or "f32[256,2048]" in compiled.as_text()
-        jax.block_until_ready(compiled(*operands))
-        cases[name] = (compiled, operands, upcast, [])
-    for _ in range(repeats):
-        for compiled, operands, _, times in cases.values():
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(*operands))
-            times.append(time.perf_counter() - t0)
+        text = compiled.as_text()
+        upcast[name] = "f32[2048,256]" in text or "f32[256,2048]" in text  # s (or s^T) converted
+        calls[name] = (compiled, operands)
+    medians = _interleaved_medians(calls, repeats)
     flops = 2 * 2048 * 6144 * 256
     print(f"\nbf16 adaLN weight gradient, 2048 tokens, 6144 x 256 ({flops / 1e9:.2f} GFLOP), bf16 x bf16 -> f32")
-    for name, (*_, upcast, times) in cases.items():
-        t = statistics.median(times)
-        note = "operands converted to f32" if upcast else "bf16 operands"
+    for name, t in medians.items():
+        note = "operands converted to f32" if upcast[name] else "bf16 operands"
         print(f"  {name:26s} {t * 1e3:8.2f} ms {flops / t / 1e9:7.1f} GFLOP/s  ({note})")
 
 
