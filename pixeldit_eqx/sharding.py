@@ -62,7 +62,7 @@ from . import flow
 from ._checks import check_choice, check_int, is_array_like, is_key
 from ._custom_types import Array, Float, Int, Real
 from ._optional import require
-from .train import make_train_step, TrainState
+from .train import _in_place_variant, jit_step, make_train_step, TrainState
 
 
 if TYPE_CHECKING:
@@ -478,21 +478,22 @@ def make_sharded_train_step(
     else:
         step = make_train_step(loss_fn, optimizer, ema_decay=ema_decay)
 
-    # The batch comes first so that `donate="all-except-first"` donates the state only.
-    def sharded(batch: Any, state: TrainState) -> tuple[TrainState, dict[str, Float[Array, ""]]]:
+    body = _in_place_variant(step) if donate else step
+
+    def sharded(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Float[Array, ""]]]:
         batch = _constrain(batch, lambda _: data)
         state = _constrain(state, layout)
-        state, metrics = step(state, batch)
+        state, metrics = body(state, batch)
         return _constrain(state, layout), _constrain(metrics, lambda _: replicated)
 
-    compiled = eqx.filter_jit(sharded, donate="all-except-first" if donate else "none")
+    compiled = jit_step(sharded, donate=donate)
 
     def sharded_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Float[Array, ""]]]:
         processes = jax.process_count()
         _batch_size(batch, "batch", size, scale=processes)
         if processes > 1:
             batch = _assemble(batch, data)
-        return compiled(batch, state)
+        return compiled(state, batch)
 
     return sharded_step
 

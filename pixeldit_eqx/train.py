@@ -16,24 +16,27 @@ from pixeldit_eqx import train
 model = pixeldit_eqx.PixelDiT(..., num_classes=10, key=jr.key(0))
 optimizer = train.default_optimizer(1e-3, warmup_steps=100)
 state = train.init_train_state(model, optimizer, key=jr.key(1))
-step = eqx.filter_jit(train.make_train_step(train.c2i_loss, optimizer))
+step = train.jit_step(train.make_train_step(train.c2i_loss, optimizer))
 state, losses = train.fit(step, state, batches, num_steps=1000)
 train.save_model("digits.eqx", state.ema)
 ```
 
 The objective is the reference's rectified flow (`pixeldit_eqx.flow`: logit-normal
 times, label dropout for guidance). Design choices of this module: one pure step
-function with the jit boundary left to the caller; the EMA is a whole model (ready to
+function with the jit boundary left to the caller ([`jit_step`][] compiles it with the
+state donated); the EMA is a whole model (ready to
 sample), updated every step; the optimizer runs under standard dtype promotion (optax
 is not written for `jax_numpy_dtype_promotion="strict"`), the model does not.
 """
 
+import dataclasses
+import functools
 import math
 import os
 import pathlib
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, cast, TYPE_CHECKING
+from typing import Any, cast, TYPE_CHECKING, TypeVar
 
 import equinox as eqx
 import jax
@@ -83,6 +86,7 @@ __all__ = [
     "default_optimizer",
     "fit",
     "init_train_state",
+    "jit_step",
     "load_checkpoint",
     "load_model",
     "make_train_step",
@@ -93,6 +97,9 @@ __all__ = [
 
 #: `loss_fn(model, batch, key) -> scalar`: a loss averaged over a batch.
 LossFn = Callable[[Any, Any, PRNGKeyArray], Float[Array, ""]]
+_Metrics = TypeVar("_Metrics", bound=Mapping[str, Array])
+# The attribute of a `make_train_step` step holding its variant for a donated state.
+_IN_PLACE = "_in_place_step"
 
 _CHECKPOINT_FORMAT = "pixeldit_eqx.checkpoint"
 _CHECKPOINT_FORMAT_VERSION = 2
@@ -283,10 +290,11 @@ def make_train_step(
     (the others follow the model).
 
     The returned function is *not* jitted, so that it can be compiled with shardings
-    over a device mesh. On a single device wrap it in one `eqx.filter_jit`:
+    over a device mesh. On a single device compile it with [`jit_step`][] (one
+    `eqx.filter_jit` that reuses the state's buffers):
 
     ```python
-    step = eqx.filter_jit(make_train_step(c2i_loss, optimizer))
+    step = jit_step(make_train_step(c2i_loss, optimizer))
     state, metrics = step(state, (images, labels))
     ```
 
@@ -320,7 +328,7 @@ def make_train_step(
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"`ema_decay` must lie in [0, 1], got ema_decay={ema_decay!r}.")
 
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Float[Array, ""]]]:
+    def step_impl(state: TrainState, batch: Any, in_place: bool) -> tuple[TrainState, dict[str, Float[Array, ""]]]:
         key, next_key = jr.split(state.key)
         params, rest = eqx.partition(state.model, trainable(state.model))
 
@@ -329,31 +337,39 @@ def make_train_step(
 
         loss, grads = jax.value_and_grad(loss_of)(params)
         grad_norm = _global_norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, params)
-        params = optax.apply_updates(params, updates)
-        model = eqx.combine(params, rest)
-
+        nonfinite = jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
         d = ema_decay(state.step) if callable(ema_decay) else decay
-        ema_params = eqx.filter(state.ema, trainable(state.ema))
 
         def average(e, p):
             w = jnp.asarray(d, dtype=jnp.float32)
             return (w * e.astype(jnp.float32) + (1 - w) * p.astype(jnp.float32)).astype(e.dtype)
 
-        ema = eqx.combine(jax.tree.map(average, ema_params, params), rest)
-        nonfinite = jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
-        if skip_nonfinite:
+        def update(params, opt_arrays, ema_params):
+            updates, opt_state = optimizer.update(grads, eqx.combine(opt_arrays, opt_static), params)
+            params = optax.apply_updates(params, updates)
+            return params, eqx.filter(opt_state, eqx.is_array), jax.tree.map(average, ema_params, params)
 
-            def keep_if_nonfinite(new, old):
-                def select(n, o):
-                    return jnp.where(nonfinite, o, n) if eqx.is_array(n) and eqx.is_array(o) else n
-
-                return jax.tree.map(select, new, old)
-
-            model = keep_if_nonfinite(model, state.model)
-            ema = keep_if_nonfinite(ema, state.ema)
-            opt_state = keep_if_nonfinite(opt_state, state.opt_state)
-        new_state = TrainState(model=model, ema=ema, opt_state=opt_state, step=state.step + 1, key=next_key)
+        opt_arrays, opt_static = eqx.partition(state.opt_state, eqx.is_array)
+        old = (params, opt_arrays, eqx.filter(state.ema, trainable(state.ema)))
+        if not skip_nonfinite:
+            new = update(*old)
+        elif in_place:
+            # For a donated state: a loop of zero or one updates reads each old leaf once
+            # and writes it in place. Selecting between old and new values (below) keeps
+            # the old ones alive past the update, and XLA then copies every donated leaf.
+            trips = jnp.where(nonfinite, 0, 1)
+            _, new = jax.lax.while_loop(lambda c: c[0] < trips, lambda c: (c[0] + 1, update(*c[1])), (0, old))
+        else:
+            # Without donation a select is free, and the loop would copy the inputs.
+            new = jax.tree.map(lambda n, o: jnp.where(nonfinite, o, n), update(*old), old)
+        params, opt_arrays, ema_params = new
+        new_state = TrainState(
+            model=eqx.combine(params, rest),
+            ema=eqx.combine(ema_params, rest),
+            opt_state=eqx.combine(opt_arrays, opt_static),
+            step=state.step + 1,
+            key=next_key,
+        )
         metrics = {
             "loss": jnp.asarray(loss, dtype=jnp.float32),
             "grad_norm": jnp.asarray(grad_norm, dtype=jnp.float32),
@@ -361,7 +377,94 @@ def make_train_step(
         }
         return new_state, metrics
 
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Float[Array, ""]]]:
+        return step_impl(state, batch, in_place=False)
+
+    # What `jit_step` compiles when it donates the state.
+    setattr(step, _IN_PLACE, functools.partial(step_impl, in_place=True))
     return step
+
+
+def jit_step(
+    step: Callable[[TrainState, Any], tuple[TrainState, _Metrics]], *, donate: bool = True
+) -> Callable[[TrainState, Any], tuple[TrainState, _Metrics]]:
+    """`eqx.filter_jit` of a train step that donates the state it is given.
+
+    XLA then writes the new state into the old one's buffers, so a run holds one state
+    (model, EMA, optimiser moments) instead of two during every step. The state passed
+    in is deleted (so are the arrays of the model it was initialised from): use the
+    returned one, as [`fit`][] does. Arrays held more than once in the state (frozen
+    leaves the model and the EMA share) and the batch are never donated, and a leaf the
+    step passes through unchanged (a frozen one) comes back as the same array, not a copy.
+    A [`make_train_step`][] step skips a non-finite update here with a loop of zero or
+    one updates instead of a select, which XLA can do in place; the values agree with
+    `eqx.filter_jit(step)`'s to float32 round-off (XLA fuses the two differently).
+
+    ```python
+    step = train.jit_step(train.make_train_step(train.c2i_loss, optimizer))
+    state, metrics = step(state, (images, labels))
+    ```
+
+    **Arguments:**
+
+    - `step`: `step(state, batch) -> (state, metrics)`, e.g. from [`make_train_step`][].
+    - `donate`: `False` donates nothing (the state passed in stays valid).
+
+    **Returns:**
+
+    `step(state, batch) -> (state, metrics)`, compiled on its first call.
+    """
+    if not isinstance(donate, bool):
+        raise ValueError(f"`donate` must be a bool, got donate={donate!r}.")
+    body = _in_place_variant(step) if donate else step
+
+    # The first argument is never donated, the second is: with `donate=False`, nothing.
+    def split_call(kept: tuple[Any, PyTree, tuple[int, ...]], donated: PyTree) -> tuple[PyTree, _Metrics]:
+        batch, shared, first = kept
+        # An array held twice outside (the model's and the EMA's frozen leaves) is one
+        # value inside too, so the step sees, and passes through, one tracer.
+        leaves, treedef = jax.tree.flatten(shared)
+        leaves = [leaves[i] for i in first]
+        new_state, metrics = body(eqx.combine(donated, jax.tree.unflatten(treedef, leaves)), batch)
+        # XLA copies a non-donated input it returns; hand back its position instead.
+        position = {id(x): i for i, x in enumerate(leaves) if eqx.is_array(x)}
+        return jax.tree.map(lambda x: _Passed(position[id(x)]) if id(x) in position else x, new_state), metrics
+
+    compiled = eqx.filter_jit(split_call, donate="all-except-first" if donate else "none")
+
+    def jitted(state: TrainState, batch: Any) -> tuple[TrainState, _Metrics]:
+        donated, shared = _partition_unshared(state) if donate else eqx.partition(state, lambda _: False)
+        leaves = jax.tree.leaves(shared)
+        seen: dict[int, int] = {}
+        first = tuple(seen.setdefault(id(x), i) if eqx.is_array(x) else i for i, x in enumerate(leaves))
+        new_state, metrics = compiled((batch, shared, first), donated)
+        new_state = jax.tree.map(lambda x: leaves[x.position] if isinstance(x, _Passed) else x, new_state)
+        return new_state, metrics
+
+    return jitted
+
+
+@dataclasses.dataclass(frozen=True)
+class _Passed:
+    """Where in the non-donated state arrays a step's output leaf came from unchanged
+    (a pytree leaf, static under `eqx.filter_jit`)."""
+
+    position: int
+
+
+def _in_place_variant(step: Callable[[TrainState, Any], Any]) -> Callable[[TrainState, Any], Any]:
+    """The form of a [`make_train_step`][] step to compile with its state donated (the
+    same step computed so that XLA updates the state in place); other steps unchanged."""
+    return getattr(step, _IN_PLACE, step)
+
+
+def _partition_unshared(tree: PyTree) -> tuple[PyTree, PyTree]:
+    """`(arrays that occur once in tree, everything else)`, by object identity."""
+    counts: dict[int, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        if eqx.is_array(leaf):
+            counts[id(leaf)] = counts.get(id(leaf), 0) + 1
+    return eqx.partition(tree, lambda x: eqx.is_array(x) and counts[id(x)] == 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -516,7 +619,8 @@ def fit(
 
     **Arguments:**
 
-    - `step`: a (jitted) step, as made by [`make_train_step`][].
+    - `step`: a (jitted) step, as made by [`make_train_step`][] and compiled by
+        [`jit_step`][] (which consumes the `state` given here).
     - `state`: the state to start from.
     - `batches`: a function `batches(i) -> batch` of the step index `i`, or an
         iterable of batches, at least `num_steps` long (an infinite generator is fine:

@@ -49,6 +49,15 @@ def _leaves_equal(a, b) -> bool:
     return all(x.dtype == y.dtype and np.array_equal(data(x), data(y)) for x, y in zip(la, lb))
 
 
+def _leaves_close(a, b, rtol: float = 1e-5) -> bool:
+    la = jax.tree.leaves(eqx.filter(a, eqx.is_inexact_array))
+    lb = jax.tree.leaves(eqx.filter(b, eqx.is_inexact_array))
+    return len(la) == len(lb) and all(
+        x.dtype == y.dtype and np.allclose(x, y, rtol=rtol, atol=rtol * float(np.max(np.abs(x))))
+        for x, y in zip(la, lb)
+    )
+
+
 class _Toy(eqx.Module):
     linear: eqx.nn.Linear
     scale: "object"  # a pixeldit_eqx.Buffer
@@ -190,6 +199,53 @@ def test_default_optimizer_errors():
         train.default_optimizer(1e-3, warmup_steps=10, decay_steps=5)
     schedule_opt = train.default_optimizer(1e-3, warmup_steps=2, decay_steps=10)
     assert isinstance(schedule_opt, optax.GradientTransformation)
+
+
+def test_jit_step_donates_the_state_and_passes_shared_leaves_through():
+    """`jit_step` computes what `eqx.filter_jit(step)` does (to float32 round-off: it
+    compiles the in-place form of the update) and deletes the state it is given, except the
+    arrays the model and the EMA share (the Buffer, the int), which come back as those same
+    arrays, step after step, from one compile."""
+    optimizer = optax.adam(1e-2)
+    traces = []
+
+    def raw(state, batch):
+        traces.append(None)
+        return train.make_train_step(_toy_loss, optimizer, ema_decay=0.5)(state, batch)
+
+    batch = _toy_batch()
+    model = _Toy(jr.key(0))
+    expected = train.init_train_state(model, optimizer, key=jr.key(1))
+    plain = eqx.filter_jit(raw)
+    for _ in range(3):
+        expected, expected_metrics = plain(expected, batch)
+    traces.clear()
+
+    state = first = train.init_train_state(model, optimizer, key=jr.key(1))
+    scale, count = model.scale.value, model.count
+    assert first.ema.scale.value is scale and first.ema.count is count
+    step = train.jit_step(raw)
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    assert len(traces) == 1
+    assert _leaves_close(state, expected)
+    assert all(np.isclose(float(metrics[k]), float(expected_metrics[k]), rtol=1e-6) for k in expected_metrics)
+    assert model.linear.weight.is_deleted() and first.ema.linear.weight.is_deleted()
+    assert all(x.is_deleted() for x in jax.tree.leaves(first.opt_state))
+    for shared in (scale, count):
+        assert not shared.is_deleted()
+    assert state.model.scale.value is scale and state.ema.scale.value is scale
+    assert state.model.count is count and state.ema.count is count
+
+    # Without donation the state passed in stays valid; the values are the same.
+    kept = train.init_train_state(_Toy(jr.key(0)), optimizer, key=jr.key(1))
+    out, _ = train.jit_step(raw, donate=False)(kept, batch)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(eqx.filter(kept, eqx.is_array)))
+    assert out.model.scale.value is kept.model.scale.value
+    once, _ = plain(kept, batch)
+    assert _leaves_equal(out, once)  # the same program: bitwise
+    with pytest.raises((ValueError, TypeCheckError), match="donate"):
+        train.jit_step(raw, donate="yes")  # type: ignore[arg-type]
 
 
 def test_fit_errors_and_history():
