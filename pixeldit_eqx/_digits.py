@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
         s = s.astype(jnp.float32)
         return jnp.minimum(0.995, (1.0 + s) / (10.0 + s))
 
-    step = eqx.filter_jit(
+    step = train.jit_step(
         train.make_train_step(
             functools.partial(train.pixeldit2_loss, null_condition_p=0.1) if grounded else train.c2i_loss,
             optimizer,

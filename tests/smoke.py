@@ -37,7 +37,7 @@ def main(fixtures: pathlib.Path) -> None:
 
     # One train step.
     state = train.init_train_state(model, optax.adam(1e-3), key=jr.key(1))
-    step = eqx.filter_jit(train.make_train_step(train.c2i_loss, optax.adam(1e-3)))
+    step = train.jit_step(train.make_train_step(train.c2i_loss, optax.adam(1e-3)))
     state, metrics = step(state, (jr.normal(jr.key(2), (2, 3, 16, 16)), jnp.arange(2)))
     if int(state.step) != 1 or not np.isfinite(float(metrics["loss"])):
         raise SystemExit(f"smoke: train step gave step={int(state.step)}, metrics={metrics}")
