@@ -319,7 +319,8 @@ def memory_child(spec: dict) -> dict:
 
 def recipe_memory(spec: dict, phases: dict) -> dict:
     """Peak memory of the training recipe: the constructor, `train.init_train_state`
-    (AdamW and an EMA), a jitted `make_train_step`, `train.fit` for `steps` steps."""
+    (AdamW and an EMA), `make_train_step` under `train.jit_step`, `train.fit` for `steps`
+    steps; the peak of the steps after the first (which compiles) is kept apart."""
     from pixeldit_eqx import train
 
     config, variant = spec["config"], spec["variant"]
@@ -330,16 +331,37 @@ def recipe_memory(spec: dict, phases: dict) -> dict:
     jax.block_until_ready(state)
     phases["build"] = _rss_mib()
     x, _, y = inputs(config, variant, spec["hw"], spec["batch"])
-    step = eqx.filter_jit(train.make_train_step(train.c2i_loss, optimizer))
-    state, losses = train.fit(step, state, lambda i: (x, y), num_steps=spec["steps"], progress=False)
-    phases["steps"] = _rss_mib()
+    step = train.jit_step(train.make_train_step(train.c2i_loss, optimizer))
+    state, first = train.fit(step, state, lambda i: (x, y), num_steps=1, progress=False)
+    phases["compile"] = _rss_mib()
+    steps_peak = None
+    if _reset_peak_rss():
+        state, losses = train.fit(step, state, lambda i: (x, y), num_steps=spec["steps"] - 1, progress=False)
+        phases["steps"] = _rss_mib()
+        steps_peak = phases["steps"]["VmHWM"]
+        peak = max(phases["compile"]["VmHWM"], steps_peak)
+    else:  # no resettable peak: one figure for the whole run
+        state, losses = train.fit(step, state, lambda i: (x, y), num_steps=spec["steps"] - 1, progress=False)
+        phases["steps"] = _rss_mib()
+        peak = phases["steps"]["VmHWM"]
     return {
-        "peak_rss_mib": phases["steps"]["VmHWM"],
+        "peak_rss_mib": peak,
+        "steps_peak_rss_mib": steps_peak,
         "device_peak_mib": _device_peak_mib(),
         "phases": phases,
         "temp_mib": None,
-        "loss_finite": bool(np.isfinite(losses).all()),
+        "loss_finite": bool(np.isfinite(losses).all() and np.isfinite(first).all()),
     }
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the process's `VmHWM` from its current RSS (Linux `clear_refs`)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def speed_child(spec: dict) -> list[dict]:
@@ -505,6 +527,28 @@ def dtype_case(config: dict, variant: str, hw: int, batch: int, repeats: int) ->
         bf16 = statistics.median(times[(pass_name, "bfloat16")])
         out[pass_name] = {"float32_s": f32, "bfloat16_s": bf16, "speedup": f32 / bf16}
     return out
+
+
+def train_step_case(config: dict, hw: int, batch: int, repeats: int) -> dict:
+    """The training step (AdamW, EMA) under `eqx.filter_jit` and under `train.jit_step`
+    (the state donated), one call of each in turn, each threading its own state."""
+    from pixeldit_eqx import train
+
+    optimizer = train.default_optimizer(1e-4)
+    step = train.make_train_step(train.c2i_loss, optimizer)
+    x, _, y = inputs(config, "c2i", hw, batch)
+    runs = {"filter_jit": eqx.filter_jit(step), "jit_step": train.jit_step(step)}
+    states = {k: train.init_train_state(random_model(config, "c2i"), optimizer, key=jax.random.key(1)) for k in runs}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(repeats + 1):  # the first round compiles and warms up
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            states[k], metrics = fn(states[k], (x, y))
+            jax.block_until_ready(states[k])
+            if i:
+                times[k].append(time.perf_counter() - t0)
+    plain, donated = (statistics.median(times[k]) for k in runs)
+    return {"hw": hw, "batch": batch, "filter_jit_s": plain, "jit_step_s": donated, "speedup": plain / donated}
 
 
 def torch_case(python: str, reference: str, repeats: int) -> dict:
@@ -727,6 +771,15 @@ def render(results: dict) -> str:
                     f"| mid {r['hw']}px b{r['batch']} | {pass_name.replace('_', '+')} | {_ms(q['float32_s'])} "
                     f"| {_ms(q['bfloat16_s'])} | {q['speedup']:.2f}x |"
                 )
+    if results.get("train_step"):
+        lines.append("\n## Training step (AdamW + EMA): plain jit against `train.jit_step`, timed alternately\n")
+        lines.append("| case | eqx.filter_jit ms | train.jit_step ms | ratio |")
+        lines.append("|---|---:|---:|---:|")
+        for r in results["train_step"]:
+            lines.append(
+                f"| mid {r['hw']}px b{r['batch']} | {_ms(r['filter_jit_s'])} | {_ms(r['jit_step_s'])} "
+                f"| {r['speedup']:.2f}x |"
+            )
     lines.extend(comparison(results))
     if results.get("compile"):
         lines.append("\n## Compile time of jit(forward+backward), mid widths, 64x64 b8\n")
@@ -759,19 +812,20 @@ def render(results: dict) -> str:
     if results.get("memory"):
         lines.append("\n## Peak memory of a process doing forward+backward steps\n")
         lines.append(
-            "| case | steps | peak RSS MiB | device peak MiB | RSS after import / build "
+            "| case | steps | peak RSS MiB | peak after compiling MiB | device peak MiB | RSS after import / build "
             "/ compile / steps MiB | XLA temp MiB |"
         )
-        lines.append("|---|---:|---:|---:|---|---:|")
+        lines.append("|---|---:|---:|---:|---:|---|---:|")
         for r in results["memory"]:
             ph = r["phases"]
             phases = " / ".join(
                 f"{ph[k]['VmRSS']:.0f}" if "VmRSS" in ph.get(k, {}) else "-"
                 for k in ("import", "build", "compile", "steps")
             )
-            dev, temp = r["device_peak_mib"], r["temp_mib"]
+            dev, temp, after = r["device_peak_mib"], r["temp_mib"], r.get("steps_peak_rss_mib")
             lines.append(
                 f"| {r['label']} | {r['steps']} | {r['peak_rss_mib']:.0f} "
+                f"| {'-' if after is None else f'{after:.0f}'} "
                 f"| {'-' if dev is None else f'{dev:.0f}'} | {phases} "
                 f"| {'-' if temp is None else f'{temp:.0f}'} |"
             )
@@ -916,6 +970,11 @@ def main() -> None:
     for hw in (64, 128):
         log(f"bfloat16 against float32 compute, {hw}x{hw}")
         results["dtype"].append(dtype_case(MID, "c2i", hw, BATCH, max(3, repeats - 2)))
+
+    results["train_step"] = []
+    for hw in (64, 128):
+        log(f"train step: eqx.filter_jit and train.jit_step (donated state), {hw}x{hw}")
+        results["train_step"].append(train_step_case(MID, hw, BATCH, max(3, repeats - 2)))
 
     if args.torch_python:
         log("the eager PyTorch reference (torch_reference.py)")
