@@ -17,11 +17,16 @@ whether XLA converted the bf16 operands to float32 before the dot.
 """
 
 import argparse
+import os
 import statistics
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
+from tests.benchmarks.bench import time_alternately  # noqa: E402
 
 
 SHAPES = {
@@ -42,17 +47,8 @@ DTYPES = {
 
 
 def _interleaved_medians(calls: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each `fn(*operands)` in `calls`, after one warm-up call, timed
-    interleaved so that every call shares the same machine conditions."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for fn, operands in calls.values():
-        jax.block_until_ready(fn(*operands))
-    for _ in range(repeats):
-        for name, (fn, operands) in calls.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*operands))
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median seconds of each `fn(*operands)` in `calls`, timed in turn (`bench.time_alternately`)."""
+    return {name: statistics.median(t) for name, t in time_alternately(calls, repeats).items()}
 
 
 def main() -> None:
