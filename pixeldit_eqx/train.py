@@ -391,7 +391,8 @@ def jit_step(
     """`eqx.filter_jit` of a train step that donates the state it is given.
 
     XLA then writes the new state into the old one's buffers, so a run holds one state
-    (model, EMA, optimiser moments) instead of two during every step. The state passed
+    (model, EMA, optimiser moments) instead of two during every step, as the reference's
+    Lightning training does (PyTorch's `optimizer.step()` updates in place). The state passed
     in is deleted (so are the arrays of the model it was initialised from): use the
     returned one, as [`fit`][] does. Arrays held more than once in the state (frozen
     leaves the model and the EMA share) and the batch are never donated, and a leaf the
