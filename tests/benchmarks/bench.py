@@ -68,7 +68,9 @@ weights) and with the constructor (as a training script from scratch does).
 
 Results are printed as tables and written to `<out>/results.json` and
 `<out>/results.md`. `tests/benchmarks/bf16_dots.py` times XLA's matmuls by operand and
-result dtype at the model's shapes (why bf16 Linears ask for a float32 result).
+result dtype at the model's shapes (why bf16 Linears ask for a float32 result);
+`tests/benchmarks/pixel_locality.py` the memory rate and the per-pixel MLP in
+cache-sized chunks.
 """
 
 import argparse
