@@ -14,7 +14,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float
 
-from ._lowp import lowp_dot
+from ._dots import lowp_dot, rows_dot
 
 
 # ---------------------------------------------------------------------------------------
@@ -99,6 +99,12 @@ def _low_precision(*xs: Array) -> bool:
     return all(x.dtype == dtype for x in xs) and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
 
 
+def _full_precision(*xs: Array) -> bool:
+    """All of `xs` share one floating dtype of at least 32 bits (float32, float64)."""
+    dtype = xs[0].dtype
+    return all(x.dtype == dtype for x in xs) and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits >= 32
+
+
 def linear(layer: eqx.nn.Linear, x: Float[Array, "*batch d_in"], dtype: Any = None) -> Float[Array, "*batch d_out"]:
     """`layer` applied to the last axis of `x`, any leading axes, as one matmul, with
     its output in `dtype` (default: the inputs'; a wider one costs nothing, the matmul
@@ -125,11 +131,17 @@ def dense(
     # (`tests/benchmarks/bf16_dots.py`), and `lowp_dot` keeps the backward matmuls bf16
     # too. Deliberate deviation from rounding the product and then the sum with the
     # bias: one rounding instead of two (`test_precision.py::test_low_precision_dense_rounds_once`).
+    # A float32 (or float64) one is `rows_dot`: under `jax.vmap` its weight gradient is one
+    # matmul contracting a single axis, which XLA:CPU does without transposing the
+    # cotangent (`_dots`). Same values forward; the weight gradient summed in another order.
+    dims = ((x.ndim - 1,), (1,))
     low = dtype is None and _low_precision(x, weight)
     if low:
-        out = lowp_dot(x, weight, ((x.ndim - 1,), (1,)))
+        out = lowp_dot(x, weight, dims)
+    elif _full_precision(x, weight) and (dtype is None or jnp.dtype(dtype) == x.dtype):
+        out = rows_dot(x, weight, dims)
     else:
-        out = jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=dtype)
+        out = jax.lax.dot_general(x, weight, (dims, ((), ())), preferred_element_type=dtype)
     if bias is not None:
         out = out + bias.astype(out.dtype).reshape((1,) * (out.ndim - 1) + bias.shape)
     return out.astype(x.dtype) if low else out

@@ -56,9 +56,9 @@ def test_modules_public_names_do_not_warn():
 
 
 def test_ops_sits_at_the_bottom_of_the_import_stack():
-    # `_lowp` (the bf16 matmul primitive) is a leaf too: it imports nothing from the package.
-    assert _package_imports(PACKAGE / "_ops.py") == {"_lowp"}
-    assert _package_imports(PACKAGE / "_lowp.py") == set()
+    # `_dots` (the matmul primitives) is a leaf too: it imports nothing from the package.
+    assert _package_imports(PACKAGE / "_ops.py") == {"_dots"}
+    assert _package_imports(PACKAGE / "_dots.py") == set()
     assert _package_imports(PACKAGE / "modules.py") == {"_ops", "_custom_types"}
     importers = [p.name for p in PACKAGE.glob("*.py") if "_ops" in _package_imports(p)]
     assert {"modules.py", "_attention.py", "_blocks.py", "_tokens.py", "_model.py"} <= set(importers)

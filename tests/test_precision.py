@@ -112,6 +112,17 @@ def _dots(jaxpr):
     return [e for e in _eqns(jaxpr) if e.primitive.name == "dot_general"]
 
 
+_MATMULS = ("dot_general", "pixeldit_lowp_dot", "pixeldit_rows_dot")  # `dense` binds the `_dots` primitives
+
+
+def _matmuls(jaxpr):
+    return [e for e in _eqns(jaxpr) if e.primitive.name in _MATMULS]
+
+
+def _has_batch_dims(eqn) -> bool:
+    return eqn.primitive.name == "dot_general" and bool(eqn.params["dimension_numbers"][1][0])
+
+
 def _dtypes(eqn):
     return {v.aval.dtype for v in eqn.invars}
 
@@ -131,11 +142,11 @@ def test_bfloat16_compute_runs_the_matmuls_in_bfloat16(case):
     channels = MANIFEST[case]["init"]["in_channels"]
     x, t, y, _ = _inputs(case)
     model = _load(case, compute_dtype=jnp.bfloat16)
-    forward = _dots(jax.make_jaxpr(_forward)(model, x, t, y).jaxpr)
+    forward = _matmuls(jax.make_jaxpr(_forward)(model, x, t, y).jaxpr)
     assert forward
     for e in forward:
         assert _dtypes(e) == ({F32} if _is_head(e, channels) else {BF16}), e
-    linears = [e for e in _dots(_program(case, jnp.bfloat16)) if not e.params["dimension_numbers"][1][0]]
+    linears = [e for e in _matmuls(_program(case, jnp.bfloat16)) if not _has_batch_dims(e)]
     for e in linears:
         assert _dtypes(e) == {F32} if _is_head(e, channels) else BF16 in _dtypes(e), e
     text = jax.jit(_forward).lower(model, x, t, y).as_text()
@@ -166,7 +177,7 @@ def test_low_precision_dense_rounds_once():
 
 
 def test_low_precision_dense_backward_is_bf16_and_exact():
-    """The backward matmuls of a bf16 `dense` (`_lowp.lowp_dot`) multiply bf16
+    """The backward matmuls of a bf16 `dense` (`_dots.lowp_dot`) multiply bf16
     operands, also under `vmap` (one matmul over all examples), and give the gradients
     of `dot_general(..., preferred_element_type=float32)` exactly: the cotangent they
     round to bf16 is that of a bf16 result."""
@@ -193,6 +204,48 @@ def test_low_precision_dense_backward_is_bf16_and_exact():
     assert any(e.outvars[0].aval.shape == w.shape for e in lowp)  # the weight gradient: one matmul, not per example
 
 
+
+def test_float32_dense_merges_the_batch_into_the_rows():
+    """A float32 `dense` (`_dots.rows_dot`) under `vmap` is one matmul over the merged
+    batch and token axes, so its weight gradient contracts a single axis (XLA:CPU then
+    writes that small result transposed instead of transposing the large cotangent).
+    The forward pass is `dot_general`'s bit for bit, the gradients agree to float32
+    round-off (the weight gradient sums in another order), forward-mode autodiff and
+    per-example gradients (`vmap` of `grad`) work."""
+    from pixeldit_eqx._ops import dense
+
+    kx, kw, kb, kc = jax.random.split(jax.random.key(2), 4)
+    x = jax.random.normal(kx, (3, 10, 32))
+    w = jax.random.normal(kw, (24, 32)) * 0.2
+    b = jax.random.normal(kb, (24,))
+    ct = jax.random.normal(kc, (3, 10, 24))
+
+    def plain(x, w, b):
+        return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))) + b[None, :]
+
+    ours, theirs = (jax.vmap(f, in_axes=(0, None, None)) for f in (dense, plain))
+    (got, vjp), (want, vjp_want) = jax.vjp(ours, x, w, b), jax.vjp(theirs, x, w, b)
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    for g, h in zip(vjp(ct), vjp_want(ct), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=1e-5)
+
+    jaxpr = jax.make_jaxpr(lambda x, w, b: jax.vjp(ours, x, w, b)[1](ct))(x, w, b).jaxpr
+    rows = [e for e in _eqns(jaxpr) if e.primitive.name == "pixeldit_rows_dot"]
+    assert len(rows) == 3 and not _dots(jaxpr)  # forward, input and weight gradients
+    assert all(v.aval.ndim == 2 for e in rows for v in e.invars)  # (3 * 10, d) rows
+    (weight_grad,) = [e for e in rows if e.outvars[0].aval.shape in (w.shape, w.shape[::-1])]
+    assert weight_grad.params["contract"] == ((0,), (0,))
+
+    tangents = tuple(jax.random.normal(k, a.shape) for k, a in zip(jax.random.split(kc, 3), (x, w, b)))
+    jvp_got = jax.jvp(ours, (x, w, b), tangents)[1]
+    jvp_want = jax.jvp(theirs, (x, w, b), tangents)[1]
+    np.testing.assert_allclose(np.asarray(jvp_got), np.asarray(jvp_want), rtol=1e-5, atol=1e-5)
+
+    def per_example(f):
+        return jax.vmap(jax.grad(lambda x, w: jnp.sum(f(x, w, b) ** 2), argnums=1), in_axes=(0, None))(x, w)
+
+    np.testing.assert_allclose(np.asarray(per_example(dense)), np.asarray(per_example(plain)), rtol=1e-5, atol=1e-5)
+
 def test_pixel_modulation_is_bf16_under_bf16_compute(getkey):
     """Deliberate deviation, for speed: under bf16 compute a PiT block's per-pixel adaLN
     modulation (its largest array) is rounded once to bf16 (a bf16 `dense`); the
@@ -210,7 +263,7 @@ def test_pixel_modulation_is_bf16_under_bf16_compute(getkey):
         wide = [
             v.aval.dtype
             for e in _eqns(jaxpr)
-            if e.primitive.name in ("dot_general", "pixeldit_lowp_dot")
+            if e.primitive.name in _MATMULS
             for v in e.outvars
             if v.aval.shape[-1] == n_mod_wide
         ]

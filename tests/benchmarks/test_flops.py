@@ -31,8 +31,10 @@ def test_mid_config_totals(hw, forward, forward_backward):
 def _dot_flops(jaxpr: jex_core.Jaxpr, mult: int = 1) -> int:
     total = 0
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+        if eqn.primitive.name in ("dot_general", "pixeldit_lowp_dot", "pixeldit_rows_dot"):
+            # `dense` binds the matmul primitives of `pixeldit_eqx._dots` (no batch axes)
+            dims = eqn.params.get("dimension_numbers")
+            lhs_contract = dims[0][0] if dims is not None else eqn.params["contract"][0]
             lhs = eqn.invars[0].aval.shape
             k = int(np.prod([lhs[i] for i in lhs_contract]))
             total += mult * 2 * k * int(np.prod(eqn.outvars[0].aval.shape))
