@@ -204,7 +204,6 @@ def test_low_precision_dense_backward_is_bf16_and_exact():
     assert any(e.outvars[0].aval.shape == w.shape for e in lowp)  # the weight gradient: one matmul, not per example
 
 
-
 def test_float32_dense_merges_the_batch_into_the_rows():
     """A float32 `dense` (`_dots.rows_dot`) under `vmap` is one matmul over the merged
     batch and token axes, so its weight gradient contracts a single axis (XLA:CPU then
@@ -245,6 +244,7 @@ def test_float32_dense_merges_the_batch_into_the_rows():
         return jax.vmap(jax.grad(lambda x, w: jnp.sum(f(x, w, b) ** 2), argnums=1), in_axes=(0, None))(x, w)
 
     np.testing.assert_allclose(np.asarray(per_example(dense)), np.asarray(per_example(plain)), rtol=1e-5, atol=1e-5)
+
 
 def test_pixel_modulation_is_bf16_under_bf16_compute(getkey):
     """Deliberate deviation, for speed: under bf16 compute a PiT block's per-pixel adaLN
