@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
+from jax.typing import DTypeLike
 
 
 Dims = tuple[tuple[int, ...], tuple[int, ...]]
@@ -48,7 +49,7 @@ def _move_to_front(x, axis: int, contract: Sequence[int]) -> tuple[jax.Array, tu
     return jnp.moveaxis(x, axis, 0), tuple(c + 1 for c in contract)
 
 
-def _primitive(name: str, result_dtype: object, merge_rows: bool) -> _Bind:
+def _primitive(name: str, result_dtype: DTypeLike | None, merge_rows: bool) -> _Bind:
     """A `dot_general` primitive (`preferred_element_type=result_dtype`) whose
     transposes round the cotangent to the other operand's dtype and whose batching rule
     folds a one-sided batch axis into the free axes (and, with `merge_rows`, merges the
@@ -113,10 +114,17 @@ def _primitive(name: str, result_dtype: object, merge_rows: bool) -> _Bind:
     return bind
 
 
-lowp_dot: _Bind = _primitive("pixeldit_lowp_dot", jnp.float32, merge_rows=False)
-lowp_dot.__doc__ = """`dot_general(a, b, (dims, ((), ())), preferred_element_type=float32)` for
-operands of one low-precision dtype; see the module docstring for its backward pass."""
+_lowp_dot = _primitive("pixeldit_lowp_dot", jnp.float32, merge_rows=False)
+_rows_dot = _primitive("pixeldit_rows_dot", None, merge_rows=True)
 
-rows_dot: _Bind = _primitive("pixeldit_rows_dot", None, merge_rows=True)
-rows_dot.__doc__ = """`dot_general(a, b, (dims, ((), ())))` for operands of one float32 (or
-float64) dtype; under `jax.vmap` it merges the batch axis into `a`'s rows (module docstring)."""
+
+def lowp_dot(a: jax.Array, b: jax.Array, dims: Dims) -> jax.Array:
+    """`dot_general(a, b, (dims, ((), ())), preferred_element_type=float32)` for operands
+    of one low-precision dtype; see the module docstring for its backward pass."""
+    return _lowp_dot(a, b, dims)
+
+
+def rows_dot(a: jax.Array, b: jax.Array, dims: Dims) -> jax.Array:
+    """`dot_general(a, b, (dims, ((), ())))` for operands of one float32 (or float64)
+    dtype; under `jax.vmap` it merges the batch axis into `a`'s rows (module docstring)."""
+    return _rows_dot(a, b, dims)
