@@ -1,4 +1,4 @@
-"""The matmul primitives of `modules.dense`: `dot_general` with batching and transpose
+"""The matmul primitives of `_ops.dense`: `dot_general` with batching and transpose
 rules chosen for XLA:CPU.
 
 - `lowp_dot`: a bf16 (or f16) matmul with a float32 result whose backward matmuls are
