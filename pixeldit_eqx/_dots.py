@@ -114,8 +114,10 @@ def _primitive(name: str, result_dtype: DTypeLike | None, merge_rows: bool) -> _
     return bind
 
 
-_lowp_dot = _primitive("pixeldit_lowp_dot", jnp.float32, merge_rows=False)
-_rows_dot = _primitive("pixeldit_rows_dot", None, merge_rows=True)
+#: The primitives' names, as they appear in jaxprs.
+NAMES = ("pixeldit_lowp_dot", "pixeldit_rows_dot")
+_lowp_dot = _primitive(NAMES[0], jnp.float32, merge_rows=False)
+_rows_dot = _primitive(NAMES[1], None, merge_rows=True)
 
 
 def lowp_dot(a: jax.Array, b: jax.Array, dims: Dims) -> jax.Array:

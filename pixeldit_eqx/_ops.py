@@ -93,16 +93,18 @@ def zero_linear(linear: eqx.nn.Linear) -> eqx.nn.Linear:
     return linear
 
 
+def _float_bits(*xs: Array) -> int | None:
+    """The width of the one floating dtype all of `xs` share; None if they do not share one."""
+    dtype = xs[0].dtype
+    if all(x.dtype == dtype for x in xs) and jnp.issubdtype(dtype, jnp.floating):
+        return jnp.finfo(dtype).bits
+    return None
+
+
 def _low_precision(*xs: Array) -> bool:
     """All of `xs` share one floating dtype narrower than float32 (bf16, f16)."""
-    dtype = xs[0].dtype
-    return all(x.dtype == dtype for x in xs) and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
-
-
-def _full_precision(*xs: Array) -> bool:
-    """All of `xs` share one floating dtype of at least 32 bits (float32, float64)."""
-    dtype = xs[0].dtype
-    return all(x.dtype == dtype for x in xs) and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits >= 32
+    bits = _float_bits(*xs)
+    return bits is not None and bits < 32
 
 
 def linear(layer: eqx.nn.Linear, x: Float[Array, "*batch d_in"], dtype: Any = None) -> Float[Array, "*batch d_out"]:
@@ -135,10 +137,11 @@ def dense(
     # matmul contracting a single axis, which XLA:CPU does without transposing the
     # cotangent (`_dots`). Same values forward; the weight gradient summed in another order.
     dims = ((x.ndim - 1,), (1,))
-    low = dtype is None and _low_precision(x, weight)
+    bits = _float_bits(x, weight)
+    low = dtype is None and bits is not None and bits < 32
     if low:
         out = lowp_dot(x, weight, dims)
-    elif _full_precision(x, weight) and (dtype is None or jnp.dtype(dtype) == x.dtype):
+    elif bits is not None and bits >= 32 and (dtype is None or jnp.dtype(dtype) == x.dtype):
         out = rows_dot(x, weight, dims)
     else:
         out = jax.lax.dot_general(x, weight, (dims, ((), ())), preferred_element_type=dtype)

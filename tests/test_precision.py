@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.extend import core as jex_core
 
+from pixeldit_eqx import _dots as _dots_module
 from pixeldit_eqx._compat import compile_lowered
 
 from .helpers import FIXTURES, load_case, MANIFEST, rel_err
@@ -112,7 +113,7 @@ def _dots(jaxpr):
     return [e for e in _eqns(jaxpr) if e.primitive.name == "dot_general"]
 
 
-_MATMULS = ("dot_general", "pixeldit_lowp_dot", "pixeldit_rows_dot")  # `dense` binds the `_dots` primitives
+_MATMULS = ("dot_general", *_dots_module.NAMES)  # `dense` binds the `_dots` primitives
 
 
 def _matmuls(jaxpr):

@@ -49,10 +49,6 @@ def _chunked(chunks: int):
     return apply
 
 
-def _forward(fn):
-    return eqx.filter_jit(fn)
-
-
 def _forward_backward(fn):
     """Cotangents of the input and of the MLP's parameters, as in training."""
     return eqx.filter_jit(lambda mlp, x, g: eqx.filter_vjp(fn, mlp, x)[1](g))
@@ -74,10 +70,10 @@ def main() -> None:
     calls = {"memory pass (131072, 64) float32": (jax.jit(lambda y: y * 2), (wide,))}
     forms = {"whole array": _whole} | {f"{n} chunks of the pixel axis": _chunked(n) for n in (4, 8, 16)}
     for name, fn in forms.items():
-        calls[f"forward, {name}"] = (_forward(fn), (mlp, x))
+        calls[f"forward, {name}"] = (eqx.filter_jit(fn), (mlp, x))
         calls[f"forward+backward, {name}"] = (_forward_backward(fn), (mlp, x, g))
     per_example = eqx.filter_vmap(_chunked(8), in_axes=(None, 0))  # chunks of 32 patches of one example
-    calls["forward, per example: 8 chunks of the patch axis, vmapped"] = (_forward(per_example), (mlp, xb))
+    calls["forward, per example: 8 chunks of the patch axis, vmapped"] = (eqx.filter_jit(per_example), (mlp, xb))
     calls["forward+backward, per example: 8 chunks, vmapped"] = (_forward_backward(per_example), (mlp, xb, gb))
     compiled = {name: (fn.lower(*a).compile(), a) for name, (fn, a) in calls.items()}
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.extend import core as jex_core
 
+from pixeldit_eqx import _dots
 from tests.benchmarks.bench import MID
 from tests.benchmarks.flops import pixeldit_flops
 
@@ -31,7 +32,7 @@ def test_mid_config_totals(hw, forward, forward_backward):
 def _dot_flops(jaxpr: jex_core.Jaxpr, mult: int = 1) -> int:
     total = 0
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ("dot_general", "pixeldit_lowp_dot", "pixeldit_rows_dot"):
+        if eqn.primitive.name in ("dot_general", *_dots.NAMES):
             # `dense` binds the matmul primitives of `pixeldit_eqx._dots` (no batch axes)
             dims = eqn.params.get("dimension_numbers")
             lhs_contract = dims[0][0] if dims is not None else eqn.params["contract"][0]
