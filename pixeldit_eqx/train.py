@@ -16,7 +16,7 @@ from pixeldit_eqx import train
 model = pixeldit_eqx.PixelDiT(..., num_classes=10, key=jr.key(0))
 optimizer = train.default_optimizer(1e-3, warmup_steps=100)
 state = train.init_train_state(model, optimizer, key=jr.key(1))
-step = train.jit_step(train.make_train_step(train.c2i_loss, optimizer))
+step = train.jit_steps(train.make_train_step(train.c2i_loss, optimizer), 4)
 state, losses = train.fit(step, state, batches, num_steps=1000)
 train.save_model("digits.eqx", state.ema)
 ```
@@ -24,7 +24,7 @@ train.save_model("digits.eqx", state.ema)
 The objective is the reference's rectified flow (`pixeldit_eqx.flow`: logit-normal
 times, label dropout for guidance). Design choices of this module: one pure step
 function with the jit boundary left to the caller ([`jit_step`][] compiles it with the
-state donated); the EMA is a whole model (ready to
+state donated, [`jit_steps`][] several steps per call); the EMA is a whole model (ready to
 sample), updated every step; the optimizer runs under standard dtype promotion (optax
 is not written for `jax_numpy_dtype_promotion="strict"`), the model does not.
 """
@@ -87,6 +87,7 @@ __all__ = [
     "fit",
     "init_train_state",
     "jit_step",
+    "jit_steps",
     "load_checkpoint",
     "load_model",
     "make_train_step",
@@ -406,6 +407,8 @@ def jit_step(
     state, metrics = step(state, (images, labels))
     ```
 
+    [`jit_steps`][] compiles several steps into one call, which [`fit`][] uses the same way.
+
     **Arguments:**
 
     - `step`: `step(state, batch) -> (state, metrics)`, e.g. from [`make_train_step`][].
@@ -436,13 +439,120 @@ def jit_step(
     def jitted(state: TrainState, batch: Any) -> tuple[TrainState, _Metrics]:
         donated, shared = _partition_unshared(state) if donate else eqx.partition(state, lambda _: False)
         leaves = jax.tree.leaves(shared)
-        seen: dict[int, int] = {}
-        first = tuple(seen.setdefault(id(x), i) if eqx.is_array(x) else i for i, x in enumerate(leaves))
-        new_state, metrics = compiled((batch, shared, first), donated)
+        new_state, metrics = compiled((batch, shared, _first_positions(leaves)), donated)
         new_state = jax.tree.map(lambda x: leaves[x.position] if isinstance(x, _Passed) else x, new_state)
         return new_state, metrics
 
     return jitted
+
+
+def jit_steps(
+    step: Callable[[TrainState, Any], tuple[TrainState, _Metrics]], steps_per_call: int, *, donate: bool = True
+) -> "_Steps":
+    """[`jit_step`][] for several steps in a row: one compiled program runs `step` over a
+    sequence of batches (`lax.scan`), and [`fit`][] calls it once per `steps_per_call` steps.
+
+    On CPU, XLA allocates a program's temporary buffer afresh on every call, and a large
+    one arrives as new pages the process faults in (`pixeldit_eqx.runtime`); one call
+    for several steps pays that once for all of them, without changing the process's
+    allocator. Each step computes what `jit_step`'s does (the same values); the state
+    is donated as there, and arrays held twice in it (frozen leaves the model and the
+    EMA share) are passed through, never copied.
+
+    ```python
+    steps = train.jit_steps(train.make_train_step(train.c2i_loss, optimizer), 4)
+    state, metrics = steps(state, [batch0, batch1, batch2, batch3])  # metrics["loss"]: shape (4,)
+    state, losses = train.fit(steps, state, batches, num_steps=1000)  # 250 calls
+    ```
+
+    **Arguments:**
+
+    - `step`: `step(state, batch) -> (state, metrics)`, e.g. from [`make_train_step`][];
+        it must leave the arrays held twice in the state unchanged.
+    - `steps_per_call`: how many steps [`fit`][] runs per call, >= 1.
+    - `donate`: `False` donates nothing (the state passed in stays valid).
+
+    **Returns:**
+
+    `steps(state, batches) -> (state, metrics)`: `batches` a list of 1 to `steps_per_call`
+    batches of one structure, shapes and dtypes (a shorter list runs the same program, its
+    padding skipped: `fit`'s last call takes the remainder), `metrics` with every value
+    stacked along a leading axis, one entry per step run.
+    """
+    steps_per_call = check_int("steps_per_call", steps_per_call, 1)
+    if not isinstance(donate, bool):
+        raise ValueError(f"`donate` must be a bool, got donate={donate!r}.")
+    return _Steps(step, steps_per_call, donate)
+
+
+class _Steps:
+    """The callable [`jit_steps`][] returns: several steps per compiled call."""
+
+    def __init__(self, step: Callable[[TrainState, Any], Any], steps_per_call: int, donate: bool):
+        self.steps_per_call = steps_per_call
+        body = _in_place_variant(step) if donate else step
+
+        def run(kept: tuple[Any, Any, PyTree, tuple[int, ...], PyTree], carried: PyTree) -> tuple[PyTree, Any]:
+            batches, active, shared, first, spec = kept
+            leaves, treedef = jax.tree.flatten(shared)
+            shared = jax.tree.unflatten(treedef, [leaves[i] for i in first])
+            fixed = {id(x) for x in jax.tree.leaves(shared)}
+
+            def take(carry: PyTree, batch: Any) -> tuple[PyTree, Any]:
+                new_state, metrics = body(eqx.combine(carry, shared), batch)
+                new_carry, passed = eqx.partition(new_state, spec)
+                if any(eqx.is_array(x) and id(x) not in fixed for x in jax.tree.leaves(passed)):
+                    raise ValueError(
+                        "jit_steps: the step changed an array that the state holds more than once (a leaf "
+                        "shared by the model and the EMA); only arrays held once can be carried from step to "
+                        "step. Compile this step with `train.jit_step`."
+                    )
+                return new_carry, metrics
+
+            def one(carry: PyTree, indexed: tuple[Any, Any]) -> tuple[PyTree, Any]:
+                # A loop of one trip, or none for the padding after the `active` batches:
+                # the state stays where it is, in place, and one program serves every count.
+                index, batch = indexed
+                shapes = jax.eval_shape(lambda c: take(c, batch)[1], carry)
+                zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+                trips = jnp.where(index < active, 1, 0)
+                _, carry, metrics = jax.lax.while_loop(
+                    lambda c: c[0] < trips, lambda c: (c[0] + 1, *take(c[1], batch)), (0, carry, zeros)
+                )
+                return carry, metrics
+
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+            return jax.lax.scan(one, carried, (jnp.arange(len(batches)), stacked))
+
+        self._compiled = eqx.filter_jit(run, donate="all-except-first" if donate else "none")
+
+    def __call__(self, state: TrainState, batches: Any) -> tuple[TrainState, Any]:
+        n = len(batches) if isinstance(batches, list) else 0
+        if not 1 <= n <= self.steps_per_call:
+            raise ValueError(
+                f"`batches` must be a list of 1 to steps_per_call={self.steps_per_call} batches, got "
+                + (f"{n}." if isinstance(batches, list) else f"a {type(batches).__name__}.")
+            )
+
+        def layout(batch: Any) -> tuple[Any, list[tuple[tuple[int, ...], Any]]]:
+            leaves, treedef = jax.tree.flatten(batch)
+            return treedef, [(np.shape(x), x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype) for x in leaves]
+
+        layouts = [layout(b) for b in batches]
+        for i, other in enumerate(layouts[1:], 1):
+            if other != layouts[0]:
+                raise ValueError(
+                    f"`batches`: every batch must have the structure, shapes and dtypes of the first; "
+                    f"batch {i} has {other}, batch 0 has {layouts[0]}."
+                )
+        padded = tuple(batches) + (batches[-1],) * (self.steps_per_call - n)
+        spec = _unshared(state)
+        carried, shared = eqx.partition(state, spec)
+        first = _first_positions(jax.tree.leaves(shared))
+        new_carried, metrics = self._compiled((padded, jnp.asarray(n, jnp.int32), shared, first, spec), carried)
+        if n < self.steps_per_call:
+            metrics = jax.tree.map(lambda m: m[:n], metrics)
+        return eqx.combine(new_carried, shared), metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,13 +569,26 @@ def _in_place_variant(step: Callable[[TrainState, Any], Any]) -> Callable[[Train
     return getattr(step, _IN_PLACE, step)
 
 
-def _partition_unshared(tree: PyTree) -> tuple[PyTree, PyTree]:
-    """`(arrays that occur once in tree, everything else)`, by object identity."""
+def _unshared(tree: PyTree) -> PyTree:
+    """`tree` with each leaf replaced by whether it is an array that occurs once in
+    `tree` (by object identity): a filter spec for `eqx.partition`."""
     counts: dict[int, int] = {}
     for leaf in jax.tree.leaves(tree):
         if eqx.is_array(leaf):
             counts[id(leaf)] = counts.get(id(leaf), 0) + 1
-    return eqx.partition(tree, lambda x: eqx.is_array(x) and counts[id(x)] == 1)
+    return jax.tree.map(lambda x: eqx.is_array(x) and counts[id(x)] == 1, tree)
+
+
+def _partition_unshared(tree: PyTree) -> tuple[PyTree, PyTree]:
+    """`(arrays that occur once in tree, everything else)`, by object identity."""
+    return eqx.partition(tree, _unshared(tree))
+
+
+def _first_positions(leaves: list[Any]) -> tuple[int, ...]:
+    """For each leaf, the position of its first occurrence in `leaves` (by identity for
+    arrays): how to rebuild, inside a program, the arrays held more than once."""
+    seen: dict[int, int] = {}
+    return tuple(seen.setdefault(id(x), i) if eqx.is_array(x) else i for i, x in enumerate(leaves))
 
 
 # ---------------------------------------------------------------------------------------
@@ -606,9 +729,11 @@ def fit(
     """Runs `num_steps` steps over `batches`, with a progress bar showing the loss.
 
     Steps are dispatched without waiting: the loss (and whether the step was skipped)
-    is fetched from the device only every `log_every` steps and once at the end. On
-    CPU, a process that calls `pixeldit_eqx.runtime.tune_cpu_allocator()` first runs its
-    steps without per-step page faults.
+    is fetched from the device only every `log_every` steps and once at the end. A step
+    compiled by [`jit_steps`][] is called once per `steps_per_call` batches (the last call
+    with the remainder; skips are then counted, and `log_every` honoured, at the end of
+    a call); on CPU that spares most of the per-call page faults that a process without
+    `pixeldit_eqx.runtime.tune_cpu_allocator()` pays.
 
     **Resuming.** The data position is the step count: with a function `batches(i)`
     (a seeded, step-indexed batch order), step `i` of the run trains on `batches(i)`,
@@ -621,7 +746,7 @@ def fit(
     **Arguments:**
 
     - `step`: a (jitted) step, as made by [`make_train_step`][] and compiled by
-        [`jit_step`][] (which consumes the `state` given here).
+        [`jit_steps`][] or [`jit_step`][] (which consume the `state` given here).
     - `state`: the state to start from.
     - `batches`: a function `batches(i) -> batch` of the step index `i`, or an
         iterable of batches, at least `num_steps` long (an infinite generator is fine:
@@ -676,13 +801,18 @@ def fit(
     show = progress and sys.stderr.isatty()
     losses: list[Array] = []
     flags: list[Array | None] = []
-    streak = {"length": 0, "total": 0, "checked": 0}
+    streak = {"length": 0, "total": 0, "checked": 0, "calls": 0}
 
     def check_skips(state: TrainState) -> None:
         """Count the skipped steps since the last check; raise on too long a streak."""
+        fetched = jax.device_get([(losses[i], flags[i]) for i in range(streak["calls"], len(losses))])
         start = streak["checked"]
-        fetched = jax.device_get([(losses[i], flags[i]) for i in range(start, len(losses))])
-        for offset, (loss, flag) in enumerate(fetched):
+        per_step = []
+        for call_losses, call_flags in fetched:  # one call: a scalar, or one entry per step
+            call_losses = np.ravel(call_losses)
+            call_flags = [None] * call_losses.size if call_flags is None else np.ravel(call_flags)
+            per_step += zip(call_losses, call_flags)
+        for offset, (loss, flag) in enumerate(per_step):
             skipped = bool(flag) if flag is not None else not np.isfinite(loss)
             streak["length"] = streak["length"] + 1 if skipped else 0
             streak["total"] += skipped
@@ -697,19 +827,30 @@ def fit(
                 )
                 error.state = state
                 raise error
-        streak["checked"] = len(losses)
+        streak["checked"] += len(per_step)
+        streak["calls"] = len(losses)
 
+    per_call = step.steps_per_call if isinstance(step, _Steps) else 0
     with tqdm(total=num_steps, disable=not show, desc="train", unit="step") as bar:
-        for i in range(num_steps):
-            state, metrics = step(state, next_batch(i))
+        i = 0
+        while i < num_steps:
+            if per_call:
+                n = min(per_call, num_steps - i)
+                state, metrics = step(state, [next_batch(i + j) for j in range(n)])
+            else:
+                n = 1
+                state, metrics = step(state, next_batch(i))
             losses.append(metrics["loss"])
             flags.append(metrics.get("skipped"))
-            if (i + 1) % log_every == 0 or i + 1 == num_steps:
+            done, i = i, i + n
+            if i // log_every > done // log_every or i == num_steps:
                 check_skips(state)
                 if show:
-                    bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", skipped=streak["total"], refresh=False)
-                    bar.update((i + 1) - bar.n)
-    history = np.asarray(jax.device_get(losses), dtype=np.float32).reshape(num_steps)
+                    bar.set_postfix(
+                        loss=f"{float(np.ravel(losses[-1])[-1]):.4f}", skipped=streak["total"], refresh=False
+                    )
+                    bar.update(i - bar.n)
+    history = np.concatenate([np.zeros(0, np.float32), *map(np.ravel, jax.device_get(losses))]).astype(np.float32)
     return state, history
 
 

@@ -248,6 +248,113 @@ def test_jit_step_donates_the_state_and_passes_shared_leaves_through():
         train.jit_step(raw, donate="yes")  # type: ignore[arg-type]
 
 
+def _toy_batches(n: int) -> list[tuple[Array, Array]]:
+    x, y = _toy_batch()
+    return [(x + 0.1 * i, y - 0.1 * i) for i in range(n)]
+
+
+def test_jit_steps_runs_jit_steps_steps_in_one_program():
+    """`jit_steps` gives bitwise what `jit_step` gives step by step, from one compile for
+    every count of batches up to `steps_per_call` (a shorter call's padding leaves the
+    state as it is), with per-step metrics; it donates the state but the arrays the model
+    and the EMA share, which come back as those same arrays."""
+    optimizer = optax.adam(1e-2)
+    raw = train.make_train_step(_toy_loss, optimizer, ema_decay=0.5)
+    batches = _toy_batches(5)
+
+    expected = train.init_train_state(_Toy(jr.key(0)), optimizer, key=jr.key(1))
+    one = train.jit_step(raw)
+    losses = []
+    for batch in batches:
+        expected, metrics = one(expected, batch)
+        losses.append(float(metrics["loss"]))
+
+    model = _Toy(jr.key(0))
+    scale, count = model.scale.value, model.count
+    state = first = train.init_train_state(model, optimizer, key=jr.key(1))
+    traces = []
+
+    def counted(state, batch):
+        traces.append(None)
+        return raw(state, batch)
+
+    steps = train.jit_steps(counted, 3)
+    state, head = steps(state, batches[:3])
+    traced = len(traces)
+    state, tail = steps(state, batches[3:])
+    assert len(traces) == traced  # no new trace: the same program
+    # The same values to float32 round-off: XLA fuses the update inside the loop differently.
+    assert _leaves_close(state, expected, rtol=1e-6) and int(state.step) == 5
+    assert _leaves_equal(state.key, expected.key)
+    assert head["loss"].shape == (3,) and tail["loss"].shape == (2,) and tail["skipped"].shape == (2,)
+    assert np.allclose(np.concatenate([head["loss"], tail["loss"]]), losses, rtol=1e-6)
+    assert model.linear.weight.is_deleted() and all(x.is_deleted() for x in jax.tree.leaves(first.opt_state))
+    assert not scale.is_deleted() and not count.is_deleted()
+    assert state.model.scale.value is scale and state.ema.scale.value is scale and state.ema.count is count
+
+    kept = train.init_train_state(_Toy(jr.key(0)), optimizer, key=jr.key(1))
+    out, _ = train.jit_steps(raw, 2, donate=False)(kept, batches[:2])
+    assert not any(x.is_deleted() for x in jax.tree.leaves(eqx.filter(kept, eqx.is_array)))
+    for _ in range(2):
+        kept, _ = eqx.filter_jit(raw)(kept, batches[_])
+    assert _leaves_close(out, kept)
+
+
+def test_jit_steps_errors():
+    optimizer = optax.sgd(1e-2)
+    raw = train.make_train_step(_toy_loss, optimizer)
+    state = train.init_train_state(_Toy(jr.key(0)), optimizer, key=jr.key(1))
+    steps = train.jit_steps(raw, 2, donate=False)
+    for bad, got in (
+        ([], "0"),
+        (_toy_batches(3), "3"),
+        (_toy_batch(), "a tuple"),
+        (iter(_toy_batches(1)), "a list_iterator"),
+    ):
+        with pytest.raises(ValueError, match=f"`batches` must be a list of 1 to steps_per_call=2 batches, got {got}"):
+            steps(state, bad)
+    x, y = _toy_batch()
+    with pytest.raises(ValueError, match=r"`batches`: every batch must have .* batch 1 has"):
+        steps(state, [(x, y), (x[:8], y[:8])])
+    with pytest.raises((ValueError, TypeCheckError), match="steps_per_call"):
+        train.jit_steps(raw, 0)
+    with pytest.raises((ValueError, TypeCheckError), match="donate"):
+        train.jit_steps(raw, 2, donate=1)  # type: ignore[arg-type]
+
+    def rescales(state, batch):  # changes the Buffer the model and the EMA share
+        state, metrics = raw(state, batch)
+        scale = pixeldit_eqx.Buffer(state.model.scale.value * 2)
+        return eqx.tree_at(lambda s: (s.model.scale, s.ema.scale), state, (scale, scale)), metrics
+
+    with pytest.raises(ValueError, match="holds more than once"):
+        train.jit_steps(rescales, 2, donate=False)(state, _toy_batches(2))
+
+
+def test_fit_with_jit_steps_matches_jit_step():
+    """`fit` calls a `jit_steps` step once per `steps_per_call` batches (the last call
+    with the remainder): the same losses and state as one step per call, and a streak of
+    skipped steps across calls still raises."""
+    optimizer = optax.adam(1e-2)
+    raw = train.make_train_step(_toy_loss, optimizer)
+    batches = _toy_batches(7)
+
+    def run(step):
+        state = train.init_train_state(_Toy(jr.key(0)), optimizer, key=jr.key(1))
+        return train.fit(step, state, batches, num_steps=7, progress=False, log_every=2)
+
+    (state, losses), (expected, expected_losses) = run(train.jit_steps(raw, 3)), run(train.jit_step(raw))
+    assert losses.shape == (7,) and losses.dtype == np.float32
+    assert np.allclose(losses, expected_losses, rtol=1e-6) and _leaves_close(state, expected, rtol=1e-6)
+
+    state = train.init_train_state(_Toy(jr.key(0)), optimizer, key=jr.key(1))
+    nan = [(x * np.nan, y) for x, y in _toy_batches(9)]
+    with pytest.raises(train.NonFiniteTrainingError, match="4 consecutive training steps") as info:
+        train.fit(
+            train.jit_steps(raw, 3), state, nan, num_steps=9, progress=False, max_consecutive_skips=4, log_every=1
+        )
+    assert int(info.value.state.step) == 6  # checked after each call of three steps
+
+
 def test_fit_errors_and_history():
     model = _Toy(jr.key(0))
     optimizer = optax.sgd(1e-2)
