@@ -253,12 +253,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
         s = s.astype(jnp.float32)
         return jnp.minimum(0.995, (1.0 + s) / (10.0 + s))
 
-    step = train.jit_step(
+    # Ten steps per compiled call: the job's steps are short, and each call pays for its
+    # program's temporary buffer and its dispatch.
+    step = train.jit_steps(
         train.make_train_step(
             functools.partial(train.pixeldit2_loss, null_condition_p=0.1) if grounded else train.c2i_loss,
             optimizer,
             ema_decay=ema_warmup,
-        )
+        ),
+        10,
     )
     stream = batches(to_model(data["x_train"]), data["y_train"], args.batch_size, args.seed)
     t0 = time.perf_counter()
