@@ -45,7 +45,9 @@ CPU's model and the flags that decide XLA:CPU's matmul paths (AVX-512, bf16, AMX
   also with the allocator tuned and `runtime.release_free_memory()` after loading (or
   building) and after compiling, for both ways of building the model; without
   `runtime.release_after_compile` (on from import); and the whole training recipe
-  (constructor, AdamW and an EMA, `train.fit`).
+  (constructor, AdamW and an EMA, `train.jit_steps`, `train.fit`).
+- **training step**: AdamW + EMA under `eqx.filter_jit`, `train.jit_step` and
+  `train.jit_steps` (4 steps per call), ms per step, timed alternately in this process.
 - **attention-shaped batched matmul**: the rate of the attention scores' matmul at the
   128x128 shape (32 heads-times-examples of 256x64 @ 64x256), against the matmul rate.
   XLA:CPU runs a matmul with batch dimensions on one thread; this line shows what that
@@ -99,6 +101,8 @@ from tests.benchmarks.mid import BATCH, MID  # noqa: E402
 
 
 MATMUL_N = 2048
+# Steps per compiled call of the README's training recipe (`train.jit_steps`).
+STEPS_PER_CALL = 4
 # XLA:CPU's dots through XNNPACK one by one instead of YNNPACK fusions: an XLA setting of
 # the process (experimental flags, renamed between versions), shown for comparison.
 XNN_DOTS = (
@@ -321,8 +325,9 @@ def memory_child(spec: dict) -> dict:
 
 def recipe_memory(spec: dict, phases: dict) -> dict:
     """Peak memory of the training recipe: the constructor, `train.init_train_state`
-    (AdamW and an EMA), `make_train_step` under `train.jit_step`, `train.fit` for `steps`
-    steps; the peak of the steps after the first (which compiles) is kept apart."""
+    (AdamW and an EMA), `make_train_step` under `train.jit_steps` (STEPS_PER_CALL steps per
+    call), `train.fit` for `steps` steps; the peak of the steps after the first call (which
+    compiles) is kept apart."""
     from pixeldit_eqx import train
 
     config, variant = spec["config"], spec["variant"]
@@ -333,7 +338,8 @@ def recipe_memory(spec: dict, phases: dict) -> dict:
     jax.block_until_ready(state)
     phases["build"] = _rss_mib()
     x, _, y = inputs(config, variant, spec["hw"], spec["batch"])
-    step = train.jit_step(train.make_train_step(train.c2i_loss, optimizer))
+    raw = train.make_train_step(train.c2i_loss, optimizer)
+    step = train.jit_steps(raw, STEPS_PER_CALL)
     state, first = train.fit(step, state, lambda i: (x, y), num_steps=1, progress=False)
     phases["compile"] = _rss_mib()
     steps_peak = None
@@ -532,25 +538,39 @@ def dtype_case(config: dict, variant: str, hw: int, batch: int, repeats: int) ->
 
 
 def train_step_case(config: dict, hw: int, batch: int, repeats: int) -> dict:
-    """The training step (AdamW, EMA) under `eqx.filter_jit` and under `train.jit_step`
-    (the state donated), one call of each in turn, each threading its own state."""
+    """The training step (AdamW, EMA) under `eqx.filter_jit`, under `train.jit_step` (the
+    state donated) and under `train.jit_steps` (donated, STEPS_PER_CALL steps per call):
+    each runs STEPS_PER_CALL steps in turn, threading its own state; ms per step."""
     from pixeldit_eqx import train
 
     optimizer = train.default_optimizer(1e-4)
     step = train.make_train_step(train.c2i_loss, optimizer)
     x, _, y = inputs(config, "c2i", hw, batch)
-    runs = {"filter_jit": eqx.filter_jit(step), "jit_step": train.jit_step(step)}
+    per_call = train.jit_steps(step, STEPS_PER_CALL)
+    runs = {"filter_jit": eqx.filter_jit(step), "jit_step": train.jit_step(step), "jit_steps": per_call}
     states = {k: train.init_train_state(random_model(config, "c2i"), optimizer, key=jax.random.key(1)) for k in runs}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(repeats + 1):  # the first round compiles and warms up
-        for k, fn in runs.items():
+        for k in list(runs) if i % 2 else list(runs)[::-1]:
             t0 = time.perf_counter()
-            states[k], metrics = fn(states[k], (x, y))
+            if k == "jit_steps":
+                states[k], _ = per_call(states[k], [(x, y)] * STEPS_PER_CALL)
+            else:
+                for _ in range(STEPS_PER_CALL):
+                    states[k], _ = runs[k](states[k], (x, y))
             jax.block_until_ready(states[k])
             if i:
-                times[k].append(time.perf_counter() - t0)
-    plain, donated = (statistics.median(times[k]) for k in runs)
-    return {"hw": hw, "batch": batch, "filter_jit_s": plain, "jit_step_s": donated, "speedup": plain / donated}
+                times[k].append((time.perf_counter() - t0) / STEPS_PER_CALL)
+    plain, donated, several = (statistics.median(times[k]) for k in runs)
+    return {
+        "hw": hw,
+        "batch": batch,
+        "filter_jit_s": plain,
+        "jit_step_s": donated,
+        "jit_steps_s": several,
+        "speedup": plain / donated,
+        "steps_speedup": plain / several,
+    }
 
 
 def torch_case(python: str, reference: str, repeats: int) -> dict:
@@ -774,13 +794,16 @@ def render(results: dict) -> str:
                     f"| {_ms(q['bfloat16_s'])} | {q['speedup']:.2f}x |"
                 )
     if results.get("train_step"):
-        lines.append("\n## Training step (AdamW + EMA): plain jit against `train.jit_step`, timed alternately\n")
-        lines.append("| case | eqx.filter_jit ms | train.jit_step ms | ratio |")
-        lines.append("|---|---:|---:|---:|")
+        lines.append(
+            "\n## Training step (AdamW + EMA): plain jit against `train.jit_step` and "
+            f"`train.jit_steps(step, {STEPS_PER_CALL})`, ms per step, timed alternately (default process)\n"
+        )
+        lines.append("| case | eqx.filter_jit | train.jit_step | ratio | train.jit_steps | ratio |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
         for r in results["train_step"]:
             lines.append(
                 f"| mid {r['hw']}px b{r['batch']} | {_ms(r['filter_jit_s'])} | {_ms(r['jit_step_s'])} "
-                f"| {r['speedup']:.2f}x |"
+                f"| {r['speedup']:.2f}x | {_ms(r['jit_steps_s'])} | {r['steps_speedup']:.2f}x |"
             )
     lines.extend(comparison(results))
     if results.get("compile"):
@@ -975,7 +998,7 @@ def main() -> None:
 
     results["train_step"] = []
     for hw in (64, 128):
-        log(f"train step: eqx.filter_jit and train.jit_step (donated state), {hw}x{hw}")
+        log(f"train step: eqx.filter_jit, train.jit_step and train.jit_steps, {hw}x{hw}")
         results["train_step"].append(train_step_case(MID, hw, BATCH, max(3, repeats - 2)))
 
     if args.torch_python:
@@ -995,7 +1018,7 @@ def main() -> None:
         ("mid 64px b8 (weights loaded)", 64, False, "state_dict", 10, None, False),
         ("mid 64px b8 (constructor init)", 64, False, "constructor", 10, None, False),
         ("mid 64px b8 (constructor init, release_after_compile(False))", 64, False, "constructor", 10, None, False),
-        ("train.fit recipe: constructor, AdamW + EMA, mid 64px b8", 64, False, "constructor", 10, None, False),
+        ("train.fit recipe: AdamW + EMA, jit_steps, mid 64px b8", 64, False, "constructor", 10, None, False),
     ]
     if on_cpu:
         mem_specs.append(("mid 64px b8 (weights loaded, tuned allocator)", 64, False, "state_dict", 10, None, True))
