@@ -455,9 +455,10 @@ def jit_steps(
     On CPU, XLA allocates a program's temporary buffer afresh on every call, and a large
     one arrives as new pages the process faults in (`pixeldit_eqx.runtime`); one call
     for several steps pays that once for all of them, without changing the process's
-    allocator. Each step computes what `jit_step`'s does (the same values); the state
-    is donated as there, and arrays held twice in it (frozen leaves the model and the
-    EMA share) are passed through, never copied.
+    allocator. Each step computes what `jit_step`'s does (the same values; the
+    reference's Lightning loop runs one step per call); the state is donated as there,
+    and arrays held twice in it (frozen leaves the model and the EMA share) are passed
+    through, never copied.
 
     ```python
     steps = train.jit_steps(train.make_train_step(train.c2i_loss, optimizer), 4)
@@ -850,7 +851,7 @@ def fit(
                         loss=f"{float(np.ravel(losses[-1])[-1]):.4f}", skipped=streak["total"], refresh=False
                     )
                     bar.update(i - bar.n)
-    history = np.concatenate([np.zeros(0, np.float32), *map(np.ravel, jax.device_get(losses))]).astype(np.float32)
+    history = np.concatenate([np.ravel(x) for x in jax.device_get(losses)] or [np.zeros(0)]).astype(np.float32)
     return state, history
 
 
