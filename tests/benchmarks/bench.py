@@ -22,7 +22,10 @@ CPU's model and the flags that decide XLA:CPU's matmul paths (AVX-512, bf16, AMX
   twice: in this (default) process, and in a subprocess that first calls
   `pixeldit_eqx.runtime.tune_cpu_allocator()` (no per-call page faults), and in one
   with XLA's dots routed through XNNPACK one at a time (`XNN_DOTS`, when this XLA knows
-  the flags), for comparison.
+  the flags), for comparison. Where glibc (>= 2.35) and the kernel offer transparent huge
+  pages, also in a subprocess started with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
+  (`HUGE_PAGES`): the default allocator with huge pages behind its large blocks, so a call
+  faults its temporary buffer in 2 MiB at a time instead of 4 KiB.
 - **bf16 compute**: forward and forward+backward with `compute_dtype=jnp.bfloat16`
   against float32, same weights, timed alternately; the target on a CPU with bf16 dot
   instructions is 1.5x at 128x128.
@@ -43,7 +46,8 @@ CPU's model and the flags that decide XLA:CPU's matmul paths (AVX-512, bf16, AMX
   `peak_bytes_in_use`), with the resident set after each phase; at 128x128 with
   `checkpoint` off and on. Also XLA's own temp-buffer size for each program. On CPU
   also with the allocator tuned and `runtime.release_free_memory()` after loading (or
-  building) and after compiling, for both ways of building the model; without
+  building) and after compiling, for both ways of building the model; with the
+  constructor in a process started with `GLIBC_TUNABLES=HUGE_PAGES`; without
   `runtime.release_after_compile` (on from import); and the whole training recipe
   (constructor, AdamW and an EMA, `train.jit_steps`, `train.fit`).
 - **training step**: AdamW + EMA under `eqx.filter_jit`, `train.jit_step` and
@@ -76,6 +80,7 @@ cache-sized chunks.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -113,6 +118,25 @@ XNN_DOTS = (
 # --------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------
+
+
+# glibc's tunable that backs malloc's large blocks with transparent huge pages (read at
+# process start, so only a fresh process can have it).
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+
+
+def huge_pages_available() -> bool:
+    """Whether a process started with `GLIBC_TUNABLES=HUGE_PAGES` gets huge pages: glibc
+    >= 2.35 (older ones ignore the tunable) and transparent huge pages not off."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        major, minor = (int(part) for part in libc.gnu_get_libc_version().decode().split(".")[:2])
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+    except (OSError, AttributeError, ValueError):  # not Linux with glibc
+        return False
+    return (major, minor) >= (2, 35) and "[never]" not in mode
 
 
 def _rss_mib() -> dict[str, float]:
@@ -239,18 +263,31 @@ def time_calls(compiled: Any, args: tuple, repeats: int, mm: MatmulRate) -> dict
     """Median wall time of `compiled(*args)` after one warm-up call, each call preceded
     by one matmul-rate sample."""
     jax.block_until_ready(compiled(*args))
-    times, rates = [], []
+    times, rates, faults = [], [], []
     for _ in range(repeats):
         rates.append(mm.sample())
+        faults_before = _minor_faults()
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t0)
+        faults.append(_minor_faults() - faults_before)
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
         "times_s": times,
         "matmul_flops_per_s": statistics.median(rates),
+        "minor_faults": statistics.median(faults),
     }
+
+
+def _minor_faults() -> int:
+    """This process's minor page faults so far (each a page mapped on first touch); 0
+    where the platform does not count them."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def batched_matmul_case(mm: MatmulRate, repeats: int = 21) -> dict[str, Any]:
@@ -392,12 +429,15 @@ def xla_knows_flags(flags: str) -> bool:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=300).returncode == 0
 
 
-def run_child(spec: dict, timeout: float = 900, xla_flags: str | None = None) -> Any:
-    """Run `memory_child` (or `speed_child`, for a spec with `speed`) in a fresh process."""
+def run_child(spec: dict, timeout: float = 900, xla_flags: str | None = None, glibc_tunables: str | None = None) -> Any:
+    """Run `memory_child` (or `speed_child`, for a spec with `speed`) in a fresh process,
+    with `xla_flags` added to `XLA_FLAGS` and `glibc_tunables` to `GLIBC_TUNABLES`."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
     env = dict(os.environ)
     if xla_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+    if glibc_tunables:
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, (env.get("GLIBC_TUNABLES"), glibc_tunables)))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode:
         raise RuntimeError(f"memory child failed:\n{proc.stderr[-3000:]}")
@@ -690,6 +730,7 @@ def comparison(results: dict) -> list[str]:
     for label, allocator, mem in (
         ("pixeldit_eqx", None, "mid 64px b8 (constructor init)"),
         ("pixeldit_eqx, `tune_cpu_allocator()`", "tuned", "mid 64px b8 (constructor init, tuned allocator)"),
+        (f"pixeldit_eqx, `GLIBC_TUNABLES={HUGE_PAGES}`", HUGE_PAGES, f"mid 64px b8 (constructor init, {HUGE_PAGES})"),
     ):
         if (64, allocator) in speed and (128, allocator) in speed:
             times = [speed[(hw, allocator)][p]["median_s"] for hw in (64, 128) for p in ("forward", "forward_backward")]
@@ -711,6 +752,17 @@ def comparison(results: dict) -> list[str]:
         peak = f"{mem:.0f} MiB" if mem is not None else ""
         lines.append(f"| {label} | " + " | ".join(f"{1e3 * t:,.0f}" for t in times) + f" | {peak} |")
     return lines
+
+
+def _setting(allocator: str | None) -> str:
+    """How a speed case's process was set up, as a label suffix."""
+    if allocator is None:
+        return ""
+    if allocator == "tuned":
+        return " (tuned allocator)"
+    if allocator == HUGE_PAGES:
+        return f" (GLIBC_TUNABLES={HUGE_PAGES})"
+    return f" (XLA_FLAGS={allocator})"
 
 
 def render(results: dict) -> str:
@@ -738,9 +790,9 @@ def render(results: dict) -> str:
     lines.append("## Speed (median after warm-up; FLOPs analytic, see flops.py)\n")
     lines.append(
         "| case | pass | GFLOP | ms / batch | ms / example | GFLOP/s "
-        "| matmul GFLOP/s | of matmul rate | compile s | XLA temp MiB |"
+        "| matmul GFLOP/s | of matmul rate | compile s | XLA temp MiB | page faults / call |"
     )
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for case in results["speed"]:
         for pass_name in ("forward", "forward_backward"):
             r = case.get(pass_name)
@@ -749,16 +801,13 @@ def render(results: dict) -> str:
             label = f"{case['case']} {case['hw']}px b{case['batch']}"
             if case["checkpoint"]:
                 label += " (checkpoint)"
-            if case.get("allocator") == "tuned":
-                label += " (tuned allocator)"
-            elif case.get("allocator"):
-                label += f" (XLA_FLAGS={case['allocator']})"
+            label += _setting(case.get("allocator"))
             lines.append(
                 f"| {label} | {pass_name.replace('_', '+')} | {r['flops'] / 1e9:.2f} "
                 f"| {_ms(r['median_s'])} | {_ms(r['per_example_s'])} "
                 f"| {r['flops_per_s'] / 1e9:.1f} | {r['matmul_flops_per_s'] / 1e9:.1f} "
                 f"| {100 * r['fraction_of_matmul']:.0f}% | {r['compile_s']:.1f} "
-                f"| {r.get('temp_mib', float('nan')):.0f} |"
+                f"| {r.get('temp_mib', float('nan')):.0f} | {r.get('minor_faults', float('nan')):,.0f} |"
             )
     if results.get("split"):
         lines.append("\n## Where the time goes: whole model against `patch_level` alone (same process)\n")
@@ -872,9 +921,9 @@ def checks(results: dict) -> dict[str, tuple[bool, str]]:
     for case in results["speed"]:
         if case["case"] != "mid" or case["checkpoint"]:
             continue
-        if case.get("allocator") not in (None, "tuned"):
+        if case.get("allocator") not in (None, "tuned", HUGE_PAGES):
             continue  # the XLA-flags rows are for comparison
-        setting = " (tuned allocator)" if case.get("allocator") == "tuned" else " (default process)"
+        setting = _setting(case.get("allocator")) or " (default process)"
         for pass_name in ("forward", "forward_backward"):
             f = case[pass_name]["fraction_of_matmul"]
             out[f"mid {case['hw']}px {pass_name} >= 55% of matmul rate{setting}"] = (
@@ -886,7 +935,7 @@ def checks(results: dict) -> dict[str, tuple[bool, str]]:
             share = r["forward_backward"]["pixel_path_share"]
             out["mid 128px forward+backward: pixel path <= 25% of the time"] = (share <= 0.25, f"{100 * share:.0f}%")
     for r in results.get("memory", []):
-        if r["label"].startswith("mid 64px") and not r.get("xla_flags") and "(False)" not in r["label"]:
+        if r["label"].startswith(("mid 64px", "train.fit")) and not r.get("xla_flags") and "(False)" not in r["label"]:
             out[f"{r['label']}: peak RSS <= 700 MiB"] = (
                 r["peak_rss_mib"] <= 700,
                 f"{r['peak_rss_mib']:.0f} MiB",
@@ -980,8 +1029,12 @@ def main() -> None:
         results["speed"].extend(run_child(spec))
         if xla_knows_flags(XNN_DOTS):
             log(f"speed: mid config 64x64 and 128x128 with XLA_FLAGS={XNN_DOTS} (subprocess)")
-            spec = {**spec, "tuned": False, "label": XNN_DOTS}
-            results["speed"].extend(run_child(spec, xla_flags=XNN_DOTS))
+            results["speed"].extend(run_child({**spec, "tuned": False, "label": XNN_DOTS}, xla_flags=XNN_DOTS))
+        if huge_pages_available():
+            log(f"speed: mid config 64x64 and 128x128 with GLIBC_TUNABLES={HUGE_PAGES} (subprocess)")
+            results["speed"].extend(run_child({**spec, "tuned": False, "label": HUGE_PAGES}, glibc_tunables=HUGE_PAGES))
+        else:
+            log("speed: no transparent huge pages for malloc here (glibc < 2.35 or THP off); that row is left out")
     log("speed: mid config 128x128 with checkpoint=True (forward+backward)")
     case = speed_case("mid", MID, "c2i", 128, BATCH, max(3, repeats - 2), mm, checkpoint=True)
     results["speed"].append(case)
@@ -1023,6 +1076,10 @@ def main() -> None:
     if on_cpu:
         mem_specs.append(("mid 64px b8 (weights loaded, tuned allocator)", 64, False, "state_dict", 10, None, True))
         mem_specs.append(("mid 64px b8 (constructor init, tuned allocator)", 64, False, "constructor", 10, None, True))
+        if huge_pages_available():
+            mem_specs.append(
+                (f"mid 64px b8 (constructor init, {HUGE_PAGES})", 64, False, "constructor", 10, None, False)
+            )
         # XLA:CPU's fusion emitters dominate the compile-time peak; shown for reference.
         flag = "--xla_cpu_use_fusion_emitters=false"
         if xla_knows_flags(flag):
@@ -1041,7 +1098,8 @@ def main() -> None:
             init=init, steps=steps, tuned=tuned,
             keep_compile_scratch="release_after_compile(False)" in label, recipe=label.startswith("train.fit"),
         )  # fmt: skip
-        child = run_child(spec, xla_flags=flags)
+        tunables = HUGE_PAGES if HUGE_PAGES in label else None
+        child = run_child(spec, xla_flags=flags, glibc_tunables=tunables)
         results["memory"].append({"label": label, "steps": steps, "xla_flags": flags, "tuned": tuned, **child})
 
     if xl != "skip":
