@@ -4,7 +4,12 @@ XLA:CPU allocates a program's temporary buffer afresh on every call. glibc serve
 over 32 MiB with new `mmap` pages and unmaps them on free, so each call of a jitted
 training step page-faults its whole working set again (`docs/performance.md` has the
 benchmark's counts and times).
-`tune_cpu_allocator` keeps large blocks in the heap, so steps reuse their pages.
+`tune_cpu_allocator` keeps large blocks in the heap, so steps reuse their pages. The
+alternative that needs no code and keeps no freed memory is a setting of glibc (>= 2.35)
+read when the process starts: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py`
+backs malloc's large blocks with transparent huge pages (where the kernel's
+`/sys/kernel/mm/transparent_hugepage/enabled` is not `never`), so a call faults its
+buffer in 2 MiB at a time instead of 4 KiB.
 
 Compiling a large program leaves a few hundred MiB of freed memory scattered in the
 heap (XLA's fusion emitters); `release_free_memory` hands it back to the system. Importing
