@@ -62,7 +62,7 @@ from . import flow
 from ._checks import check_choice, check_int, is_array_like, is_key
 from ._custom_types import Array, Float, Int, Real
 from ._optional import require
-from .train import _in_place_variant, jit_step, make_train_step, TrainState
+from .train import _in_place_variant, _Steps, _unshared, jit_step, make_train_step, TrainState
 
 
 if TYPE_CHECKING:
@@ -275,7 +275,8 @@ def shard_state(
 
     Call it once, before the first step; the sharded step keeps the layout. The arrays
     are copied: a step that donates the sharded state leaves `state` (and the model it
-    was built from) intact.
+    was built from) intact. An array the state holds twice (a frozen leaf the model and
+    the EMA share) is placed once and stays shared, as the steps keep it.
 
     Across several processes every process must pass the same values (initialise with
     the same key); each builds the global arrays from the shards its own devices hold
@@ -311,14 +312,23 @@ def shard_state(
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(arrays)):
         arrays = jax.tree.map(jax.lax.with_sharding_constraint, arrays, shardings)
         return eqx.combine(arrays, rest)
-    if jax.process_count() == 1:
-        # Copy first: `device_put` may reuse a buffer of the input for one of the output's
-        # shards (even with `may_alias=False`, jax 0.10), and a step that donates the
-        # sharded state would then delete arrays of the input (the user's model, say).
-        copies = jax.tree.map(jnp.copy, arrays)
-        return eqx.combine(jax.device_put(copies, shardings), rest)
-    _check_processes_agree(arrays)
-    return eqx.combine(jax.tree.map(_place, arrays, shardings), rest)
+    single = jax.process_count() == 1
+    if not single:
+        _check_processes_agree(arrays)
+    # An array held twice (a frozen leaf the model and the EMA share) is placed once and
+    # stays shared: the steps pass it through, and its memory is not doubled.
+    placed: dict[int, jax.Array] = {}
+
+    def once(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+        if id(x) not in placed:
+            # Copied first: `device_put` may reuse a buffer of the input for one of the
+            # output's shards (even with `may_alias=False`, jax 0.10), and a step that
+            # donates the sharded state would then delete arrays of the input (the
+            # user's model, say).
+            placed[id(x)] = jax.device_put(jnp.copy(x), sharding) if single else _place(x, sharding)
+        return placed[id(x)]
+
+    return eqx.combine(jax.tree.map(once, arrays, shardings), rest)
 
 
 def _place(x: jax.Array, sharding: NamedSharding) -> jax.Array:
@@ -406,6 +416,12 @@ def _assemble(batch: PyTree, sharding: NamedSharding) -> PyTree:
     return jax.tree.map(one, batch)
 
 
+def _constrain_partition(tree: PyTree, spec: PyTree, sharding_of: Callable[[Any], NamedSharding]) -> PyTree:
+    """`_constrain` on the leaves of `tree` that `spec` selects; the others unchanged."""
+    chosen, rest = eqx.partition(tree, spec)
+    return eqx.combine(_constrain(chosen, sharding_of), rest)
+
+
 def _constrain(tree: PyTree, sharding_of: Callable[[Any], NamedSharding]) -> PyTree:
     """`with_sharding_constraint` on every array leaf of `tree` (inside `jit`)."""
 
@@ -430,6 +446,7 @@ def make_sharded_train_step(
     donate: bool = True,
     axis: str = "data",
     min_size: int = _MIN_SIZE,
+    steps_per_call: int | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Float[Array, ""]]]]:
     """The train step of [`pixeldit_eqx.train.make_train_step`][], compiled for a mesh.
 
@@ -452,10 +469,16 @@ def make_sharded_train_step(
     - `donate`: let the step reuse the buffers of the state it is given (that state is
         then deleted: use the returned one). The batch is never donated.
     - `axis`, `min_size`: as for [`state_sharding`][].
+    - `steps_per_call`: `None` for one step per call; a count >= 1 compiles that many
+        steps into one call, as [`pixeldit_eqx.train.jit_steps`][] does (on CPU a call's
+        temporary buffers are mapped afresh, so fewer calls fault fewer pages).
 
     **Returns:**
 
-    `step(state, batch) -> (state, metrics)`, compiled on its first call. Pass a state
+    `step(state, batch) -> (state, metrics)`, compiled on its first call; with
+    `steps_per_call`, `step(state, batches) -> (state, metrics)` for a list of 1 to
+    `steps_per_call` batches, metrics stacked, one entry per step (what
+    [`pixeldit_eqx.train.fit`][] calls once per `steps_per_call` steps). Pass a state
     placed by [`shard_state`][] with the same `strategy` (so that the layout it arrives
     in is the one it leaves in) and a batch from [`shard_batch`][] (numpy arrays work
     too, at the cost of a host-to-device copy inside the call; across processes, as for
@@ -463,6 +486,9 @@ def make_sharded_train_step(
     divisible by the size of `axis` (`ValueError` otherwise).
     """
     size = _check_mesh(mesh, axis)
+    steps_per_call = check_int("steps_per_call", steps_per_call, 1, none_ok=True)
+    if not isinstance(donate, bool):
+        raise ValueError(f"`donate` must be a bool, got donate={donate!r}.")
     layout = _layout(mesh, strategy, axis, min_size)
     data = NamedSharding(mesh, P(axis))
     replicated = NamedSharding(mesh, P())
@@ -481,19 +507,25 @@ def make_sharded_train_step(
     body = _in_place_variant(step) if donate else step
 
     def sharded(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Float[Array, ""]]]:
+        # Arrays held twice (frozen leaves the model and the EMA share) stay as they came:
+        # the compiled step passes them through untouched, never copied.
+        once = _unshared(state)
         batch = _constrain(batch, lambda _: data)
-        state = _constrain(state, layout)
+        state = _constrain_partition(state, once, layout)
         state, metrics = body(state, batch)
-        return _constrain(state, layout), _constrain(metrics, lambda _: replicated)
+        return _constrain_partition(state, once, layout), _constrain(metrics, lambda _: replicated)
 
+    def prepare(name: str, batch: Any) -> Any:
+        processes = jax.process_count()
+        _batch_size(batch, name, size, scale=processes)
+        return _assemble(batch, data) if processes > 1 else batch
+
+    if steps_per_call is not None:
+        return _Steps(sharded, steps_per_call, donate, prepare)
     compiled = jit_step(sharded, donate=donate)
 
     def sharded_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Float[Array, ""]]]:
-        processes = jax.process_count()
-        _batch_size(batch, "batch", size, scale=processes)
-        if processes > 1:
-            batch = _assemble(batch, data)
-        return compiled(state, batch)
+        return compiled(state, prepare("batch", batch))
 
     return sharded_step
 

@@ -489,8 +489,17 @@ def jit_steps(
 class _Steps:
     """The callable [`jit_steps`][] returns: several steps per compiled call."""
 
-    def __init__(self, step: Callable[[TrainState, Any], Any], steps_per_call: int, donate: bool):
+    def __init__(
+        self,
+        step: Callable[[TrainState, Any], Any],
+        steps_per_call: int,
+        donate: bool,
+        prepare: Callable[[str, Any], Any] | None = None,
+    ):
+        # `prepare(name, batch)`: checks a batch (named `name` in errors) and returns what
+        # the program takes, e.g. a global array assembled from each process's part.
         self.steps_per_call = steps_per_call
+        self._prepare = prepare
         body = _in_place_variant(step) if donate else step
 
         def run(kept: tuple[Any, Any, PyTree, tuple[int, ...], PyTree], carried: PyTree) -> tuple[PyTree, Any]:
@@ -534,6 +543,8 @@ class _Steps:
                 f"`batches` must be a list of 1 to steps_per_call={self.steps_per_call} batches, got "
                 + (f"{n}." if isinstance(batches, list) else f"a {type(batches).__name__}.")
             )
+        if self._prepare is not None:
+            batches = [self._prepare(f"batches[{i}]", b) for i, b in enumerate(batches)]
 
         def layout(batch: Any) -> tuple[Any, list[tuple[tuple[int, ...], Any]]]:
             leaves, treedef = jax.tree.flatten(batch)

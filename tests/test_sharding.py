@@ -260,6 +260,35 @@ def test_sharded_step_equals_single_device_step(mesh, setup, single_device, stra
     assert max(moved) > 1e-4
 
 
+@pytest.mark.parametrize("strategy", ["replicated", "fsdp"])
+def test_sharded_steps_per_call_equal_single_device_steps(mesh, setup, single_device, strategy):
+    """`steps_per_call`: several steps in one call (a shorter list runs with its padding
+    skipped), the same numbers as the single-device steps, and `fit` drives it."""
+    fresh_state, optimizer, batch = setup
+    expected_states, expected_metrics = single_device
+    steps = sharding.make_sharded_train_step(train.c2i_loss, optimizer, mesh, strategy=strategy, steps_per_call=3)
+    state = sharding.shard_state(fresh_state(), mesh, strategy=strategy)
+    layout = jax.tree.leaves(jax.tree.map(lambda x: x.sharding, eqx.filter(state, eqx.is_array)))
+    previous = state
+    state, metrics = steps(state, [sharding.shard_batch(batch, mesh), batch])  # sharded and numpy
+    assert not [p for p, x in _with_paths(previous) if not x.is_deleted() and not _held_twice(previous, x)]
+    assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, eqx.filter(state, eqx.is_array))) == layout
+    for name in ("loss", "grad_norm"):
+        assert metrics[name].shape == (2,)
+        want = [m[name] for m in expected_metrics]
+        np.testing.assert_allclose(metrics[name], want, rtol=RTOL, atol=ATOL, err_msg=name)
+    for path, g, w in zip([p for p, _ in _with_paths(state)], _arrays(state), _arrays(expected_states[1])):
+        np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=path)
+    state, losses = train.fit(steps, state, lambda i: batch, num_steps=4, progress=False)
+    assert int(state.step) == 6 and losses.shape == (4,) and np.isfinite(losses).all()
+    assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, eqx.filter(state, eqx.is_array))) == layout
+
+
+def _held_twice(tree, x) -> bool:
+    """Whether the array `x` occurs more than once in `tree` (never donated)."""
+    return sum(leaf is x for leaf in jax.tree.leaves(tree)) > 1
+
+
 def test_sharded_step_takes_any_model_and_numpy_batches(mesh):
     """The step is model-agnostic; a numpy batch is split inside the call."""
 
@@ -293,6 +322,45 @@ def test_sharded_step_takes_any_model_and_numpy_batches(mesh):
         np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
 
 
+class _Scaled(eqx.Module):
+    """A Linear times a frozen `Buffer`: the model and the EMA share the Buffer's array."""
+
+    linear: eqx.nn.Linear
+    scale: px.Buffer
+
+    def __call__(self, x):
+        return self.linear(x) * self.scale.value
+
+
+@pytest.mark.parametrize("steps_per_call", [None, 2])
+def test_arrays_held_twice_stay_shared(mesh, steps_per_call):
+    """`shard_state` places an array the state holds twice once, and the sharded step,
+    one step or several per call, passes it through: never copied, never donated."""
+
+    def loss_fn(model, batch, key):
+        x, y = batch
+        return jnp.mean(jnp.square(jax.vmap(model)(x) - y))
+
+    optimizer = train.default_optimizer(1e-2, eps=1e-6)
+    model = _Scaled(eqx.nn.Linear(64, 8, key=jr.key(0)), px.Buffer(jnp.arange(1.0, 9.0)))
+    rng = np.random.default_rng(0)
+    batch = (rng.standard_normal((BATCH, 64)).astype(np.float32), rng.standard_normal((BATCH, 8)).astype(np.float32))
+    state = train.init_train_state(model, optimizer, key=jr.key(1))
+    expected, expected_metrics = eqx.filter_jit(train.make_train_step(loss_fn, optimizer))(state, batch)
+    placed = sharding.shard_state(state, mesh, strategy="fsdp", min_size=0)
+    scale = placed.model.scale.value
+    assert placed.ema.scale.value is scale
+    step = sharding.make_sharded_train_step(
+        loss_fn, optimizer, mesh, strategy="fsdp", min_size=0, steps_per_call=steps_per_call
+    )
+    new, metrics = step(placed, batch if steps_per_call is None else [batch])
+    assert new.model.scale.value is scale and new.ema.scale.value is scale and not scale.is_deleted()
+    assert placed.model.linear.weight.is_deleted()
+    np.testing.assert_allclose(np.ravel(metrics["loss"]), [expected_metrics["loss"]], rtol=RTOL, atol=ATOL)
+    for g, w in zip(_arrays(new), _arrays(expected)):
+        np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
+
+
 def test_sharded_step_validates(mesh, setup):
     fresh_state, optimizer, (images, labels) = setup
     step = sharding.make_sharded_train_step(train.c2i_loss, optimizer, mesh, donate=False)
@@ -307,6 +375,13 @@ def test_sharded_step_validates(mesh, setup):
         step(fresh_state(), (images, labels[:8]))
     with pytest.raises(ValueError, match="`batch`: expected a batch size divisible"):
         sharding.shard_batch((images[:4], labels[:4]), mesh)
+    steps = sharding.make_sharded_train_step(train.c2i_loss, optimizer, mesh, donate=False, steps_per_call=2)
+    with pytest.raises(ValueError, match=r"`batches\[1\]`: expected a batch size divisible .* got batch size 12"):
+        steps(fresh_state(), [(images, labels), (images[:12], labels[:12])])
+    with pytest.raises(ValueError, match=r"`batches` must be a list of 1 to steps_per_call=2 batches, got 3"):
+        steps(fresh_state(), [(images, labels)] * 3)
+    with pytest.raises(ValueError, match="steps_per_call"):
+        sharding.make_sharded_train_step(train.c2i_loss, optimizer, mesh, steps_per_call=0)
     with pytest.raises(ValueError, match=r"`strategy` must be one of \('replicated', 'fsdp'\), got strategy='zero'"):
         sharding.make_sharded_train_step(train.c2i_loss, optimizer, mesh, strategy="zero")
     with pytest.raises(ValueError, match=r"`axis`: expected one of the mesh's axis names \('data',\), got 'model'"):
