@@ -9,7 +9,8 @@ alternative that needs no code and keeps no freed memory is a setting of glibc (
 read when the process starts: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py`
 backs malloc's large blocks with transparent huge pages (where the kernel's
 `/sys/kernel/mm/transparent_hugepage/enabled` is not `never`), so a call faults its
-buffer in 2 MiB at a time instead of 4 KiB.
+buffer in 2 MiB at a time instead of 4 KiB. With `tune_cpu_allocator` as well, the heap
+gets huge pages too, which ran fastest (`docs/performance.md`).
 
 Compiling a large program leaves a few hundred MiB of freed memory scattered in the
 heap (XLA's fusion emitters); `release_free_memory` hands it back to the system. Importing
