@@ -4,7 +4,8 @@ Run by `test_checkpoint_safety.py` as `python -m tests._writer <plan.json>`. For
 writer (`save_model`, `save_checkpoint`, `save_safetensors`) it writes the files of two
 different states, A and B, once whole (`A.ref`, `B.ref`); then, round after round, puts
 A at the target, forks a child that saves B there and kills it with SIGKILL after a
-random delay (up to 1.5 times the median of three whole saves), and records whether
+random delay (one in each slice of up to 1.5 times the median of three whole saves,
+the first at once and the last after two whole saves), and records whether
 the target is byte for byte A or B (anything else is a mix or a damaged file). Then it
 forks two children saving A and B to one path at once, and records the same. The
 children only touch numpy arrays and files (the states hold numpy leaves), never the
@@ -79,12 +80,18 @@ def main(plan_path: str) -> None:
             times.append(time.perf_counter() - start)
         whole = sorted(times)[1]  # the median: one slow or fast save does not set the range
         outcomes = []
-        for _ in range(plan["kills"]):
+        # Random delays up to 1.5 whole saves (on a loaded machine a save can take longer
+        # than the ones timed), one in each of `kills` equal slices of that range, so that
+        # some land early in the save whatever the draw; the first kill comes at once and
+        # the last after 2 whole saves, so that kills land both before and after the
+        # replacement.
+        kills = plan["kills"]
+        delays = [1.5 * whole * (k + rng.random()) / kills for k in range(kills)]
+        delays[0], delays[-1] = 0.0, 2.0 * whole
+        for delay in delays:
             shutil.copyfile(os.path.join(folder, f"{name}-A.ref"), target)
             pid = in_child(write, target, 1)
-            # Up to 1.5 whole saves: on a loaded machine a save can take longer than the
-            # one timed, and the kills must still land after the replacement too.
-            time.sleep(rng.uniform(0, 1.5 * whole))
+            time.sleep(delay)
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             with open(target, "rb") as f:
