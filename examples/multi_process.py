@@ -290,12 +290,23 @@ def train_all(args: argparse.Namespace) -> None:
             for i in range(args.save_at, args.steps):
                 restored, _ = step(restored, local_batch(i))  # numpy rows: the step assembles them alike
             resumed = gather(restored)
+            # The same steps again from the checkpoint, all in one call (`steps_per_call`):
+            # each batch this process's rows, assembled alike.
+            rest = list(range(args.save_at, args.steps))
+            several = sharding.make_sharded_train_step(
+                train.c2i_loss, optimizer, mesh, strategy=strategy, steps_per_call=max(1, len(rest))
+            )
+            again = checkpoints.restore(like, step=args.save_at, shardings=shardings)
+            if rest:
+                again, _ = several(again, [local_batch(i) for i in rest])
+            in_one_call = gather(again)
+            say(f"{strategy}: resumed again, {len(rest)} steps in one call")
         same = all(np.array_equal(resumed[k], final[k]) for k in final)
         say(f"{strategy}: resumed from step {args.save_at}, bit-identical to the uninterrupted run: {same}")
         results[f"{strategy}/losses"] = np.asarray(jax.device_get(losses), dtype=np.float32)
         results[f"{strategy}/samples"] = samples
         results[f"{strategy}/timing"] = np.asarray([save_call, wait, float(saving)])
-        for name, tree in (("final", final), ("at_save", at_save), ("resumed", resumed)):
+        for name, tree in (("final", final), ("at_save", at_save), ("resumed", resumed), ("in_one_call", in_one_call)):
             results.update({f"{strategy}/{name}/{k}": v for k, v in tree.items()})
 
     if args.restore_check:

@@ -11,7 +11,9 @@ devices. Both runs write their results (losses, the states gathered, samples) to
 - for data parallel and FSDP, the losses, the whole state after the run and the sharded
   sampler's images equal the 1-process run's to float32 round-off;
 - a run resumed from its (asynchronously saved, sharded) checkpoint ends bit-identical
-  to the uninterrupted run, each process having written its own shards;
+  to the uninterrupted run, each process having written its own shards; resumed with
+  its remaining steps in one call (`steps_per_call`), it ends the same to float32
+  round-off;
 - the checkpoint restores onto another mesh (8 devices -> 4; FSDP -> replicated) with
   the same bits;
 - when a worker dies, the launcher stops the other and fails at once, not hanging;
@@ -140,6 +142,12 @@ def test_resumed_run_is_bit_identical(runs, strategy):
         for path in final:
             np.testing.assert_array_equal(resumed[path], final[path], err_msg=path)
         assert _state(results, strategy, "at_save")[".step"] == 2
+        # The same two steps in one call (`steps_per_call`): a different program (a scan
+        # of in-place steps), the same numbers to float32 round-off.
+        in_one_call = _state(results, strategy, "in_one_call")
+        assert in_one_call.keys() == final.keys() and in_one_call[".step"] == 4
+        for path in final:
+            np.testing.assert_allclose(in_one_call[path], final[path], rtol=RTOL, atol=ATOL, err_msg=path)
 
     # Each process wrote its own shards, a replicated array once (by process 0): the two
     # together wrote what the 1-process run wrote alone (compressed alike).
