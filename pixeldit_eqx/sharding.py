@@ -486,9 +486,6 @@ def make_sharded_train_step(
     divisible by the size of `axis` (`ValueError` otherwise).
     """
     size = _check_mesh(mesh, axis)
-    steps_per_call = check_int("steps_per_call", steps_per_call, 1, none_ok=True)
-    if not isinstance(donate, bool):
-        raise ValueError(f"`donate` must be a bool, got donate={donate!r}.")
     layout = _layout(mesh, strategy, axis, min_size)
     data = NamedSharding(mesh, P(axis))
     replicated = NamedSharding(mesh, P())

@@ -480,9 +480,6 @@ def jit_steps(
     padding skipped: `fit`'s last call takes the remainder), `metrics` with every value
     stacked along a leading axis, one entry per step run.
     """
-    steps_per_call = check_int("steps_per_call", steps_per_call, 1)
-    if not isinstance(donate, bool):
-        raise ValueError(f"`donate` must be a bool, got donate={donate!r}.")
     return _Steps(step, steps_per_call, donate)
 
 
@@ -498,7 +495,9 @@ class _Steps:
     ):
         # `prepare(name, batch)`: checks a batch (named `name` in errors) and returns what
         # the program takes, e.g. a global array assembled from each process's part.
-        self.steps_per_call = steps_per_call
+        if not isinstance(donate, bool):
+            raise ValueError(f"`donate` must be a bool, got donate={donate!r}.")
+        self.steps_per_call = check_int("steps_per_call", steps_per_call, 1)
         self._prepare = prepare
         body = _in_place_variant(step) if donate else step
 

@@ -80,7 +80,6 @@ cache-sized chunks.
 """
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -128,15 +127,14 @@ HUGE_PAGES = "glibc.malloc.hugetlb=1"
 def huge_pages_available() -> bool:
     """Whether a process started with `GLIBC_TUNABLES=HUGE_PAGES` gets huge pages: glibc
     >= 2.35 (older ones ignore the tunable) and transparent huge pages not off."""
+    lib, version = platform.libc_ver()
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version.restype = ctypes.c_char_p
-        major, minor = (int(part) for part in libc.gnu_get_libc_version().decode().split(".")[:2])
+        major, minor = (int(part) for part in version.split(".")[:2])
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             mode = f.read()
-    except (OSError, AttributeError, ValueError):  # not Linux with glibc
+    except (OSError, ValueError):  # not Linux with glibc
         return False
-    return (major, minor) >= (2, 35) and "[never]" not in mode
+    return lib == "glibc" and (major, minor) >= (2, 35) and "[never]" not in mode
 
 
 def _rss_mib() -> dict[str, float]:
