@@ -34,6 +34,7 @@ from ._tokens import (
     unpatchify,
 )
 from .modules import cast_params, FinalLayer, TimestepConditioner
+from .runtime import _release_after_one_off
 
 
 # The program that draws a model's initial parameters runs once, so on CPU XLA's
@@ -59,20 +60,40 @@ def _initialise(make: Any, key: PRNGKeyArray) -> Any:
     measured). Under a transformation (`eqx.filter_eval_shape`, `jit`, `vmap` over keys)
     `make` is traced inline.
     """
-    if isinstance(key, jax.core.Tracer) or getattr(jax.config, "jax_disable_jit"):
-        return make(key)
+    return compiled_once(make, key, max_outputs=_INIT_ONE_PROGRAM_MAX_PARAMS)
+
+
+def compiled_once(fn: Any, *args: Any, max_outputs: int | None = None) -> Any:
+    """`fn(*args)` as one program compiled for this call and dropped after it, so that
+    nothing of it stays cached (eager ops each compile and keep a program per shape).
+
+    Runs `fn` inline instead under a transformation (an argument is a tracer), with jit
+    disabled, when the arrays in `args` lie on more than one device (their layout is
+    then the caller's), or when the result has more than `max_outputs` elements.
+    """
+    leaves = [x for x in jax.tree.leaves(args) if eqx.is_array(x)]
+    if getattr(jax.config, "jax_disable_jit") or any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return fn(*args)
+    if len({d for x in leaves if isinstance(x, jax.Array) for d in x.sharding.device_set}) > 1:
+        return fn(*args)
+    dynamic_args, static_args = eqx.partition(args, eqx.is_array)
     static = []
 
-    def arrays(key):
-        dynamic, static_part = eqx.partition(make(key), eqx.is_array)
+    def arrays(dynamic_args):
+        dynamic, static_part = eqx.partition(fn(*eqx.combine(dynamic_args, static_args)), eqx.is_array)
         static.append(static_part)
         return dynamic
 
-    lowered = jax.jit(arrays).lower(key)
-    if sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(lowered.out_info)) > _INIT_ONE_PROGRAM_MAX_PARAMS:
-        return make(key)
+    lowered = jax.jit(arrays).lower(dynamic_args)
+    if (
+        max_outputs is not None
+        and sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(lowered.out_info)) > max_outputs
+    ):
+        return fn(*args)
     options = _INIT_CPU_OPTIONS if jax.default_backend() == "cpu" else {}
-    return eqx.combine(compile_lowered(lowered, options)(key), static[0])
+    out = jax.block_until_ready(compile_lowered(lowered, options)(dynamic_args))
+    _release_after_one_off()
+    return eqx.combine(out, static[0])
 
 
 def _check_time(t: Any) -> None:

@@ -105,6 +105,13 @@ def _after_compile(event: str, duration_secs: float, **kwargs: object) -> None:
         release_free_memory()
 
 
+def _release_after_one_off() -> None:
+    """Called when a one-off program has run: its temporaries, freed in pieces glibc
+    keeps, go back to the system when `release_after_compile` is on."""
+    if _release["on"]:
+        release_free_memory()
+
+
 def release_after_compile(enabled: bool = True) -> bool:
     """Return the process's free heap memory to the system after every long XLA compile
     (not after the small ones of eager operations); on from importing `pixeldit_eqx`,

@@ -46,7 +46,7 @@ module replaces those with `jax.sharding`.
 """
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TYPE_CHECKING, TypeAlias
 
 import equinox as eqx
@@ -447,6 +447,7 @@ def make_sharded_train_step(
     axis: str = "data",
     min_size: int = _MIN_SIZE,
     steps_per_call: int | None = None,
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Float[Array, ""]]]]:
     """The train step of [`pixeldit_eqx.train.make_train_step`][], compiled for a mesh.
 
@@ -472,6 +473,7 @@ def make_sharded_train_step(
     - `steps_per_call`: `None` for one step per call; a count >= 1 compiles that many
         steps into one call, as [`pixeldit_eqx.train.jit_steps`][] does (on CPU a call's
         temporary buffers are mapped afresh, so fewer calls fault fewer pages).
+    - `compiler_options`: as for [`pixeldit_eqx.train.jit_steps`][].
 
     **Returns:**
 
@@ -518,8 +520,8 @@ def make_sharded_train_step(
         return _assemble(batch, data) if processes > 1 else batch
 
     if steps_per_call is not None:
-        return _Steps(sharded, steps_per_call, donate, prepare)
-    compiled = jit_step(sharded, donate=donate)
+        return _Steps(sharded, steps_per_call, donate, prepare, compiler_options=compiler_options)
+    compiled = jit_step(sharded, donate=donate, compiler_options=compiler_options)
 
     def sharded_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Float[Array, ""]]]:
         return compiled(state, prepare("batch", batch))

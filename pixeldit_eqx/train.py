@@ -48,6 +48,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Real
 from . import flow
 from ._atomic import read_checksummed
 from ._checks import check_int, check_key, is_int
+from ._compat import known_compile_options
 from ._grounded import (
     cosine_loss as cosine_loss,
     pixeldit2_dropout as pixeldit2_dropout,
@@ -57,6 +58,7 @@ from ._grounded import (
     PixelDiT2REPA as PixelDiT2REPA,
     REPAProjection as REPAProjection,
 )
+from ._model import compiled_once
 from ._model_file import (
     _open_and,
     _peek,
@@ -101,6 +103,32 @@ LossFn = Callable[[Any, Any, PRNGKeyArray], Float[Array, ""]]
 _Metrics = TypeVar("_Metrics", bound=Mapping[str, Array])
 # The attribute of a `make_train_step` step holding its variant for a donated state.
 _IN_PLACE = "_in_place_step"
+
+# XLA:CPU options for the programs of `jit_step` and `jit_steps`. With the fusion
+# emitters on, compiling the mid model's training step holds about 600 MiB more at its
+# peak (each fused kernel, above all the optimizer's and EMA's per-leaf updates, is
+# emitted as its own module and kept until the compile ends); the memory-optimised
+# scheduler orders the step so its temporaries take less room. Options an XLA does not
+# know (jax >= 0.11 has no emitter switch) are left out.
+_STEP_CPU_OPTIONS = {
+    "xla_cpu_use_fusion_emitters": False,
+    "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+}
+
+
+def _step_compiler_options(options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The options to compile a step with: `options` as given (checked), or for `None`
+    this package's for the backend (`_STEP_CPU_OPTIONS` on CPU, those XLA knows)."""
+    if options is None:
+        if jax.default_backend() != "cpu":
+            return None
+        return known_compile_options(_STEP_CPU_OPTIONS) or None
+    if not isinstance(options, Mapping) or not all(isinstance(name, str) for name in options):
+        raise ValueError(
+            f"`compiler_options` must be None or a mapping from XLA option names to values, got {options!r}."
+        )
+    return dict(options) or None
+
 
 _CHECKPOINT_FORMAT = "pixeldit_eqx.checkpoint"
 _CHECKPOINT_FORMAT_VERSION = 2
@@ -155,15 +183,22 @@ def init_train_state(model: PyTree, optimizer: optax.GradientTransformation, *, 
 
     A [`TrainState`][] with `step = 0`.
     """
-    params = eqx.filter(model, trainable(model))
-    # A copy, not an alias: a caller may donate the state's buffers to a jitted step.
-    ema = eqx.combine(jax.tree.map(jnp.copy, params), model)
+    key = check_key("key", key)
+    optimizer = _standard_promotion(optimizer)
+
+    def fresh(params: PyTree) -> tuple[PyTree, PyTree]:
+        # A copy, not an alias: a caller may donate the state's buffers to a jitted step.
+        return jax.tree.map(jnp.copy, params), optimizer.init(params)
+
+    # One program, dropped after use: eagerly, each leaf's copy and zeros would compile
+    # and keep a program per shape.
+    ema_params, opt_state = compiled_once(fresh, eqx.filter(model, trainable(model)))
     return TrainState(
         model=model,
-        ema=ema,
-        opt_state=_standard_promotion(optimizer).init(params),
+        ema=eqx.combine(ema_params, model),
+        opt_state=opt_state,
         step=jnp.zeros((), dtype=jnp.int32),
-        key=check_key("key", key),
+        key=key,
     )
 
 
@@ -387,7 +422,10 @@ def make_train_step(
 
 
 def jit_step(
-    step: Callable[[TrainState, Any], tuple[TrainState, _Metrics]], *, donate: bool = True
+    step: Callable[[TrainState, Any], tuple[TrainState, _Metrics]],
+    *,
+    donate: bool = True,
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, _Metrics]]:
     """`eqx.filter_jit` of a train step that donates the state it is given.
 
@@ -413,6 +451,8 @@ def jit_step(
 
     - `step`: `step(state, batch) -> (state, metrics)`, e.g. from [`make_train_step`][].
     - `donate`: `False` donates nothing (the state passed in stays valid).
+    - `compiler_options`: XLA options for the program; `None` takes this package's
+        (on CPU, for memory: see [`jit_steps`][]), `{}` XLA's defaults.
 
     **Returns:**
 
@@ -420,6 +460,7 @@ def jit_step(
     """
     if not isinstance(donate, bool):
         raise ValueError(f"`donate` must be a bool, got donate={donate!r}.")
+    options = _step_compiler_options(compiler_options)
     body = _in_place_variant(step) if donate else step
 
     # The first argument is never donated, the second is: with `donate=False`, nothing.
@@ -434,7 +475,7 @@ def jit_step(
         position = {id(x): i for i, x in enumerate(leaves) if eqx.is_array(x)}
         return jax.tree.map(lambda x: _Passed(position[id(x)]) if id(x) in position else x, new_state), metrics
 
-    compiled = eqx.filter_jit(split_call, donate="all-except-first" if donate else "none")
+    compiled = eqx.filter_jit(split_call, donate="all-except-first" if donate else "none", compiler_options=options)
 
     def jitted(state: TrainState, batch: Any) -> tuple[TrainState, _Metrics]:
         donated, shared = _partition_unshared(state) if donate else eqx.partition(state, lambda _: False)
@@ -447,7 +488,11 @@ def jit_step(
 
 
 def jit_steps(
-    step: Callable[[TrainState, Any], tuple[TrainState, _Metrics]], steps_per_call: int, *, donate: bool = True
+    step: Callable[[TrainState, Any], tuple[TrainState, _Metrics]],
+    steps_per_call: int,
+    *,
+    donate: bool = True,
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> "_Steps":
     """[`jit_step`][] for several steps in a row: one compiled program runs `step` over a
     sequence of batches (`lax.scan`), and [`fit`][] calls it once per `steps_per_call` steps.
@@ -472,6 +517,11 @@ def jit_steps(
         it must leave the arrays held twice in the state unchanged.
     - `steps_per_call`: how many steps [`fit`][] runs per call, >= 1.
     - `donate`: `False` donates nothing (the state passed in stays valid).
+    - `compiler_options`: XLA options for the program. `None` takes this package's: on
+        CPU, XLA's fusion emitters off (where the XLA has the switch; jax >= 0.11 has
+        not) and its memory-optimised scheduler. Compiling then peaks hundreds of MiB
+        lower and the step's temporaries are smaller, for a slower optimizer update
+        (`docs/performance.md` has both measured). `{}` compiles with XLA's defaults.
 
     **Returns:**
 
@@ -480,7 +530,7 @@ def jit_steps(
     padding skipped: `fit`'s last call takes the remainder), `metrics` with every value
     stacked along a leading axis, one entry per step run.
     """
-    return _Steps(step, steps_per_call, donate)
+    return _Steps(step, steps_per_call, donate, compiler_options=compiler_options)
 
 
 class _Steps:
@@ -492,12 +542,14 @@ class _Steps:
         steps_per_call: int,
         donate: bool,
         prepare: Callable[[str, Any], Any] | None = None,
+        compiler_options: Mapping[str, Any] | None = None,
     ):
         # `prepare(name, batch)`: checks a batch (named `name` in errors) and returns what
         # the program takes, e.g. a global array assembled from each process's part.
         if not isinstance(donate, bool):
             raise ValueError(f"`donate` must be a bool, got donate={donate!r}.")
         self.steps_per_call = check_int("steps_per_call", steps_per_call, 1)
+        options = _step_compiler_options(compiler_options)
         self._prepare = prepare
         body = _in_place_variant(step) if donate else step
 
@@ -533,7 +585,7 @@ class _Steps:
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
             return jax.lax.scan(one, carried, (jnp.arange(len(batches)), stacked))
 
-        self._compiled = eqx.filter_jit(run, donate="all-except-first" if donate else "none")
+        self._compiled = eqx.filter_jit(run, donate="all-except-first" if donate else "none", compiler_options=options)
 
     def __call__(self, state: TrainState, batches: Any) -> tuple[TrainState, Any]:
         n = len(batches) if isinstance(batches, list) else 0

@@ -248,6 +248,69 @@ def test_jit_step_donates_the_state_and_passes_shared_leaves_through():
         train.jit_step(raw, donate="yes")  # type: ignore[arg-type]
 
 
+def test_init_train_state_is_one_program_with_the_eager_values():
+    """`init_train_state` compiles one program (eagerly, each leaf's copy and zeros would
+    compile one per shape and keep it cached), and gives what it gives eagerly: the EMA a
+    copy of the model in buffers of its own, the optimizer state as optax's."""
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    # Widths no other test uses, so that no eager program of theirs is cached already.
+    model = eqx.nn.MLP(13, 7, width_size=37, depth=3, key=jr.key(0))
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    jnp.zeros((), dtype=jnp.int32).block_until_ready()
+    before = len(compiles)
+    state = train.init_train_state(model, optimizer, key=jr.key(1))
+    jax.block_until_ready(state)
+    assert len(compiles) - before == 1
+    with jax.disable_jit():
+        eager = train.init_train_state(model, optimizer, key=jr.key(1))
+    assert _leaves_equal(state, eager)
+    assert jax.tree.structure(state) == jax.tree.structure(eager)
+    arrays = functools.partial(eqx.filter, filter_spec=eqx.is_array)
+    for m, e in zip(jax.tree.leaves(arrays(model)), jax.tree.leaves(arrays(state.ema)), strict=True):
+        assert m.unsafe_buffer_pointer() != e.unsafe_buffer_pointer()
+    # Under a transformation it is traced inline, as before.
+    traced = eqx.filter_jit(lambda m: train.init_train_state(m, optimizer, key=jr.key(1)))(model)
+    assert _leaves_equal(traced, eager)
+
+
+def test_compiler_options_reach_the_step_program():
+    """`compiler_options` go to XLA as given (an option it does not know is refused, by
+    name); the package's defaults and XLA's (`{}`) give the same steps to float32
+    round-off; the package's CPU options this XLA does not know are left out."""
+    optimizer = optax.adam(1e-2)
+    raw = train.make_train_step(_toy_loss, optimizer, ema_decay=0.5)
+    batches = _toy_batches(2)
+
+    def run(**kwargs):
+        state = train.init_train_state(_Toy(jr.key(0)), optimizer, key=jr.key(1))
+        return train.jit_steps(raw, 2, **kwargs)(state, batches)
+
+    default, xla_default = run(), run(compiler_options={})
+    assert _leaves_close(default, xla_default, rtol=1e-6)
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        run(compiler_options={"xla_no_such_option": True})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        state = train.init_train_state(_Toy(jr.key(0)), optimizer, key=jr.key(1))
+        train.jit_step(raw, compiler_options={"xla_no_such_option": True})(state, batches[0])
+    for bad in ([("xla_cpu_enable_fast_math", False)], {1: True}):
+        with pytest.raises((ValueError, TypeCheckError), match="compiler_options"):
+            train.jit_steps(raw, 2, compiler_options=bad)  # type: ignore[arg-type]
+    if jax.default_backend() == "cpu":
+        known = train._step_compiler_options(None)
+        assert known is not None and known.items() <= train._STEP_CPU_OPTIONS.items()
+        # An option this XLA refuses is dropped from the package's, not sent.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train, "_STEP_CPU_OPTIONS", {**train._STEP_CPU_OPTIONS, "xla_no_such_option": True})
+            assert train._step_compiler_options(None) == known
+            assert _leaves_close(run(), default, rtol=0)
+
+
 def _toy_batches(n: int) -> list[tuple[Array, Array]]:
     x, y = _toy_batch()
     return [(x + 0.1 * i, y - 0.1 * i) for i in range(n)]

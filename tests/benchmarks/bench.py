@@ -49,9 +49,11 @@ CPU's model and the flags that decide XLA:CPU's matmul paths (AVX-512, bf16, AMX
   building) and after compiling, for both ways of building the model; with the
   constructor in a process started with `GLIBC_TUNABLES=HUGE_PAGES`; without
   `runtime.release_after_compile` (on from import); and the whole training recipe
-  (constructor, AdamW and an EMA, `train.jit_steps`, `train.fit`).
+  (constructor, AdamW and an EMA, `train.jit_steps`, `train.fit`), also compiled with
+  XLA's default options (`compiler_options={}`) instead of the package's.
 - **training step**: AdamW + EMA under `eqx.filter_jit`, `train.jit_step` and
-  `train.jit_steps` (4 steps per call), ms per step, timed alternately in this process.
+  `train.jit_steps` (4 steps per call), the last also with `compiler_options={}`, ms per
+  step, timed alternately in this process.
 - **attention-shaped batched matmul**: the rate of the attention scores' matmul at the
   128x128 shape (32 heads-times-examples of 256x64 @ 64x256), against the matmul rate.
   XLA:CPU runs a matmul with batch dimensions on one thread; this line shows what that
@@ -105,6 +107,8 @@ from tests.benchmarks.mid import BATCH, MID  # noqa: E402
 
 
 MATMUL_N = 2048
+# The memory row of the recipe compiled with XLA's default options instead of the package's.
+RECIPE_XLA_OPTIONS = "train.fit recipe, compiler_options={}"
 # Steps per compiled call of the README's training recipe (`train.jit_steps`).
 STEPS_PER_CALL = 4
 # XLA:CPU's dots through XNNPACK one by one instead of YNNPACK fusions: an XLA setting of
@@ -361,8 +365,8 @@ def memory_child(spec: dict) -> dict:
 def recipe_memory(spec: dict, phases: dict) -> dict:
     """Peak memory of the training recipe: the constructor, `train.init_train_state`
     (AdamW and an EMA), `make_train_step` under `train.jit_steps` (STEPS_PER_CALL steps per
-    call), `train.fit` for `steps` steps; the peak of the steps after the first call (which
-    compiles) is kept apart."""
+    call; `spec["compiler_options"]` passed on), `train.fit` for `steps` steps; the peak of
+    the steps after the first call (which compiles) is kept apart."""
     from pixeldit_eqx import train
 
     config, variant = spec["config"], spec["variant"]
@@ -374,7 +378,7 @@ def recipe_memory(spec: dict, phases: dict) -> dict:
     phases["build"] = _rss_mib()
     x, _, y = inputs(config, variant, spec["hw"], spec["batch"])
     raw = train.make_train_step(train.c2i_loss, optimizer)
-    step = train.jit_steps(raw, STEPS_PER_CALL)
+    step = train.jit_steps(raw, STEPS_PER_CALL, compiler_options=spec.get("compiler_options"))
     state, first = train.fit(step, state, lambda i: (x, y), num_steps=1, progress=False)
     phases["compile"] = _rss_mib()
     steps_peak = None
@@ -577,37 +581,43 @@ def dtype_case(config: dict, variant: str, hw: int, batch: int, repeats: int) ->
 
 def train_step_case(config: dict, hw: int, batch: int, repeats: int) -> dict:
     """The training step (AdamW, EMA) under `eqx.filter_jit`, under `train.jit_step` (the
-    state donated) and under `train.jit_steps` (donated, STEPS_PER_CALL steps per call):
+    state donated), under `train.jit_steps` (donated, STEPS_PER_CALL steps per call) and
+    under `train.jit_steps` compiled with XLA's default options (`compiler_options={}`):
     each runs STEPS_PER_CALL steps in turn, threading its own state; ms per step."""
     from pixeldit_eqx import train
 
     optimizer = train.default_optimizer(1e-4)
     step = train.make_train_step(train.c2i_loss, optimizer)
     x, _, y = inputs(config, "c2i", hw, batch)
-    per_call = train.jit_steps(step, STEPS_PER_CALL)
-    runs = {"filter_jit": eqx.filter_jit(step), "jit_step": train.jit_step(step), "jit_steps": per_call}
+    several = {
+        "jit_steps": train.jit_steps(step, STEPS_PER_CALL),
+        "jit_steps_xla_options": train.jit_steps(step, STEPS_PER_CALL, compiler_options={}),
+    }
+    runs = {"filter_jit": eqx.filter_jit(step), "jit_step": train.jit_step(step), **several}
     states = {k: train.init_train_state(random_model(config, "c2i"), optimizer, key=jax.random.key(1)) for k in runs}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(repeats + 1):  # the first round compiles and warms up
         for k in list(runs) if i % 2 else list(runs)[::-1]:
             t0 = time.perf_counter()
-            if k == "jit_steps":
-                states[k], _ = per_call(states[k], [(x, y)] * STEPS_PER_CALL)
+            if k in several:
+                states[k], _ = several[k](states[k], [(x, y)] * STEPS_PER_CALL)
             else:
                 for _ in range(STEPS_PER_CALL):
                     states[k], _ = runs[k](states[k], (x, y))
             jax.block_until_ready(states[k])
             if i:
                 times[k].append((time.perf_counter() - t0) / STEPS_PER_CALL)
-    plain, donated, several = (statistics.median(times[k]) for k in runs)
+    plain, donated, per_call, xla_options = (statistics.median(times[k]) for k in runs)
     return {
         "hw": hw,
         "batch": batch,
         "filter_jit_s": plain,
         "jit_step_s": donated,
-        "jit_steps_s": several,
+        "jit_steps_s": per_call,
+        "jit_steps_xla_options_s": xla_options,
         "speedup": plain / donated,
-        "steps_speedup": plain / several,
+        "steps_speedup": plain / per_call,
+        "options_speedup": xla_options / per_call,
     }
 
 
@@ -845,12 +855,16 @@ def render(results: dict) -> str:
             "\n## Training step (AdamW + EMA): plain jit against `train.jit_step` and "
             f"`train.jit_steps(step, {STEPS_PER_CALL})`, ms per step, timed alternately (default process)\n"
         )
-        lines.append("| case | eqx.filter_jit | train.jit_step | ratio | train.jit_steps | ratio |")
-        lines.append("|---|---:|---:|---:|---:|---:|")
+        lines.append(
+            "| case | eqx.filter_jit | train.jit_step | ratio | train.jit_steps | ratio "
+            "| jit_steps, `compiler_options={}` | package's options vs XLA's |"
+        )
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in results["train_step"]:
             lines.append(
                 f"| mid {r['hw']}px b{r['batch']} | {_ms(r['filter_jit_s'])} | {_ms(r['jit_step_s'])} "
-                f"| {r['speedup']:.2f}x | {_ms(r['jit_steps_s'])} | {r['steps_speedup']:.2f}x |"
+                f"| {r['speedup']:.2f}x | {_ms(r['jit_steps_s'])} | {r['steps_speedup']:.2f}x "
+                f"| {_ms(r['jit_steps_xla_options_s'])} | {r['options_speedup']:.2f}x |"
             )
     lines.extend(comparison(results))
     if results.get("compile"):
@@ -933,7 +947,8 @@ def checks(results: dict) -> dict[str, tuple[bool, str]]:
             share = r["forward_backward"]["pixel_path_share"]
             out["mid 128px forward+backward: pixel path <= 25% of the time"] = (share <= 0.25, f"{100 * share:.0f}%")
     for r in results.get("memory", []):
-        if r["label"].startswith(("mid 64px", "train.fit")) and not r.get("xla_flags") and "(False)" not in r["label"]:
+        reference_row = r.get("xla_flags") or "(False)" in r["label"] or r["label"].startswith(RECIPE_XLA_OPTIONS)
+        if r["label"].startswith(("mid 64px", "train.fit")) and not reference_row:
             out[f"{r['label']}: peak RSS <= 700 MiB"] = (
                 r["peak_rss_mib"] <= 700,
                 f"{r['peak_rss_mib']:.0f} MiB",
@@ -1070,6 +1085,7 @@ def main() -> None:
         ("mid 64px b8 (constructor init)", 64, False, "constructor", 10, None, False),
         ("mid 64px b8 (constructor init, release_after_compile(False))", 64, False, "constructor", 10, None, False),
         ("train.fit recipe: AdamW + EMA, jit_steps, mid 64px b8", 64, False, "constructor", 10, None, False),
+        (f"{RECIPE_XLA_OPTIONS}: AdamW + EMA, jit_steps, mid 64px b8", 64, False, "constructor", 10, None, False),
     ]
     if on_cpu:
         mem_specs.append(("mid 64px b8 (weights loaded, tuned allocator)", 64, False, "state_dict", 10, None, True))
@@ -1095,6 +1111,7 @@ def main() -> None:
             config=MID, variant="c2i", hw=hw, batch=BATCH, checkpoint=ckpt,
             init=init, steps=steps, tuned=tuned,
             keep_compile_scratch="release_after_compile(False)" in label, recipe=label.startswith("train.fit"),
+            compiler_options={} if label.startswith(RECIPE_XLA_OPTIONS) else None,
         )  # fmt: skip
         tunables = HUGE_PAGES if HUGE_PAGES in label else None
         child = run_child(spec, xla_flags=flags, glibc_tunables=tunables)
