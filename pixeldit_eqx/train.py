@@ -116,6 +116,13 @@ _STEP_CPU_OPTIONS = {
 }
 
 
+def _filter_jit(fn: Callable[..., Any], donate: bool, options: dict[str, Any] | None) -> Callable[..., Any]:
+    """`eqx.filter_jit(fn)` donating every argument but the first (or none), compiled with
+    `options` (passed on to `jax.jit`, which its overloads do not spell out)."""
+    jit: Callable[..., Callable[..., Any]] = eqx.filter_jit
+    return jit(fn, donate="all-except-first" if donate else "none", compiler_options=options)
+
+
 def _step_compiler_options(options: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """The options to compile a step with: `options` as given (checked), or for `None`
     this package's for the backend (`_STEP_CPU_OPTIONS` on CPU, those XLA knows)."""
@@ -475,7 +482,7 @@ def jit_step(
         position = {id(x): i for i, x in enumerate(leaves) if eqx.is_array(x)}
         return jax.tree.map(lambda x: _Passed(position[id(x)]) if id(x) in position else x, new_state), metrics
 
-    compiled = eqx.filter_jit(split_call, donate="all-except-first" if donate else "none", compiler_options=options)
+    compiled = _filter_jit(split_call, donate, options)
 
     def jitted(state: TrainState, batch: Any) -> tuple[TrainState, _Metrics]:
         donated, shared = _partition_unshared(state) if donate else eqx.partition(state, lambda _: False)
@@ -585,7 +592,7 @@ class _Steps:
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
             return jax.lax.scan(one, carried, (jnp.arange(len(batches)), stacked))
 
-        self._compiled = eqx.filter_jit(run, donate="all-except-first" if donate else "none", compiler_options=options)
+        self._compiled = _filter_jit(run, donate, options)
 
     def __call__(self, state: TrainState, batches: Any) -> tuple[TrainState, Any]:
         n = len(batches) if isinstance(batches, list) else 0
