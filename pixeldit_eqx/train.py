@@ -116,25 +116,46 @@ _STEP_CPU_OPTIONS = {
 }
 
 
-def _filter_jit(fn: Callable[..., Any], donate: bool, options: dict[str, Any] | None) -> Callable[..., Any]:
-    """`eqx.filter_jit(fn)` donating every argument but the first (or none), compiled with
-    `options` (passed on to `jax.jit`, which its overloads do not spell out)."""
-    jit: Callable[..., Callable[..., Any]] = eqx.filter_jit
-    return jit(fn, donate="all-except-first" if donate else "none", compiler_options=options)
-
-
-def _step_compiler_options(options: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The options to compile a step with: `options` as given (checked), or for `None`
-    this package's for the backend (`_STEP_CPU_OPTIONS` on CPU, those XLA knows)."""
+def _check_compiler_options(options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """`compiler_options` as a dict, or None for the package's (checked, not yet resolved)."""
     if options is None:
-        if jax.default_backend() != "cpu":
-            return None
-        return known_compile_options(_STEP_CPU_OPTIONS) or None
+        return None
     if not isinstance(options, Mapping) or not all(isinstance(name, str) for name in options):
         raise ValueError(
             f"`compiler_options` must be None or a mapping from XLA option names to values, got {options!r}."
         )
-    return dict(options) or None
+    return dict(options)
+
+
+def _step_compiler_options(options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The options to compile a step with: `options` as given, or for `None` this
+    package's for the backend (`_STEP_CPU_OPTIONS` on CPU, those this XLA accepts)."""
+    if options is None:
+        if jax.default_backend() != "cpu":
+            return None
+        return known_compile_options(_STEP_CPU_OPTIONS) or None
+    return options or None
+
+
+class _FilterJit:
+    """`eqx.filter_jit(fn)` donating every argument but the first (or none), with the
+    step's compiler options; made at the first call, so that making a step does not start
+    jax's backend (`jax.distributed.initialize` has to come before that)."""
+
+    def __init__(self, fn: Callable[..., Any], donate: bool, options: dict[str, Any] | None):
+        self._fn, self._donate, self._options = fn, donate, options
+        self._jitted: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self._jitted is None:
+            # `jax.jit` keywords pass through `eqx.filter_jit`; its overloads do not spell them out.
+            jit: Callable[..., Callable[..., Any]] = eqx.filter_jit
+            self._jitted = jit(
+                self._fn,
+                donate="all-except-first" if self._donate else "none",
+                compiler_options=_step_compiler_options(self._options),
+            )
+        return self._jitted(*args)
 
 
 _CHECKPOINT_FORMAT = "pixeldit_eqx.checkpoint"
@@ -467,7 +488,7 @@ def jit_step(
     """
     if not isinstance(donate, bool):
         raise ValueError(f"`donate` must be a bool, got donate={donate!r}.")
-    options = _step_compiler_options(compiler_options)
+    options = _check_compiler_options(compiler_options)
     body = _in_place_variant(step) if donate else step
 
     # The first argument is never donated, the second is: with `donate=False`, nothing.
@@ -482,7 +503,7 @@ def jit_step(
         position = {id(x): i for i, x in enumerate(leaves) if eqx.is_array(x)}
         return jax.tree.map(lambda x: _Passed(position[id(x)]) if id(x) in position else x, new_state), metrics
 
-    compiled = _filter_jit(split_call, donate, options)
+    compiled = _FilterJit(split_call, donate, options)
 
     def jitted(state: TrainState, batch: Any) -> tuple[TrainState, _Metrics]:
         donated, shared = _partition_unshared(state) if donate else eqx.partition(state, lambda _: False)
@@ -556,7 +577,7 @@ class _Steps:
         if not isinstance(donate, bool):
             raise ValueError(f"`donate` must be a bool, got donate={donate!r}.")
         self.steps_per_call = check_int("steps_per_call", steps_per_call, 1)
-        options = _step_compiler_options(compiler_options)
+        options = _check_compiler_options(compiler_options)
         self._prepare = prepare
         body = _in_place_variant(step) if donate else step
 
@@ -592,7 +613,7 @@ class _Steps:
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
             return jax.lax.scan(one, carried, (jnp.arange(len(batches)), stacked))
 
-        self._compiled = _filter_jit(run, donate, options)
+        self._compiled = _FilterJit(run, donate, options)
 
     def __call__(self, state: TrainState, batches: Any) -> tuple[TrainState, Any]:
         n = len(batches) if isinstance(batches, list) else 0

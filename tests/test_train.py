@@ -3,6 +3,8 @@
 import functools
 import io
 import json
+import subprocess
+import sys
 
 import equinox as eqx
 import jax
@@ -309,6 +311,21 @@ def test_compiler_options_reach_the_step_program():
             patch.setattr(train, "_STEP_CPU_OPTIONS", {**train._STEP_CPU_OPTIONS, "xla_no_such_option": True})
             assert train._step_compiler_options(None) == known
             assert _leaves_close(run(), default, rtol=0)
+
+
+def test_making_a_step_starts_no_backend():
+    """`jit_step`, `jit_steps` and a step's options leave jax's backend unstarted until
+    the first call, so that `jax.distributed.initialize` can still come after them."""
+    code = (
+        "import optax, jax._src.xla_bridge as xb\n"
+        "from pixeldit_eqx import train\n"
+        "raw = train.make_train_step(train.c2i_loss, optax.adam(1e-3))\n"
+        "train.jit_step(raw); train.jit_steps(raw, 2); train.jit_steps(raw, 2, compiler_options={})\n"
+        "print(xb.backends_are_initialized())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "False"
 
 
 def _toy_batches(n: int) -> list[tuple[Array, Array]]:
