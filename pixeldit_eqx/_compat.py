@@ -15,8 +15,6 @@ import jax
 _UNKNOWN_OPTION = re.compile(r"No such compile option: '([^']+)'")
 # Option names this process's XLA refused; found once, then never sent again.
 _unknown_options: set[str] = set()
-# (name, repr(value)) -> whether this process's XLA accepts that compile option.
-_accepted: dict[tuple[str, str], bool] = {}
 
 
 def compile_lowered(lowered: Any, options: Mapping[str, Any]) -> Any:
@@ -35,21 +33,11 @@ def compile_lowered(lowered: Any, options: Mapping[str, Any]) -> Any:
 
 
 def known_compile_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """`options` without those this process's XLA refuses (an unknown name, or a value it
-    cannot parse), each found by compiling an empty program with it once; for
-    `jax.jit(..., compiler_options=...)`, which raises on them instead of dropping them."""
-    known = {}
-    for name, value in options.items():
-        entry = (name, repr(value))
-        if entry not in _accepted:
-            try:
-                jax.jit(lambda: None).lower().compile(compiler_options={name: value})
-                _accepted[entry] = True
-            except Exception:  # jaxlib's runtime error type differs between versions
-                _accepted[entry] = False
-        if _accepted[entry]:
-            known[name] = value
-    return known
+    """`options` without the names this process's XLA does not know, found as
+    `compile_lowered` finds them (on an empty program); for `jax.jit(...,
+    compiler_options=...)`, which raises on an unknown name instead of dropping it."""
+    compile_lowered(jax.jit(lambda: None).lower(), options)
+    return {name: value for name, value in options.items() if name not in _unknown_options}
 
 
 def single_device_sharding(device: Any) -> Any:

@@ -129,7 +129,7 @@ def _check_compiler_options(options: Mapping[str, Any] | None) -> dict[str, Any]
 
 def _step_compiler_options(options: dict[str, Any] | None) -> dict[str, Any] | None:
     """The options to compile a step with: `options` as given, or for `None` this
-    package's for the backend (`_STEP_CPU_OPTIONS` on CPU, those this XLA accepts)."""
+    package's for the backend (`_STEP_CPU_OPTIONS` on CPU, those this XLA knows)."""
     if options is None:
         if jax.default_backend() != "cpu":
             return None
