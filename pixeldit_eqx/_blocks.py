@@ -255,25 +255,36 @@ class PiTBlock(eqx.Module):
         """One PiT block on the pixel tokens of every patch, modulated pixel by pixel by `s_cond`."""
         n, p2, d = x.shape
         n_mod = 4 if self.post_modulation else 6
-        # Pixel-wise AdaLN: one (L, D) @ (D, n_mod*p2*D_pix) matmul. The reference's
-        # outputs are ordered (pixel, chunk, channel); the weight's rows are taken here
-        # in (chunk, pixel, channel) order instead, so that each chunk is a contiguous
-        # block of every row: the elementwise work reads it in long runs, and the
-        # backward pass writes the six chunk cotangents as blocks instead of
-        # interleaving them. Same numbers forward (bitwise); the benchmark's 128px
-        # forward+backward is 3-5% faster.
+        # Pixel-wise AdaLN: one (L, D) @ (D, p2*D_pix) matmul per chunk. The reference's
+        # outputs are ordered (pixel, chunk, channel); each chunk's rows of the weight
+        # are taken here on their own, so every chunk comes out as a contiguous array:
+        # the elementwise work reads it in long runs, and the backward pass takes each
+        # chunk's cotangent where it is, never concatenating all six into one array.
+        # Same numbers forward in float32 (bitwise); faster than one matmul for all the
+        # chunks at 128px, in float32 and bf16 (`docs/performance.md`, "Numbers behind
+        # choices in the code").
         dtype = self.adaln.weight.dtype  # the compute dtype; x carries the stream's
-        weight = self.adaln.weight.reshape(p2, n_mod, d, -1).transpose(1, 0, 2, 3).reshape(n_mod * p2 * d, -1)
+        weight = self.adaln.weight.reshape(p2, n_mod, d, -1)
         bias = self.adaln.bias
         if bias is not None:
-            bias = bias.reshape(p2, n_mod, d).transpose(1, 0, 2).reshape(-1)
+            bias = bias.reshape(p2, n_mod, d)
         # Under bf16 compute the modulation is bf16 too (deliberate deviation: the
         # stream stays float32, and the modulation is computed in float32 and rounded
         # once; `test_precision.py::test_pixel_modulation_is_bf16_under_bf16_compute`):
         # at 128px it is the largest array of the pixel blocks (100 MB per block in
         # float32 at batch 8), and bf16 halves the memory traffic of every pass over it.
-        mod = keep(dense(s_cond, weight, bias, None if jnp.finfo(dtype).bits < 32 else x.dtype))
-        mod = [chunk.reshape(n, p2, d) for chunk in jnp.split(mod, n_mod, axis=-1)]
+        out_dtype = None if jnp.finfo(dtype).bits < 32 else x.dtype
+        mod = [
+            keep(
+                dense(
+                    s_cond,
+                    weight[:, i].reshape(p2 * d, -1),
+                    None if bias is None else bias[:, i].reshape(-1),
+                    out_dtype,
+                )
+            ).reshape(n, p2, d)
+            for i in range(n_mod)
+        ]
         if self.post_modulation:
             h = self.norm1.apply(x).astype(dtype)
         else:
