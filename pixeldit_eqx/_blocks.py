@@ -11,7 +11,8 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
 from ._attention import _check_heads, JointAttention, RotaryAttention
-from ._ops import dense, keep, linear, RESIDUAL
+from ._custom_types import Checkpoint
+from ._ops import dense, keep, linear, RESIDUAL, WIDE_RESIDUAL
 from .modules import PixelMLP, RMSNorm, SwiGLU
 
 
@@ -274,6 +275,8 @@ class PiTBlock(eqx.Module):
         # at 128px it is the largest array of the pixel blocks (100 MB per block in
         # float32 at batch 8), and bf16 halves the memory traffic of every pass over it.
         out_dtype = None if jnp.finfo(dtype).bits < 32 else x.dtype
+        # Each chunk is p*p times as wide as the conditioning it comes from: the widest
+        # kept value of the model, recomputed under `checkpoint="lean"`.
         mod = [
             keep(
                 dense(
@@ -281,7 +284,8 @@ class PiTBlock(eqx.Module):
                     weight[:, i].reshape(p2 * d, -1),
                     None if bias is None else bias[:, i].reshape(-1),
                     out_dtype,
-                )
+                ),
+                wide=True,
             ).reshape(n, p2, d)
             for i in range(n_mod)
         ]
@@ -304,6 +308,20 @@ class PiTBlock(eqx.Module):
         return _add(x, gate_mlp, self.mlp.apply(_modulated(self.norm2, x, shift_mlp, scale_mlp, dtype)))
 
 
+def check_checkpoint(checkpoint: object) -> None:
+    """Raise for a `checkpoint` that is not `False`, `"lean"` or `True`."""
+    if not (isinstance(checkpoint, bool) or checkpoint == "lean"):
+        raise ValueError(f'`checkpoint` must be False, "lean" or True, got checkpoint={checkpoint!r}.')
+
+
+def rematerialised(body: Callable[..., Any], checkpoint: Checkpoint) -> Callable[..., Any]:
+    """`body` under the `jax.checkpoint` policy `checkpoint` names (`BlockStack`)."""
+    if checkpoint is True:
+        return jax.checkpoint(body)
+    names = (RESIDUAL,) if checkpoint == "lean" else (RESIDUAL, WIDE_RESIDUAL)
+    return jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(*names))
+
+
 class BlockStack(eqx.Module, Generic[_Block]):
     """`depth` identical blocks stored as one block whose arrays carry a leading layer
     axis, applied with `lax.scan`: compile time does not grow with depth.
@@ -313,26 +331,28 @@ class BlockStack(eqx.Module, Generic[_Block]):
     - `make_block`: `key -> block`, called (vmapped) once per layer key.
     - `depth`: the number of layers (0: the stack returns its carry).
     - `key`: a PRNG key, split into one per layer.
-    - `checkpoint`: rematerialise the whole scan body in the backward pass.
+    - `checkpoint`: what the backward pass keeps (below): `False`, `"lean"` or `True`.
     - `blocks`: instead of `make_block` and `key`, an already stacked block whose arrays
       have the leading axis `depth` (`from_layers` stacks separately built blocks).
 
     Each block is called as `block(carry, *args) -> carry`; `args` (tables,
     conditioning) are shared by all layers and closed over, not stacked.
 
-    What the backward pass keeps: by default each layer keeps only the values its block
-    marks with `_ops.keep` (matmul outputs: adaLN modulation, qkv, attention and
-    projection outputs) and recomputes the elementwise work in between (norms,
-    modulation, activations, the per-pixel MLP) from them; measured, that halves the
-    memory of forward+backward at no cost in time, and no matmul of the model is done
-    twice except the two thin per-pixel MLP ones and the attention logits.
-    With `checkpoint=True` the whole scan body is rematerialised: only the carry is
-    kept per layer (least memory, one more forward pass).
+    What the backward pass keeps: by default (`checkpoint=False`) each layer keeps only
+    the values its block marks with `_ops.keep` (matmul outputs: adaLN modulation, qkv,
+    attention and projection outputs, the SwiGLU hidden layers) and recomputes the
+    elementwise work in between (norms, modulation, activations, the per-pixel MLP) from
+    them; measured, that halves the memory of forward+backward at no cost in time, and
+    no matmul of the model is done twice except the two thin per-pixel MLP ones and the
+    attention logits. `checkpoint="lean"` keeps those but the wide ones (the per-pixel
+    adaLN modulation and the SwiGLU hidden layers), which are recomputed by their
+    matmuls. With `checkpoint=True` the whole scan body is rematerialised: only the
+    carry is kept per layer (least memory, one more forward pass).
     """
 
     blocks: _Block  # stacked: every array has a leading axis of size `depth`
     depth: int = eqx.field(static=True)
-    checkpoint: bool = eqx.field(static=True)
+    checkpoint: Checkpoint = eqx.field(static=True)
 
     def __init__(
         self,
@@ -340,9 +360,10 @@ class BlockStack(eqx.Module, Generic[_Block]):
         depth: int = 1,
         *,
         key: PRNGKeyArray | None = None,
-        checkpoint: bool = False,
+        checkpoint: Checkpoint = False,
         blocks: _Block | None = None,
     ):
+        check_checkpoint(checkpoint)
         if blocks is None:
             if make_block is None or key is None:
                 raise ValueError("BlockStack needs `make_block` and `key`, or stacked `blocks`.")
@@ -360,7 +381,7 @@ class BlockStack(eqx.Module, Generic[_Block]):
         self.checkpoint = checkpoint
 
     @classmethod
-    def from_layers(cls, layers: Sequence[_Block], checkpoint: bool = False) -> "BlockStack[_Block]":
+    def from_layers(cls, layers: Sequence[_Block], checkpoint: Checkpoint = False) -> "BlockStack[_Block]":
         """Stack separately built blocks (all of one structure) into a `BlockStack`."""
         if not layers:
             raise ValueError(
@@ -389,10 +410,5 @@ class BlockStack(eqx.Module, Generic[_Block]):
         def body(carry, layer_params):
             return eqx.combine(layer_params, static)(carry, *args), None
 
-        if self.checkpoint:
-            body = jax.checkpoint(body)
-        else:
-            policy = jax.checkpoint_policies.save_only_these_names(RESIDUAL)
-            body = jax.checkpoint(body, policy=policy)
-        carry, _ = jax.lax.scan(body, carry, params)
+        carry, _ = jax.lax.scan(rematerialised(body, self.checkpoint), carry, params)
         return carry

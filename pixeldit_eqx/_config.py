@@ -17,6 +17,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
+from ._custom_types import Checkpoint
 from ._dinov3 import DINOV3_PRESETS, DINOv3Config, encoder_config
 from ._presets import resolve
 
@@ -363,7 +364,7 @@ def build(
     key: PRNGKeyArray | None = None,
     dtype: Any = None,
     compute_dtype: Any = None,
-    checkpoint: bool = False,
+    checkpoint: Checkpoint = False,
 ) -> Any:
     """Build a model from the reference's constructor arguments (a released YAML's
     `init_args`), a preset name (see `pixeldit_eqx.PRESETS`) or a config object

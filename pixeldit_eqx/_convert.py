@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _hub, _infer
 from ._blocks import BlockStack
+from ._custom_types import Checkpoint
 from ._model import build, PixelDiT, PixelDiTT2I
 from ._optional import require
 from ._pixeldit2 import PixelDiT2
@@ -398,7 +399,7 @@ def load_reference(
     encoder_weights: Mapping[str, Any] | str | os.PathLike | None = None,
     dtype: Any = None,
     compute_dtype: Any = None,
-    checkpoint: bool = False,
+    checkpoint: Checkpoint = False,
 ) -> PixelDiT | PixelDiTT2I | PixelDiT2:
     """Build a model and load reference weights into it.
 

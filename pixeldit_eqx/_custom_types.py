@@ -4,7 +4,7 @@
 `D_pix` pixel width, `heads`, `hd` head dim, `T` text tokens, `txt` text embedding width.
 """
 
-from typing import TypeAlias
+from typing import Literal, TypeAlias
 
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, Real
 
@@ -19,11 +19,15 @@ LabelLike: TypeAlias = Int[ArrayLike, ""]
 Text: TypeAlias = Float[Array, "T txt"]
 #: Which text tokens are real (True) rather than padding (False).
 TextMask: TypeAlias = Bool[Array, " T"]
+#: What the blocks keep for the backward pass: `False` every matmul output (fastest),
+#: `"lean"` all but the wide ones (recomputed), `True` only each block's input.
+Checkpoint: TypeAlias = bool | Literal["lean"]
 
 __all__ = [
     "Array",
     "ArrayLike",
     "Bool",
+    "Checkpoint",
     "Float",
     "Image",
     "Int",

@@ -21,7 +21,7 @@ from ._config import (
     PixelDiTT2IConfig,
     register,
 )
-from ._custom_types import Image, LabelLike, TimeLike
+from ._custom_types import Checkpoint, Image, LabelLike, TimeLike
 from ._ops import token_wise, zero_linear
 from ._rope import rope_1d, rope_2d
 from ._tokens import (
@@ -137,7 +137,7 @@ def _shared_parts(
     *,
     zero_pixel_adaln: bool,
     dtype: Any,
-    checkpoint: bool,
+    checkpoint: Checkpoint,
 ) -> dict[str, Any]:
     """The parts both variants build alike, from the keys `(pixel embedder, patch embedder,
     timestep, pixel blocks, final layer)`: c2i zero-initialises the PiT blocks' adaLN, t2i
@@ -250,8 +250,11 @@ class PixelDiT(_PixelDiTBase):
       `jnp.bfloat16`: the matmuls and activations run in it; the residual streams, norm
       statistics, adaLN modulation and gates, timestep sinusoid, rope, softmax and the
       output head stay float32). Parameters are cast per call and stored as `dtype`.
-    - `checkpoint`: rematerialise each block in the backward pass (memory for compute;
-      by default the blocks keep only their matmul outputs for the backward pass).
+    - `checkpoint`: what the blocks keep for the backward pass (memory for compute).
+      `False`: their matmul outputs only (the rest is recomputed; fastest). `"lean"`: as
+      `False` but the per-pixel adaLN modulation and the SwiGLU hidden layers, the
+      widest of them, are recomputed too (one more matmul each). `True`: each block's
+      input only (the whole block is rematerialised).
     - `key`: a PRNG key.
 
     Call on one example; `jax.vmap` for batches:
@@ -291,7 +294,7 @@ class PixelDiT(_PixelDiTBase):
         *,
         dtype: Any = None,
         compute_dtype: Any = None,
-        checkpoint: bool = False,
+        checkpoint: Checkpoint = False,
         key: PRNGKeyArray,
     ):
         self.config = config = PixelDiTConfig.of(locals())
@@ -407,7 +410,7 @@ class PixelDiTT2I(_PixelDiTBase):
         *,
         dtype: Any = None,
         compute_dtype: Any = None,
-        checkpoint: bool = False,
+        checkpoint: Checkpoint = False,
         key: PRNGKeyArray,
     ):
         self.config = config = PixelDiTT2IConfig.of(locals())

@@ -17,6 +17,7 @@ from jaxtyping import PyTree
 
 from ._atomic import atomic_write, read_checksummed, write_checksummed
 from ._config import build, CONFIGS
+from ._custom_types import Checkpoint
 from ._torch_pickle import CheckpointFormatError
 from .modules import trainable
 
@@ -150,7 +151,7 @@ def _read_header(f: Any, path: Any) -> dict[str, Any]:
     return header
 
 
-def load_model(path: Any, *, checkpoint: bool = False, allow_nonfinite: bool = False) -> PyTree:
+def load_model(path: Any, *, checkpoint: Checkpoint = False, allow_nonfinite: bool = False) -> PyTree:
     """Reads a model written by [`save_model`][].
 
     The file's checksum is verified first (a version-1 file, written before checksums
@@ -161,8 +162,8 @@ def load_model(path: Any, *, checkpoint: bool = False, allow_nonfinite: bool = F
     **Arguments:**
 
     - `path`: a file path, or a binary file object open for reading.
-    - `checkpoint`: rematerialise blocks in the backward pass (a runtime choice, not
-        stored in the file).
+    - `checkpoint`: what the blocks keep for the backward pass (`False`, `"lean"` or
+        `True`, as `PixelDiT`'s; a runtime choice, not stored in the file).
     - `allow_nonfinite`: load weights holding NaN or inf (refused by default, as
         `load_reference` refuses them).
 

@@ -151,17 +151,22 @@ def dense(
 
 
 RESIDUAL = "pixeldit_residual"
+# The kept values that are wider than the block's stream (the per-pixel adaLN
+# modulation, the SwiGLU hidden layers): `checkpoint="lean"` recomputes them.
+WIDE_RESIDUAL = "pixeldit_wide_residual"
 
 
-def keep(x: Array) -> Array:
+def keep(x: Array, wide: bool = False) -> Array:
     """Name `x` as a residual that `BlockStack` keeps for the backward pass.
 
     An identity (`jax.ad_checkpoint.checkpoint_name`); it only matters inside a
     `jax.checkpoint` whose policy saves this name. Everything a block does not `keep`
     is recomputed in the backward pass from the kept values: elementwise work and the
     tiny per-pixel matmuls, which cost more memory to store than time to redo.
+    `wide=True` marks a matmul output wider than the stream it came from, which
+    `checkpoint="lean"` recomputes (one more matmul) instead of keeping.
     """
-    return checkpoint_name(x, RESIDUAL)
+    return checkpoint_name(x, WIDE_RESIDUAL if wide else RESIDUAL)
 
 
 def gelu(x: Array) -> Array:

@@ -14,12 +14,12 @@ import jax.random as jr
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ._attention import _check_heads, RotaryAttention
-from ._blocks import _add, _modulate, _modulated, BlockStack
+from ._blocks import _add, _modulate, _modulated, BlockStack, rematerialised
 from ._config import _is_int, _resolve_encoder, config_attribute, PixelDiT2Config, register
-from ._custom_types import Image, LabelLike, TimeLike
+from ._custom_types import Checkpoint, Image, LabelLike, TimeLike
 from ._dinov3 import DINOv3, DINOv3Config, encoder_config
 from ._model import _check_label, _check_time, _ImageModel, _initialise, _stream_dtype
-from ._ops import keep, linear, RESIDUAL, silu_gate, zero_linear
+from ._ops import keep, linear, silu_gate, zero_linear
 from ._resize import resize_bicubic
 from ._rope import rope_2d
 from ._tokens import ClassEmbedder, PatchEmbedder, patchify, unpatchify
@@ -89,7 +89,7 @@ class FeedForward(eqx.Module):
         key: PRNGKeyArray | None = None,
         rate: float | Float[Array, ""] | None = None,
     ) -> Float[Array, "*batch dim"]:
-        gate, value = keep(linear(self.w1, x)), keep(linear(self.w3, x))
+        gate, value = keep(linear(self.w1, x), wide=True), keep(linear(self.w3, x), wide=True)
         hidden = _dropout(silu_gate(gate, value), self.drop if rate is None else rate, key)
         return keep(linear(self.w2, hidden))
 
@@ -149,7 +149,7 @@ class ModulatedDiTBlock(eqx.Module):
     ) -> Float[Array, "N D"]:
         dtype = self.adaln.weight.dtype  # the compute dtype; x carries the stream's
         rate = self.proj_drop if dropout is None else dropout
-        mod = keep(linear(self.adaln, jax.nn.silu(c.astype(dtype)), x.dtype))
+        mod = keep(linear(self.adaln, jax.nn.silu(c.astype(dtype)), x.dtype), wide=c.ndim == 2)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         k_attn, k_mlp = _split(key, 2)
         h = _modulated(self.norm1, x, shift_msa, scale_msa, dtype)
@@ -210,7 +210,7 @@ class TimestepProjection(eqx.Module):
         mlp_ratio: float = 4.0,
         dtype: Any = None,
         *,
-        checkpoint: bool = False,
+        checkpoint: Checkpoint = False,
         key: PRNGKeyArray,
     ):
         hd = _check_heads(hidden_size, num_heads, "TimestepProjection")
@@ -270,7 +270,8 @@ class GroundingConditioner(eqx.Module):
     - `pretrained_encoder`: accepted and ignored.
     - `encoder`: the fixtures' separate encoder mapping, used in place of `encoder_name`'s.
     - `dtype`: the parameters' dtype (default float32).
-    - `checkpoint`: rematerialise each projection block in the backward pass.
+    - `checkpoint`: what each projection block keeps for the backward pass (`False`,
+      `"lean"` or `True`, as `PixelDiT`'s).
     - `key`: a PRNG key for the initialisation (the encoder's weights come from a state dict).
 
     ```python
@@ -294,7 +295,7 @@ class GroundingConditioner(eqx.Module):
         encoder: Mapping[str, Any] | None = None,
         *,
         dtype: Any = None,
-        checkpoint: bool = False,
+        checkpoint: Checkpoint = False,
         key: PRNGKeyArray,
     ):
         del pretrained_encoder  # weights come from a state dict
@@ -375,10 +376,7 @@ def _run_blocks(
         layer_params, key, rate = layer
         return eqx.combine(layer_params, static)(x, c, angles, key=key, dropout=rate), None
 
-    if stack.checkpoint:
-        body = jax.checkpoint(body)
-    else:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(RESIDUAL))
+    body = rematerialised(body, stack.checkpoint)
     if keys is not None and rates is not None:  # training: per-block keys and dropout rates
         x, _ = jax.lax.scan(body, x, (params, keys[lo:hi], rates[lo:hi]))
     else:
@@ -418,7 +416,8 @@ class PixelDiT2(_ImageModel):
     - `pretrained_encoder` (ignored), `encoder`: as above.
     - `dtype`: the parameters' dtype; `compute_dtype`: the activations' (e.g.
       `jnp.bfloat16`; the residual stream, norm statistics, rope and softmax stay float32).
-    - `checkpoint`: rematerialise each block in the backward pass.
+    - `checkpoint`: what each block keeps for the backward pass (`False`, `"lean"` or
+      `True`, as `PixelDiT`'s).
     - `key`: a PRNG key for the initialisation.
 
     One example per call; `jax.vmap` for batches (also over `skip_grounding`):
@@ -465,7 +464,7 @@ class PixelDiT2(_ImageModel):
         *,
         dtype: Any = None,
         compute_dtype: Any = None,
-        checkpoint: bool = False,
+        checkpoint: Checkpoint = False,
         key: PRNGKeyArray,
     ):
         del pretrained_encoder  # weights come from a state dict

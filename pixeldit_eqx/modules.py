@@ -254,7 +254,7 @@ class SwiGLU(eqx.Module):
     @jax.named_scope("SwiGLU")
     def apply(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
         """`__call__` on every vector of `x` (last axis), as whole-array matmuls."""
-        gate, value = keep(linear(self.w1, x)), keep(linear(self.w3, x))
+        gate, value = keep(linear(self.w1, x), wide=True), keep(linear(self.w3, x), wide=True)
         return keep(linear(self.w2, _ops.silu_gate(gate, value)))
 
 

@@ -1,12 +1,16 @@
 """The transformer blocks (`DiTBlock`, `MMDiTBlock`, `PiTBlock`) against the reference fixtures, and
 `BlockStack`, the scanned stack of blocks."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxtyping import TypeCheckError
 
 import pixeldit_eqx as px
+from pixeldit_eqx._blocks import check_checkpoint
 
 from .helpers import load_case, load_weights, MANIFEST, rel_err
 
@@ -68,3 +72,15 @@ def test_scanned_stack_equals_blocks_one_by_one(c2i_reference):
         px.BlockStack.from_layers([])
     with pytest.raises(ValueError, match="`depth` must be >= 0, got -1"):
         px.BlockStack(lambda k: model.patch_blocks.layer(0), -1, key=jax.random.key(0))
+    for bad in ("full", 1, None):
+        with pytest.raises(
+            ValueError, match=re.escape(f'`checkpoint` must be False, "lean" or True, got checkpoint={bad!r}.')
+        ):
+            check_checkpoint(bad)
+    # Under the test suite's type checking the annotation refuses first; without it, the ValueError.
+    with pytest.raises((ValueError, TypeCheckError), match="checkpoint"):
+        px.BlockStack(lambda k: model.patch_blocks.layer(0), 1, key=jax.random.key(0), checkpoint="full")
+    with pytest.raises((ValueError, TypeCheckError), match="checkpoint"):
+        px.PixelDiT(
+            patch_size=4, num_groups=2, hidden_size=32, pixel_hidden_size=8, checkpoint=1, key=jax.random.key(0)
+        )

@@ -3,8 +3,11 @@
 float32 parameters with bfloat16 compute (`compute_dtype=jnp.bfloat16`) against float32
 on the reference fixture models; the float32 islands (norm statistics, timestep
 sinusoid, rope, softmax, output head) inside a bfloat16 program; `cast_params`; and
-`checkpoint=True`, which must change memory and time only, never the gradients.
+`checkpoint="lean"` and `True`, which must change memory and time only, never the
+gradients.
 """
+
+import collections
 
 import equinox as eqx
 import jax
@@ -332,14 +335,45 @@ def test_cast_params_leaves_buffers_ints_and_keys_alone(getkey):
     assert {a.dtype for a in jax.tree.leaves(eqx.filter(model, eqx.is_array))} == {jnp.dtype(jnp.float32)}
 
 
-def test_checkpoint_gives_the_same_gradients():
-    """`checkpoint=True` (the whole scan body rematerialised) against the default (the
-    values the blocks `keep`, the rest recomputed): the same gradients."""
-    case = "model_c2i"
+@pytest.mark.parametrize("checkpoint", ["lean", True])
+def test_checkpoint_gives_the_same_gradients(case, checkpoint):
+    """`checkpoint="lean"` (the wide values recomputed too) and `True` (the whole scan
+    body rematerialised) against the default (the values the blocks `keep`, the rest
+    recomputed): the same gradients."""
     x, t, y, _ = _inputs(case)
     grads = {}
-    for ckpt in (False, True):
+    for ckpt in (False, checkpoint):
         params, static = eqx.partition(_load(case, checkpoint=ckpt), eqx.is_inexact_array)
         grads[ckpt] = _grad(params, static, x, t, y)
-    for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True]), strict=True):
+    for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[checkpoint]), strict=True):
         assert float(jnp.abs(a - b).max()) <= 1e-5 * max(float(jnp.abs(a).max()), 1e-30)
+
+
+def _saved_residuals(model, *args):
+    """The arrays the backward pass of `model(*args)` keeps: the leaves of `jax.vjp`'s
+    pullback, by (shape, dtype)."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    _, pullback = jax.vjp(lambda p: jnp.sum(eqx.combine(p, static)(*args) ** 2), params)
+    return collections.Counter((leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(pullback) if eqx.is_array(leaf))
+
+
+def test_lean_checkpoint_recomputes_the_wide_values():
+    """`checkpoint="lean"` keeps neither the six per-pixel adaLN chunks (`(L, p2 * D_pix)`
+    a layer) nor the two SwiGLU hidden layers (`(L, hidden)`), which the default keeps,
+    and keeps less in all."""
+    import pixeldit_eqx as px
+
+    hw, patch, hidden, pix, depth = 16, 4, 32, 8, 2
+    kept = {}
+    for ckpt in (False, "lean"):
+        model = px.PixelDiT(
+            in_channels=3, patch_size=patch, num_groups=2, hidden_size=hidden, pixel_hidden_size=pix,
+            patch_depth=depth, pixel_depth=depth, num_classes=3, checkpoint=ckpt, key=jax.random.key(0),
+        )  # fmt: skip
+        kept[ckpt] = _saved_residuals(model, jnp.ones((3, hw, hw)), 0.5, 1)
+    tokens, p2, swiglu = (hw // patch) ** 2, patch * patch, int(2 * int(hidden * 4.0) / 3)
+    f32 = jnp.dtype(jnp.float32)
+    wide = collections.Counter({((depth, tokens, p2 * pix), f32): 6, ((depth, tokens, swiglu), f32): 2})
+    assert kept[False] - kept["lean"] == wide
+    size = {k: sum(np.prod(shape) * dtype.itemsize * n for (shape, dtype), n in v.items()) for k, v in kept.items()}
+    assert size["lean"] < size[False]

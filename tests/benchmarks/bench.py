@@ -49,8 +49,9 @@ CPU's model and the flags that decide XLA:CPU's matmul paths (AVX-512, bf16, AMX
   building) and after compiling, for both ways of building the model; with the
   constructor in a process started with `GLIBC_TUNABLES=HUGE_PAGES`; without
   `runtime.release_after_compile` (on from import); and the whole training recipe
-  (constructor, AdamW and an EMA, `train.jit_steps`, `train.fit`), also compiled with
-  XLA's default options (`compiler_options={}`) instead of the package's.
+  (the constructor with `checkpoint="lean"`, AdamW and an EMA, `train.jit_steps`,
+  `train.fit`), also compiled with XLA's default options (`compiler_options={}`) instead
+  of the package's; at 128x128 also with `checkpoint="lean"`.
 - **training step**: AdamW + EMA under `eqx.filter_jit`, `train.jit_step` and
   `train.jit_steps` (4 steps per call), the last also with `compiler_options={}`, ms per
   step, timed alternately in this process.
@@ -190,7 +191,7 @@ def has_bf16_dots(cpu: dict[str, Any]) -> bool:
 
 
 def random_model(
-    config: dict, variant: str, *, checkpoint: bool = False, seed: int = 0, compute_dtype: Any = None
+    config: dict, variant: str, *, checkpoint: bool | str = False, seed: int = 0, compute_dtype: Any = None
 ) -> Any:
     """A model with random parameters, without running (or compiling) initialisers."""
     skeleton = eqx.filter_eval_shape(
@@ -581,9 +582,11 @@ def dtype_case(config: dict, variant: str, hw: int, batch: int, repeats: int) ->
 
 def train_step_case(config: dict, hw: int, batch: int, repeats: int) -> dict:
     """The training step (AdamW, EMA) under `eqx.filter_jit`, under `train.jit_step` (the
-    state donated), under `train.jit_steps` (donated, STEPS_PER_CALL steps per call) and
-    under `train.jit_steps` compiled with XLA's default options (`compiler_options={}`):
-    each runs STEPS_PER_CALL steps in turn, threading its own state; ms per step."""
+    state donated), under `train.jit_steps` (donated, STEPS_PER_CALL steps per call),
+    under `train.jit_steps` compiled with XLA's default options (`compiler_options={}`)
+    and under `train.jit_steps` for the model built with `checkpoint="lean"` (the
+    README's recipe): each runs STEPS_PER_CALL steps in turn, threading its own state;
+    ms per step."""
     from pixeldit_eqx import train
 
     optimizer = train.default_optimizer(1e-4)
@@ -592,9 +595,17 @@ def train_step_case(config: dict, hw: int, batch: int, repeats: int) -> dict:
     several = {
         "jit_steps": train.jit_steps(step, STEPS_PER_CALL),
         "jit_steps_xla_options": train.jit_steps(step, STEPS_PER_CALL, compiler_options={}),
+        "jit_steps_lean": train.jit_steps(step, STEPS_PER_CALL),
     }
     runs = {"filter_jit": eqx.filter_jit(step), "jit_step": train.jit_step(step), **several}
-    states = {k: train.init_train_state(random_model(config, "c2i"), optimizer, key=jax.random.key(1)) for k in runs}
+    states = {
+        k: train.init_train_state(
+            random_model(config, "c2i", checkpoint="lean" if k == "jit_steps_lean" else False),
+            optimizer,
+            key=jax.random.key(1),
+        )
+        for k in runs
+    }
     times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(repeats + 1):  # the first round compiles and warms up
         for k in list(runs) if i % 2 else list(runs)[::-1]:
@@ -607,7 +618,7 @@ def train_step_case(config: dict, hw: int, batch: int, repeats: int) -> dict:
             jax.block_until_ready(states[k])
             if i:
                 times[k].append((time.perf_counter() - t0) / STEPS_PER_CALL)
-    plain, donated, per_call, xla_options = (statistics.median(times[k]) for k in runs)
+    plain, donated, per_call, xla_options, lean = (statistics.median(times[k]) for k in runs)
     return {
         "hw": hw,
         "batch": batch,
@@ -618,6 +629,8 @@ def train_step_case(config: dict, hw: int, batch: int, repeats: int) -> dict:
         "speedup": plain / donated,
         "steps_speedup": plain / per_call,
         "options_speedup": xla_options / per_call,
+        "jit_steps_lean_s": lean,
+        "lean_speed": per_call / lean,
     }
 
 
@@ -857,14 +870,16 @@ def render(results: dict) -> str:
         )
         lines.append(
             "| case | eqx.filter_jit | train.jit_step | ratio | train.jit_steps | ratio "
-            "| jit_steps, `compiler_options={}` | package's options vs XLA's |"
+            "| jit_steps, `compiler_options={}` | package's options vs XLA's "
+            '| jit_steps, `checkpoint="lean"` | lean vs default |'
         )
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in results["train_step"]:
             lines.append(
                 f"| mid {r['hw']}px b{r['batch']} | {_ms(r['filter_jit_s'])} | {_ms(r['jit_step_s'])} "
                 f"| {r['speedup']:.2f}x | {_ms(r['jit_steps_s'])} | {r['steps_speedup']:.2f}x "
-                f"| {_ms(r['jit_steps_xla_options_s'])} | {r['options_speedup']:.2f}x |"
+                f"| {_ms(r['jit_steps_xla_options_s'])} | {r['options_speedup']:.2f}x "
+                f"| {_ms(r['jit_steps_lean_s'])} | {r['lean_speed']:.2f}x |"
             )
     lines.extend(comparison(results))
     if results.get("compile"):
@@ -1084,8 +1099,8 @@ def main() -> None:
         ("mid 64px b8 (weights loaded)", 64, False, "state_dict", 10, None, False),
         ("mid 64px b8 (constructor init)", 64, False, "constructor", 10, None, False),
         ("mid 64px b8 (constructor init, release_after_compile(False))", 64, False, "constructor", 10, None, False),
-        ("train.fit recipe: AdamW + EMA, jit_steps, mid 64px b8", 64, False, "constructor", 10, None, False),
-        (f"{RECIPE_XLA_OPTIONS}: AdamW + EMA, jit_steps, mid 64px b8", 64, False, "constructor", 10, None, False),
+        ("train.fit recipe: AdamW + EMA, jit_steps, mid 64px b8", 64, "lean", "constructor", 10, None, False),
+        (f"{RECIPE_XLA_OPTIONS}: AdamW + EMA, jit_steps, mid 64px b8", 64, "lean", "constructor", 10, None, False),
     ]
     if on_cpu:
         mem_specs.append(("mid 64px b8 (weights loaded, tuned allocator)", 64, False, "state_dict", 10, None, True))
@@ -1104,6 +1119,7 @@ def main() -> None:
         mem_specs += [
             ("mid 128px b8 checkpoint off", 128, False, "state_dict", 3, None, False),
             ("mid 128px b8 checkpoint on", 128, True, "state_dict", 3, None, False),
+            ('mid 128px b8 checkpoint "lean"', 128, "lean", "state_dict", 3, None, False),
         ]
     for label, hw, ckpt, init, steps, flags, tuned in mem_specs:
         log(f"memory: {label} (subprocess)")
