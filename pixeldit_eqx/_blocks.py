@@ -310,7 +310,7 @@ class PiTBlock(eqx.Module):
 
 def check_checkpoint(checkpoint: object) -> None:
     """Raise for a `checkpoint` that is not `False`, `"lean"` or `True`."""
-    if not (isinstance(checkpoint, bool) or checkpoint == "lean"):
+    if not (isinstance(checkpoint, bool) or (isinstance(checkpoint, str) and checkpoint == "lean")):
         raise ValueError(f'`checkpoint` must be False, "lean" or True, got checkpoint={checkpoint!r}.')
 
 

@@ -83,6 +83,30 @@ def test_model_parity_and_intermediates():
     assert rel_err(on[1], off[1]) > 1e-3  # and the grounding does matter
 
 
+def test_checkpoint_settings_give_the_same_gradients():
+    """`checkpoint="lean"` (the SwiGLU hidden layers and per-token modulation recomputed
+    too) and `True` (whole blocks rematerialised) against the default: the same
+    gradients of the fixture network."""
+    x, t, y = _inputs(load_case("model_pixeldit2"))
+    weights = load_weights("model_pixeldit2")
+
+    def grads(model):
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+
+        def loss(params):
+            return jnp.mean(jax.vmap(eqx.combine(params, static))(x, t, y) ** 2)
+
+        return fast_jit(jax.grad(loss))(params)
+
+    default, *others = (
+        grads(px.load_reference(weights, init("model_pixeldit2"), "pixeldit2", checkpoint=ckpt))
+        for ckpt in (False, "lean", True)
+    )
+    for other in others:
+        for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(other), strict=True):
+            assert float(jnp.abs(a - b).max()) <= 1e-5 * max(float(jnp.abs(a).max()), 1e-30)
+
+
 @eqx.filter_jit
 def _variant_outputs(model, x, t, y, mask):
     one = jax.vmap(lambda x, t, y, s: model(x, t, y, skip_grounding=s))
