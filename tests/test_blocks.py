@@ -3,6 +3,7 @@
 
 import re
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +51,42 @@ def test_pit_block(case, getkey):
     s = jnp.asarray(data["in_s_cond"]).reshape(2, 15, 32)
     out = jax.vmap(block, in_axes=(0, 0, None))(x, s, px.rope_2d(8, 3, 5))
     assert rel_err(out.reshape(30, 4, 8), data["out"]) <= 1e-5
+
+
+@pytest.mark.parametrize("post", [False, True])
+def test_pit_block_adaln_gradient_is_assembled_by_concatenation(post, getkey):
+    """The per-pixel adaLN takes each chunk's rows of its weight with `lax.split`, so the
+    weight's gradient is one concatenation of the chunks' gradients, not a zero pad per
+    chunk summed (which XLA:CPU ran element by element, a bf16 rounding per term under
+    bf16 compute). Checked against forward mode, which never transposes the split."""
+    from jax.extend import core as jex_core
+
+    def eqns(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, list | tuple) else [value]:
+                    sub = sub.jaxpr if isinstance(sub, jex_core.ClosedJaxpr) else sub
+                    if isinstance(sub, jex_core.Jaxpr):
+                        yield from eqns(sub)
+
+    block = px.PiTBlock(8, 40, 2, 48, 4, post_modulation=post, key=getkey())
+    block = eqx.tree_at(lambda b: b.adaln.weight, block, jax.random.normal(getkey(), block.adaln.weight.shape))
+    x, s_cond = jax.random.normal(getkey(), (5, 4, 8)), jax.random.normal(getkey(), (5, 40))
+    angles = px.rope_2d(12, 1, 5)
+
+    def loss(weight, dtype):
+        b = px.cast_params(eqx.tree_at(lambda b: b.adaln.weight, block, weight), dtype)
+        return jnp.sum(jnp.sin(b(x, s_cond.astype(dtype), angles)))
+
+    weight = block.adaln.weight
+    for dtype in (jnp.float32, jnp.bfloat16):
+        names = [e.primitive.name for e in eqns(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(weight, dtype).jaxpr)]
+        assert "pad" not in names and "concatenate" in names
+    grad = jax.grad(loss)(weight, jnp.float32)
+    direction = jax.random.normal(getkey(), weight.shape)
+    _, tangent = jax.jvp(lambda w: loss(w, jnp.float32), (weight,), (direction,))
+    np.testing.assert_allclose(float(jnp.vdot(grad, direction)), float(tangent), rtol=1e-5)
 
 
 def test_scanned_stack_equals_blocks_one_by_one(c2i_reference):
