@@ -14,6 +14,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex_core
 from safetensors.numpy import load_file
 
 from pixeldit_eqx._compat import compile_lowered
@@ -111,3 +112,15 @@ def arr(values, dtype=None) -> jax.Array:
 def normal(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     """Standard normal float32 test data from numpy."""
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def jaxpr_eqns(jaxpr):
+    """Every equation of `jaxpr`, and of the jaxprs nested in its equations' parameters."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(sub, jex_core.ClosedJaxpr):
+                    sub = sub.jaxpr
+                if isinstance(sub, jex_core.Jaxpr):
+                    yield from jaxpr_eqns(sub)

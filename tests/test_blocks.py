@@ -13,7 +13,7 @@ from jaxtyping import TypeCheckError
 import pixeldit_eqx as px
 from pixeldit_eqx._blocks import check_checkpoint
 
-from .helpers import load_case, load_weights, MANIFEST, rel_err
+from .helpers import jaxpr_eqns, load_case, load_weights, MANIFEST, rel_err
 
 
 def test_dit_block(getkey):
@@ -59,17 +59,6 @@ def test_pit_block_adaln_gradient_is_assembled_by_concatenation(post, getkey):
     weight's gradient is one concatenation of the chunks' gradients, not a zero pad per
     chunk summed (which XLA:CPU ran element by element, a bf16 rounding per term under
     bf16 compute). Checked against forward mode, which never transposes the split."""
-    from jax.extend import core as jex_core
-
-    def eqns(jaxpr):
-        for eqn in jaxpr.eqns:
-            yield eqn
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, list | tuple) else [value]:
-                    sub = sub.jaxpr if isinstance(sub, jex_core.ClosedJaxpr) else sub
-                    if isinstance(sub, jex_core.Jaxpr):
-                        yield from eqns(sub)
-
     block = px.PiTBlock(8, 40, 2, 48, 4, post_modulation=post, key=getkey())
     block = eqx.tree_at(lambda b: b.adaln.weight, block, jax.random.normal(getkey(), block.adaln.weight.shape))
     x, s_cond = jax.random.normal(getkey(), (5, 4, 8)), jax.random.normal(getkey(), (5, 40))
@@ -81,7 +70,9 @@ def test_pit_block_adaln_gradient_is_assembled_by_concatenation(post, getkey):
 
     weight = block.adaln.weight
     for dtype in (jnp.float32, jnp.bfloat16):
-        names = [e.primitive.name for e in eqns(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(weight, dtype).jaxpr)]
+        names = [
+            e.primitive.name for e in jaxpr_eqns(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(weight, dtype).jaxpr)
+        ]
         assert "pad" not in names and "concatenate" in names
     grad = jax.grad(loss)(weight, jnp.float32)
     direction = jax.random.normal(getkey(), weight.shape)

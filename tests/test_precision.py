@@ -14,12 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core as jex_core
 
 from pixeldit_eqx import _dots as _dots_module
 from pixeldit_eqx._compat import compile_lowered
 
-from .helpers import FIXTURES, load_case, MANIFEST, rel_err
+from .helpers import FIXTURES, jaxpr_eqns, load_case, MANIFEST, rel_err
 
 
 CASES = {"model_c2i": "c2i", "model_t2i": "t2i"}
@@ -94,17 +93,6 @@ def test_bfloat16_compute_gradients_are_finite_float32(case):
     assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0
 
 
-def _eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, list | tuple) else [value]:
-                if isinstance(sub, jex_core.ClosedJaxpr):
-                    sub = sub.jaxpr
-                if isinstance(sub, jex_core.Jaxpr):
-                    yield from _eqns(sub)
-
-
 def _program(case, compute_dtype):
     x, t, y, _ = _inputs(case)
     model = _load(case, compute_dtype=compute_dtype)
@@ -113,14 +101,14 @@ def _program(case, compute_dtype):
 
 
 def _dots(jaxpr):
-    return [e for e in _eqns(jaxpr) if e.primitive.name == "dot_general"]
+    return [e for e in jaxpr_eqns(jaxpr) if e.primitive.name == "dot_general"]
 
 
 _MATMULS = ("dot_general", *_dots_module.NAMES)  # `dense` binds the `_dots` primitives
 
 
 def _matmuls(jaxpr):
-    return [e for e in _eqns(jaxpr) if e.primitive.name in _MATMULS]
+    return [e for e in jaxpr_eqns(jaxpr) if e.primitive.name in _MATMULS]
 
 
 def _has_batch_dims(eqn) -> bool:
@@ -203,7 +191,7 @@ def test_low_precision_dense_backward_is_bf16_and_exact():
     for g, h in zip(vjp(ct), vjp_want(ct), strict=True):
         assert g.dtype == h.dtype and np.array_equal(np.asarray(g, np.float32), np.asarray(h, np.float32))
     jaxpr = jax.make_jaxpr(lambda x, w, b: jax.vjp(ours, x, w, b)[1](ct))(x, w, b).jaxpr
-    lowp = [e for e in _eqns(jaxpr) if e.primitive.name == "pixeldit_lowp_dot"]
+    lowp = [e for e in jaxpr_eqns(jaxpr) if e.primitive.name == "pixeldit_lowp_dot"]
     assert len(lowp) == 3 and all(_dtypes(e) == {BF16} for e in lowp)  # forward, input and weight gradients
     assert any(e.outvars[0].aval.shape == w.shape for e in lowp)  # the weight gradient: one matmul, not per example
 
@@ -233,7 +221,7 @@ def test_float32_dense_merges_the_batch_into_the_rows():
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=1e-5)
 
     jaxpr = jax.make_jaxpr(lambda x, w, b: jax.vjp(ours, x, w, b)[1](ct))(x, w, b).jaxpr
-    rows = [e for e in _eqns(jaxpr) if e.primitive.name == "pixeldit_rows_dot"]
+    rows = [e for e in jaxpr_eqns(jaxpr) if e.primitive.name == "pixeldit_rows_dot"]
     assert len(rows) == 3 and not _dots(jaxpr)  # forward, input and weight gradients
     assert all(v.aval.ndim == 2 for e in rows for v in e.invars)  # (3 * 10, d) rows
     (weight_grad,) = [e for e in rows if e.outvars[0].aval.shape in (w.shape, w.shape[::-1])]
@@ -264,7 +252,7 @@ def test_pixel_modulation_is_bf16_under_bf16_compute(getkey):
     angles = jnp.zeros((5, 6))
     for dtype in (jnp.bfloat16, jnp.float32):
         cast = px.cast_params(block, dtype)
-        eqns = list(_eqns(jax.make_jaxpr(cast)(x, s_cond.astype(dtype), angles).jaxpr))
+        eqns = list(jaxpr_eqns(jax.make_jaxpr(cast)(x, s_cond.astype(dtype), angles).jaxpr))
         mods = [
             e.outvars[0]
             for e in eqns
@@ -291,7 +279,7 @@ def test_float32_islands_in_a_bfloat16_program(case):
     pixel-wise MLPs (erf, SwiGLU's logistic) are float32; the matmuls' operands are
     bf16 (`test_bfloat16_compute_runs_the_matmuls_in_bfloat16`)."""
     seen = set()
-    for e in _eqns(_program(case, jnp.bfloat16)):
+    for e in jaxpr_eqns(_program(case, jnp.bfloat16)):
         name = e.primitive.name
         dtypes = {v.aval.dtype for v in e.invars}
         if name in ("rsqrt", "sin", "cos", "reduce_max", "erf"):
@@ -306,7 +294,7 @@ def test_float32_islands_in_a_bfloat16_program(case):
 
 
 def test_float32_program_has_no_bfloat16(case):
-    eqns = _eqns(_program(case, None))
+    eqns = jaxpr_eqns(_program(case, None))
     dtypes = {v.aval.dtype for e in eqns for v in e.outvars if hasattr(v.aval, "dtype")}
     assert jnp.dtype(jnp.bfloat16) not in dtypes
 
