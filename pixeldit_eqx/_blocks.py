@@ -267,7 +267,7 @@ class PiTBlock(eqx.Module):
         dtype = self.adaln.weight.dtype  # the compute dtype; x carries the stream's
         # The chunks' rows are taken with `lax.split`, whose transpose concatenates the
         # chunks' weight gradients. Indexing (`weight[:, i]`) transposes to a zero pad per
-        # chunk and a sum of the six, which XLA:CPU evaluated element by element, with a
+        # chunk and a sum of the pads, which XLA:CPU evaluated element by element, with a
         # bf16 rounding per term under bf16 compute: same numbers, 128px bf16
         # forward+backward 1.08-1.12x faster (`docs/performance.md`, "Numbers behind
         # choices in the code").
