@@ -14,15 +14,25 @@ Then the adaLN weight gradient in bf16 three ways: as autodiff writes it (`g^T @
 both operands contracted on their major, token axis), as `s^T @ g` with `s^T` given
 already transposed, and as `s^T @ g` with the transpose taken inside the program; with
 whether XLA converted the bf16 operands to float32 before the dot.
+
+Last, a scanned stack of six blocks that keeps one bf16 matmul output per layer for the
+backward pass (as `BlockStack` keeps the named residuals), forward+backward with that
+residual kept as bf16 (the model's way), as float32, and as the uint16 bits of the bf16
+value; with the dtype XLA wrote each stacked residual buffer in. XLA:CPU widens a bf16
+`dynamic-update-slice` to float32, so each layer's write rewrites the whole bf16 stack.
+The uint16 form is in place but is not a way open to the model: a bitcast has a zero
+derivative, so derivatives of derivatives through it are wrong.
 """
 
 import argparse
 import os
+import re
 import statistics
 import sys
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
@@ -73,6 +83,7 @@ def main() -> None:
         for name, t in medians.items():
             print(f"  {name:22s} {t * 1e3:8.2f} ms {flops / t / 1e9:7.1f} GFLOP/s  {base / t:5.2f}x f32")
     weight_gradient_forms(args.repeats)
+    scan_residuals(args.repeats)
 
 
 def weight_gradient_forms(repeats: int) -> None:
@@ -102,6 +113,66 @@ def weight_gradient_forms(repeats: int) -> None:
     for name, t in medians.items():
         note = "operands converted to f32" if upcast[name] else "bf16 operands"
         print(f"  {name:26s} {t * 1e3:8.2f} ms {flops / t / 1e9:7.1f} GFLOP/s  ({note})")
+
+
+_KEPT = "kept"
+
+
+@jax.custom_jvp
+def _kept_as_bits(x: jax.Array) -> jax.Array:
+    """An identity whose value a `checkpoint_name` policy keeps as uint16 bits (first
+    derivatives only: the bitcasts' zero derivative breaks higher orders)."""
+    return x
+
+
+@_kept_as_bits.defjvp
+def _kept_as_bits_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    bits = checkpoint_name(jax.lax.bitcast_convert_type(x, jnp.uint16), _KEPT)
+    return jax.lax.bitcast_convert_type(bits, x.dtype), dx
+
+
+def scan_residuals(repeats: int, depth: int = 6, tokens: int = 2048, width: int = 256, hidden: int = 1024) -> None:
+    """Forward+backward of `depth` scanned blocks `x + gelu(h) @ w2`, `h = x @ w1` in bf16
+    (f32 accumulation), keeping `h` for the backward pass in three forms."""
+
+    def bf16_dot(a, b):  # bf16 operands, float32 result, as `modules.dense`
+        return jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+    kept = {
+        "bf16 (the model's way)": lambda h: checkpoint_name(h.astype(jnp.bfloat16), _KEPT),
+        "float32": lambda h: checkpoint_name(h, _KEPT).astype(jnp.bfloat16),
+        "uint16 bits of the bf16": lambda h: _kept_as_bits(h.astype(jnp.bfloat16)),
+    }
+
+    def loss(keep, params, x):
+        def body(x, w):
+            w1, w2 = w
+            h = keep(bf16_dot(x, w1))
+            return x + bf16_dot(jax.nn.gelu(h.astype(jnp.float32), approximate=False), w2), None
+
+        policy = jax.checkpoint_policies.save_only_these_names(_KEPT)
+        x, _ = jax.lax.scan(jax.checkpoint(body, policy=policy), x, params)
+        return jnp.sum(x * x)
+
+    k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+    params = (
+        jax.random.normal(k1, (depth, width, hidden)) / width**0.5,
+        jax.random.normal(k2, (depth, hidden, width)) / hidden**0.5,
+    )
+    x = jax.random.normal(k3, (tokens, width))
+    calls, stacks = {}, {}
+    for name, keep in kept.items():
+        grad = jax.jit(jax.grad(lambda p, x, keep=keep: loss(keep, p, x)))
+        compiled = grad.lower(params, x).compile()
+        stacked = re.findall(rf"= (\w+)\[{depth},{tokens},{hidden}\]\S* dynamic-update-slice\(", compiled.as_text())
+        stacks[name] = ", ".join(sorted(set(stacked))) or "none"
+        calls[name] = (compiled, (params, x))
+    medians = _interleaved_medians(calls, repeats)
+    base = medians["bf16 (the model's way)"]
+    print(f"\n{depth} scanned blocks keeping a bf16 ({tokens}, {hidden}) matmul output, forward+backward")
+    for name, t in medians.items():
+        print(f"  kept as {name:24s} {t * 1e3:8.2f} ms  {base / t:5.2f}x  (stacked buffer written as {stacks[name]})")
 
 
 if __name__ == "__main__":
