@@ -20,8 +20,8 @@ backward pass (as `BlockStack` keeps the named residuals), forward+backward with
 residual kept as bf16 (the model's way), as float32, and as the uint16 bits of the bf16
 value; with the dtype XLA wrote each stacked residual buffer in. XLA:CPU widens a bf16
 `dynamic-update-slice` to float32, so each layer's write rewrites the whole bf16 stack.
-The uint16 form is in place but is not a way open to the model: a bitcast has a zero
-derivative, so derivatives of derivatives through it are wrong.
+The uint16 form is in place but is not a way open to the model: an integer residual
+carries no derivative, so derivatives of the backward pass through it are wrong.
 """
 
 import argparse
@@ -121,7 +121,7 @@ _KEPT = "kept"
 @jax.custom_jvp
 def _kept_as_bits(x: jax.Array) -> jax.Array:
     """An identity whose value a `checkpoint_name` policy keeps as uint16 bits (first
-    derivatives only: the bitcasts' zero derivative breaks higher orders)."""
+    derivatives only: the integer residual carries no derivative)."""
     return x
 
 
